@@ -1,0 +1,64 @@
+"""Liveness and readiness. No authentication: load balancers and compose health checks call it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api.metrics import REGISTRY
+from service.queue import broker_ping
+from service.settings import get_settings
+from service.store.db import ping
+from service.store.files import ObjectStore
+
+router = APIRouter(tags=["health"])
+
+
+def _check(fn: Any) -> dict[str, Any]:
+    try:
+        fn()
+        return {"ok": True}
+    except Exception as exc:
+        return {"ok": False, "error": type(exc).__name__}
+
+
+def _storage() -> None:
+    if not ObjectStore(get_settings().storage).writable():
+        raise OSError("storage not writable")
+
+
+def _model() -> None:
+    from importlib.util import find_spec
+
+    s = get_settings()
+    if s.model_path is not None and not s.model_path.is_file():
+        raise FileNotFoundError("LUSAI_MODEL_PATH")
+    if find_spec("workers.infer") is None:
+        raise ModuleNotFoundError("workers.infer")
+
+
+@router.get("/health", summary="Liveness and readiness (database, broker, storage, model)")
+async def health(response: Response) -> dict[str, Any]:
+    checks = {
+        "database": await asyncio.to_thread(_check, ping),
+        "broker": await asyncio.to_thread(_check, broker_ping),
+        "storage": await asyncio.to_thread(_check, _storage),
+        "model": await asyncio.to_thread(_check, _model),
+    }
+    ok = all(c["ok"] for c in checks.values())
+    response.status_code = 200 if ok else 503
+    return {"status": "ok" if ok else "degraded", "checks": checks}
+
+
+@router.get("/health/live", summary="Liveness only: the process answers")
+async def live() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics() -> Response:
+    data = await asyncio.to_thread(generate_latest, REGISTRY)
+    return Response(content=data, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,168 @@
+"""Run the service: ``serve`` (all parts, embedded defaults) or each part alone for production."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Annotated
+
+import typer
+
+from service.cli.app import app
+from service.logs import configure_logging, ctx
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("lusai.cli")
+
+
+def _settings() -> Settings:
+    s = get_settings()
+    configure_logging(s.log_format, s.log_level)
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    return s
+
+
+def _upgrade_embedded(s: Settings) -> None:
+    """Embedded SQLite is migrated on start; production runs ``lusai db upgrade`` as a release step."""
+    if s.db_url.startswith("sqlite"):
+        from service.store.migrate import upgrade
+
+        upgrade(s.db_url)
+
+
+def run_scp(s: Settings, *, with_recovery: bool = True) -> None:
+    """Serve DICOM in this process until SIGTERM/SIGINT."""
+    from service import recovery
+    from service.receive.scp import make_server
+    from service.store.files import ObjectStore
+
+    store = ObjectStore(s.storage)
+    server = make_server(s, store)
+    stop = recovery.start_background(s, store) if with_recovery else None
+    try:
+        server.serve_forever()
+    finally:
+        if stop is not None:
+            stop.set()
+        server.server_close()
+
+
+def _scp_child(reserved: int) -> None:  # multiprocessing target; no recovery thread but in #0
+    s = _settings()
+    run_scp(s, with_recovery=reserved == 0)
+
+
+@app.command()
+def scp(
+    processes: Annotated[
+        int, typer.Option(help="SCP processes sharing the port (SO_REUSEPORT); >1 for many concurrent senders.")
+    ] = 1,
+) -> None:
+    """Run the DICOM C-STORE SCP alone."""
+    s = _settings()
+    _upgrade_embedded(s)
+    if processes <= 1:
+        _install_term_handler()
+        run_scp(s)
+        return
+    ctx_ = multiprocessing.get_context("spawn")
+    children = [ctx_.Process(target=_scp_child, args=(i,), daemon=True) for i in range(processes)]
+    for c in children:
+        c.start()
+    _install_term_handler()
+    try:
+        while all(c.is_alive() for c in children):
+            time.sleep(0.5)
+    finally:
+        for c in children:
+            c.terminate()
+
+
+@app.command()
+def api() -> None:
+    """Run the REST API alone (uvicorn)."""
+    import uvicorn
+
+    s = _settings()
+    _upgrade_embedded(s)
+    from service.api.main import create_app
+
+    uvicorn.run(create_app(), host=s.api_host, port=s.api_port, log_config=None, access_log=False)
+
+
+def worker_argv(s: Settings, queues: str) -> list[str]:
+    argv = [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+        "--loglevel", s.log_level, "--concurrency", str(s.worker_concurrency),
+        "--queues", queues, "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle",
+        "-n", f"lusai-{os.getpid()}@%h",
+    ]  # fmt: skip
+    if s.embedded_broker:
+        argv.append("--without-heartbeat")
+    return argv
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma list of queues: analyze (GPU/CPU), deliver (network).")] = (
+        "analyze,deliver"
+    ),
+) -> None:
+    """Run a Celery worker (prefetch 1, late acks) on the configured broker."""
+    s = _settings()
+    _upgrade_embedded(s)
+    from service import recovery
+    from service.store.files import ObjectStore
+
+    recovery.start_background(s, ObjectStore(s.storage), interval=60.0)
+    proc = subprocess.Popen(worker_argv(s, queues))
+    _forward_signals(proc)
+    sys.exit(proc.wait())
+
+
+@app.command()
+def serve() -> None:
+    """Run SCP, REST API and a Celery worker together on embedded defaults (no server needed)."""
+    s = _settings()
+    _upgrade_embedded(s)
+    import uvicorn
+
+    from service.api.main import create_app
+
+    worker_proc = subprocess.Popen(worker_argv(s, "analyze,deliver"))
+    scp_thread = threading.Thread(target=run_scp, args=(s,), name="lusai-scp", daemon=True)
+    scp_thread.start()
+    log.info(
+        "lusai serving",
+        extra=ctx(dicom_port=s.dicom_port, api_port=s.api_port, data_dir=str(s.data_dir), broker="embedded"
+                  if s.embedded_broker else "external"),
+    )  # fmt: skip
+    try:
+        uvicorn.run(create_app(), host=s.api_host, port=s.api_port, log_config=None, access_log=False)
+    finally:
+        worker_proc.terminate()
+        try:
+            worker_proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker_proc.kill()
+
+
+def _install_term_handler() -> None:
+    def _raise(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
+def _forward_signals(proc: subprocess.Popen[bytes]) -> None:
+    def _forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _forward)

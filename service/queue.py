@@ -1,0 +1,80 @@
+"""The queue: sends tasks by name, so the SCP and API never import torch or ``workers/``.
+
+Embedded mode uses kombu's filesystem transport under ``LUSAI_DATA_DIR/broker`` (a real Celery
+worker consumes a real queue, no server needed); production uses Redis. The database, not the
+broker, is the source of truth: every job has a row first, and :func:`service.recovery` re-sends
+jobs whose message was lost (a killed worker, a broker restart), which is why tasks are idempotent.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from service.settings import Settings, get_settings
+
+ANALYZE_TASK = "lusai.analyze"
+DELIVER_TASK = "lusai.deliver"
+ANALYZE_QUEUE = "analyze"
+DELIVER_QUEUE = "deliver"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Task defaults shared by producers and workers (Celery's task guide: acks_late, prefetch 1)."""
+    conf: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 5,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.task_time_limit,
+        "task_soft_time_limit": max(settings.task_time_limit - 30, 5),
+        "task_default_queue": ANALYZE_QUEUE,
+        "task_routes": {ANALYZE_TASK: {"queue": ANALYZE_QUEUE}, DELIVER_TASK: {"queue": DELIVER_QUEUE}},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "broker_transport_options": {},
+    }
+    if settings.embedded_broker:
+        d = settings.broker_dir
+        for sub in ("queue", "control", "processed"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(d / "queue"),
+            "data_folder_out": str(d / "queue"),
+            "control_folder": str(d / "control"),
+            "processed_folder": str(d / "processed"),
+            "store_processed": False,
+        }
+        conf["worker_enable_remote_control"] = False
+    else:
+        # Redis: a message not acked within the visibility timeout is redelivered (killed worker).
+        conf["broker_transport_options"] = {"visibility_timeout": settings.task_time_limit + 300}
+    return conf
+
+
+@lru_cache(maxsize=1)
+def producer() -> Celery:
+    app = Celery("lusai-producer")
+    app.conf.update(celery_config(get_settings()))
+    return app
+
+
+def enqueue_analysis(job_id: int) -> None:
+    producer().send_task(ANALYZE_TASK, args=[job_id], queue=ANALYZE_QUEUE)
+
+
+def enqueue_delivery(delivery_id: int, countdown: float = 0) -> None:
+    producer().send_task(DELIVER_TASK, args=[delivery_id], queue=DELIVER_QUEUE, countdown=countdown or None)
+
+
+def broker_ping(timeout: float = 3.0) -> None:
+    """Raise if the broker cannot be reached (used by /health)."""
+    with producer().connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=timeout)

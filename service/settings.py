@@ -1,0 +1,197 @@
+"""The one Settings object: every knob is an environment variable prefixed ``LUSAI_``.
+
+Defaults are the embedded mode (SQLite file, local storage, filesystem Celery broker, all under
+``LUSAI_DATA_DIR``), so ``lusai serve`` runs with no configuration at all. Production sets
+``LUSAI_DATABASE_URL`` (PostgreSQL) and ``LUSAI_BROKER_URL`` (Redis). Invalid values fail at
+start-up, not on the first cine.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: 16 chars, no backslash
+
+
+def _check_ae(value: str) -> str:
+    value = value.strip()
+    if not _AE_RE.match(value):
+        raise ValueError(f"not a valid AE title (1-16 printable characters, no backslash): {value!r}")
+    return value
+
+
+class Destination(BaseModel):
+    """A DICOM peer written ``AET@host:port``."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        m = re.fullmatch(r"\s*([^@]+)@([^:@\s]+|\[[0-9a-fA-F:]+\]):(\d+)\s*", text)
+        if not m:
+            raise ValueError(f"destination must look like AET@host:port, got {text!r}")
+        return cls(ae_title=_check_ae(m.group(1)), host=m.group(2).strip("[]"), port=int(m.group(3)))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class Settings(BaseSettings):
+    """lusai configuration; see the README table for every variable."""
+
+    model_config = SettingsConfigDict(env_prefix="LUSAI_", env_file=None, extra="ignore")
+
+    # --- where state lives -------------------------------------------------------------
+    data_dir: Path = Field(Path("./lusai-data"), description="Root of all embedded state.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir.")
+    broker_url: str | None = Field(None, description="Celery broker; default filesystem queue in data_dir.")
+    storage_root: Path | None = Field(None, description="Object store root; default data_dir/storage.")
+
+    # --- DICOM -------------------------------------------------------------------------
+    ae_title: str = Field("LUSAI", description="Our AE title (SCP and SCU).")
+    dicom_host: str = Field("0.0.0.0", description="Address the SCP binds.")
+    dicom_port: int = Field(11112, ge=1, le=65535, description="Port the SCP listens on.")
+    allowed_calling_aes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma list of calling AE titles allowed to associate; '*' allows any. Empty (the default)"
+            " admits only senders on this host (loopback), so a fresh install is not open to the network."
+        ),
+    )
+    default_destination: Destination | None = Field(
+        None, description="AET@host:port where results go when no routing rule matches."
+    )
+    destinations: Annotated[dict[str, Destination], NoDecode] = Field(
+        default_factory=dict,
+        description="Per calling AE result destinations: 'CALLING=AET@host:port,...'.",
+    )
+    route_body_part: str = Field(
+        "", description="Regex on BodyPartExamined an object must match to be analysed (empty: any)."
+    )
+    route_description: str = Field(
+        "", description="Regex on Study/Series Description an object must match to be analysed (empty: any)."
+    )
+    route_calling_ae: str = Field("", description="Regex on the calling AE title (empty: any).")
+    unsupported_sop_class: Literal["reject", "ignore"] = Field(
+        "reject", description="Other storage SOP classes: refuse (0x0122) or store and mark ignored."
+    )
+    max_object_bytes: int = Field(
+        2 * 1024**3, ge=1024, description="Largest object accepted; bigger ones are refused (0xA700)."
+    )
+    max_associations: int = Field(32, ge=1, description="Concurrent associations per SCP process.")
+    max_pdu: int = Field(131072, ge=0, description="Maximum PDU size we accept (bytes, 0 = unlimited).")
+    acse_timeout: float = Field(30.0, gt=0, description="ACSE timeout (s).")
+    dimse_timeout: float = Field(60.0, gt=0, description="DIMSE timeout (s).")
+    network_timeout: float = Field(60.0, gt=0, description="Network idle timeout (s).")
+
+    # --- API ---------------------------------------------------------------------------
+    api_host: str = Field("127.0.0.1", description="Address the REST API binds.")
+    api_port: int = Field(8000, ge=1, le=65535, description="Port of the REST API.")
+    api_keys_required: bool = Field(True, description="Require an API key for everything but /health.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma list of allowed CORS origins."
+    )
+
+    # --- workers / model ---------------------------------------------------------------
+    model_path: Path | None = Field(None, description="Model weights; default the weights shipped in the package.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device.")
+    worker_concurrency: int = Field(1, ge=1, le=64, description="Celery worker processes.")
+    task_time_limit: int = Field(900, ge=10, description="Hard time limit of one analysis job (s).")
+    job_max_attempts: int = Field(3, ge=1, le=20, description="Attempts before a job is marked failed.")
+    stale_job_after: int = Field(1800, ge=30, description="Seconds after which a running job is re-queued.")
+
+    # --- observability -----------------------------------------------------------------
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("allowed_calling_aes", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _check_aes(cls, v: list[str]) -> list[str]:
+        return [a if a == "*" else _check_ae(a) for a in v]
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_own_ae(cls, v: str) -> str:
+        return _check_ae(v)
+
+    @field_validator("default_destination", mode="before")
+    @classmethod
+    def _parse_destination(cls, v: object) -> object:
+        if isinstance(v, str):
+            return Destination.parse(v) if v.strip() else None
+        return v
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _parse_destinations(cls, v: object) -> object:
+        if isinstance(v, str):
+            out: dict[str, Destination] = {}
+            for item in filter(None, (p.strip() for p in v.split(","))):
+                calling, sep, dest = item.partition("=")
+                if not sep:
+                    raise ValueError(f"destination mapping must be CALLING=AET@host:port, got {item!r}")
+                out[_check_ae(calling)] = Destination.parse(dest)
+            return out
+        return v
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if self.storage_root is None:
+            self.storage_root = self.data_dir / "storage"
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'lusai.sqlite'}"
+        if self.broker_url is None:
+            self.broker_url = "filesystem://"
+        return self
+
+    # Derived values -------------------------------------------------------------------
+    @property
+    def embedded_broker(self) -> bool:
+        return str(self.broker_url).startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def db_url(self) -> str:
+        assert self.database_url is not None
+        return self.database_url
+
+    @property
+    def storage(self) -> Path:
+        assert self.storage_root is not None
+        return self.storage_root
+
+    def ae_allowed(self, calling_ae: str, peer_address: str) -> bool:
+        """Association policy: the allow-list, or loopback peers only when no list is set."""
+        if not self.allowed_calling_aes:
+            return peer_address in ("127.0.0.1", "::1", "localhost") or peer_address.startswith("127.")
+        return "*" in self.allowed_calling_aes or calling_ae.strip() in self.allowed_calling_aes
+
+    def destination_for(self, calling_ae: str | None) -> Destination | None:
+        if calling_ae and calling_ae.strip() in self.destinations:
+            return self.destinations[calling_ae.strip()]
+        return self.default_destination
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,202 @@
+"""SQLAlchemy 2 models: the data's path from a received instance to results and deliveries.
+
+PHI is limited to what the API must show (patient ID, accession number, study date); it is stored
+here and never logged. Timestamps are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class InstanceState(enum.StrEnum):
+    """Why an instance is (or is not) analysed."""
+
+    ACCEPTED = "accepted"  # lung ultrasound, a job was queued
+    IGNORED = "ignored"  # stored, but routing says it is not for us
+    DUPLICATE = "duplicate"  # same UID and bytes as an earlier copy
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    RETRYING = "retrying"
+    DEAD = "dead"  # gave up after the configured attempts; re-send by hand
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    return Enum(cls, name=name, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
+
+    __table_args__ = (Index("ix_studies_patient_id", "patient_id"), Index("ix_studies_accession", "accession_number"))
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    body_part: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete-orphan")
+
+
+class Instance(Base):
+    """One received object version. The same SOP Instance UID with other bytes is a new version."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    frames: Mapped[int] = mapped_column(Integer, default=1)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    photometric: Mapped[str | None] = mapped_column(String(16))
+    calling_ae: Mapped[str | None] = mapped_column(String(16), index=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    storage_key: Mapped[str] = mapped_column(String(128))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[InstanceState] = mapped_column(_enum(InstanceState, "instance_state"))
+    ignore_reason: Mapped[str | None] = mapped_column(String(128))
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+    jobs: Mapped[list[Job]] = relationship(back_populates="instance", cascade="all, delete-orphan")
+
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "sha256", name="uq_instance_uid_sha"),
+        UniqueConstraint("sop_instance_uid", "version", name="uq_instance_uid_version"),
+    )
+
+
+class Job(Base):
+    """One analysis of one instance version by one model version."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), index=True)
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"), default=JobState.QUEUED, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    timings_ms: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    instance: Mapped[Instance] = relationship(back_populates="jobs")
+    result: Mapped[Result | None] = relationship(back_populates="job", cascade="all, delete-orphan")
+
+
+class Result(Base):
+    """What a successful job found, and where its DICOM outputs are."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), index=True)
+    score: Mapped[int] = mapped_column(Integer, index=True)
+    frame_scores: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    key_frame: Mapped[int] = mapped_column(Integer, default=0)
+    b_line_fraction: Mapped[float] = mapped_column(Float, default=0.0)
+    b_line_count: Mapped[int] = mapped_column(Integer, default=0)
+    consolidation: Mapped[bool] = mapped_column(default=False)
+    effusion: Mapped[bool] = mapped_column(default=False)
+    measurements: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    seg_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    seg_storage_key: Mapped[str | None] = mapped_column(String(128))
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sr_storage_key: Mapped[str | None] = mapped_column(String(128))
+    sc_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sc_storage_key: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+    job: Mapped[Job] = relationship(back_populates="result")
+
+
+class Delivery(Base):
+    """Outbox row: one output object to one destination; the deliver task drains these."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int | None] = mapped_column(ForeignKey("results.id", ondelete="SET NULL"), index=True)
+    destination: Mapped[str] = mapped_column(String(128), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(128))
+    state: Mapped[DeliveryState] = mapped_column(
+        _enum(DeliveryState, "delivery_state"), default=DeliveryState.PENDING, index=True
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_delivery_dest_uid"),)

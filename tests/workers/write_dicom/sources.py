@@ -1,0 +1,145 @@
+"""Synthetic multi-frame ultrasound sources and analyses for the DICOM writer tests."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    UltrasoundMultiFrameImageStorage,
+    generate_uid,
+)
+
+from workers.domain import Analysis, FrameFindings, ModelInfo, SegmentClass, VideoFindings
+
+MODEL = ModelInfo(name="lusai-unet", version="1.2.0", weights_sha256="ab" * 32)
+
+
+def _region(rows: int, cols: int) -> Dataset:
+    r = Dataset()
+    r.RegionSpatialFormat = 1
+    r.RegionDataType = 1
+    r.RegionFlags = 0
+    r.RegionLocationMinX0 = cols // 10
+    r.RegionLocationMinY0 = rows // 20
+    r.RegionLocationMaxX1 = cols - cols // 10 - 1
+    r.RegionLocationMaxY1 = rows - 1
+    r.PhysicalUnitsXDirection = 3
+    r.PhysicalUnitsYDirection = 3
+    r.PhysicalDeltaX = 0.025
+    r.PhysicalDeltaY = 0.03
+    return r
+
+
+def frames_rgb(n: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    grey = rng.integers(0, 200, size=(n, rows, cols), dtype=np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def make_source(rows: int, cols: int, n_frames: int, *, jpeg: bool, uid: str | None = None) -> Dataset:
+    """A US Multi-frame Image (A.7) as a scanner would send it: raw MONOCHROME2 or JPEG YBR_FULL_422."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = UltrasoundMultiFrameImageStorage
+    ds.SOPInstanceUID = uid or generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Test^Lung"
+    ds.PatientID = "LUS-0001"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "F"
+    ds.StudyDate, ds.StudyTime = "20260101", "101500"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = "ACC1"
+    ds.Modality = "US"
+    ds.SeriesNumber = 3
+    ds.Manufacturer = "Synthetic"
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ["A", "F"]
+    ds.Laterality = "R"
+    ds.ContentDate, ds.ContentTime = "20260101", "101600"
+    ds.AcquisitionDateTime = "20260101101600"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL", ""]
+    ds.LossyImageCompression = "01" if jpeg else "00"
+    if jpeg:
+        ds.LossyImageCompressionRatio = 10
+        ds.LossyImageCompressionMethod = "ISO_10918_1"
+    ds.Rows, ds.Columns = rows, cols
+    ds.NumberOfFrames = n_frames
+    ds.FrameTime = 33.3
+    ds.FrameIncrementPointer = 0x00181063
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.SequenceOfUltrasoundRegions = [_region(rows, cols)]
+    rgb = frames_rgb(n_frames, rows, cols)
+    if jpeg:
+        ds.SamplesPerPixel = 3
+        ds.PhotometricInterpretation = "YBR_FULL_422"
+        ds.PlanarConfiguration = 0
+        encoded = []
+        for frame in rgb:
+            buf = io.BytesIO()
+            Image.fromarray(frame, "RGB").save(buf, format="JPEG", quality=90, subsampling=1)
+            encoded.append(buf.getvalue())
+        ds.PixelData = encapsulate(encoded)
+        ds["PixelData"].VR = "OB"
+        ts = JPEGBaseline8Bit
+    else:
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.PixelData = rgb[..., 0].tobytes()
+        ts = ExplicitVRLittleEndian
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ts
+    ds.file_meta = meta
+    return ds
+
+
+def make_labels(n: int, rows: int, cols: int, *, with_effusion: bool = False) -> np.ndarray:
+    """Class maps with a pleural line, A-lines, B-lines moving over frames, consolidation and ribs."""
+    labels = np.zeros((n, rows, cols), dtype=np.uint8)
+    y = rows // 5
+    for f in range(n):
+        labels[f, y : y + 3, cols // 8 : cols - cols // 8] = SegmentClass.PLEURAL_LINE
+        labels[f, 2 * y : 2 * y + 2, cols // 4 : cols // 2] = SegmentClass.A_LINE
+        x = cols // 3 + 7 * f
+        labels[f, y + 3 :, x : x + 5] = SegmentClass.B_LINE
+        labels[f, :y, : cols // 10] = SegmentClass.RIB_SHADOW
+        if f % 2 == 0:
+            labels[f, 3 * y : 3 * y + 11, cols // 2 + 1 : cols // 2 + 14] = SegmentClass.CONSOLIDATION
+        if with_effusion:
+            labels[f, rows - 20 :, 5:30] = SegmentClass.EFFUSION
+    labels[0, 0, 0] = SegmentClass.RIB_SHADOW  # odd first pixel: catches bit-order mistakes
+    return labels
+
+
+def make_analysis(source: Dataset, *, key_frame: int = 1, score: int = 2, with_effusion: bool = False) -> Analysis:
+    n, rows, cols = int(source.NumberOfFrames), int(source.Rows), int(source.Columns)
+    frame_scores = tuple(score if i == key_frame else max(0, score - 1) for i in range(n))
+    frames = tuple(
+        FrameFindings(
+            index=i, score=frame_scores[i], pleura_scanlines=cols // 2, b_line_scanlines=5,
+            b_line_fraction=0.07, b_line_count=1, confluent=False, pleura_irregularity=0.1,
+            pleura_breaks=0, a_lines=True, consolidation_area_mm2=12.5 if i % 2 == 0 else 0.0,
+            consolidation_depth_mm=3.0, effusion_area_mm2=0.0,
+        )
+        for i in range(n)
+    )
+    findings = VideoFindings(
+        score=score, frame_scores=frame_scores, key_frame=key_frame, b_line_fraction=0.125,
+        b_line_count=3, bla_score=1.5, consolidation=True, effusion=with_effusion,
+        consolidation_area_mm2=12.5, effusion_area_mm2=30.0 if with_effusion else 0.0,
+        pleura_irregular=False, frames=frames,
+    )
+    return Analysis(
+        sop_instance_uid=source.SOPInstanceUID, frames=n, findings=findings,
+        labels=make_labels(n, rows, cols, with_effusion=with_effusion), model=MODEL, timings_ms={"total": 1.0},
+    )

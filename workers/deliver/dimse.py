@@ -1,0 +1,48 @@
+"""C-STORE SCU for one object to one ``AET@host:port`` destination.
+
+The presentation context is the object's exact SOP class and transfer syntax (plus Explicit VR
+Little Endian as a fallback the peer may prefer), so nothing is transcoded on the way out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from service.settings import Destination, Settings
+
+
+class DeliveryError(Exception):
+    """The peer could not be reached or refused the object; ``permanent`` means do not retry."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+def c_store(path: Path, destination: Destination, settings: Settings) -> None:
+    ds = pydicom.dcmread(path)
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    ae = AE(ae_title=settings.ae_title)
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
+    syntaxes = list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+    ae.add_requested_context(ds.SOPClassUID, syntaxes)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        raise DeliveryError(f"association with {destination} not established")
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    if not status or "Status" not in status:
+        raise DeliveryError("no C-STORE response (connection lost or timed out)")
+    code = int(status.Status)
+    if code in (0x0000, 0xB000, 0xB007, 0xB006):
+        return
+    permanent = code in (0x0122, 0xA900) or (code & 0xF000) == 0xC000
+    raise DeliveryError(f"C-STORE refused with status 0x{code:04X}", permanent=permanent)

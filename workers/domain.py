@@ -1,0 +1,116 @@
+"""Typed domain objects shared by inference, scoring, the DICOM writers and the API.
+
+They are the contract between stages: ``workers/score`` produces them from masks,
+``workers/write_dicom`` turns them into SEG/SR, ``service`` stores them. Keep them free of
+torch, pydicom and database imports so every stage can be tested alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+
+
+class SegmentClass(IntEnum):
+    """Label values of the model's class map (one label per pixel)."""
+
+    BACKGROUND = 0
+    PLEURAL_LINE = 1
+    A_LINE = 2
+    B_LINE = 3
+    CONSOLIDATION = 4
+    EFFUSION = 5
+    RIB_SHADOW = 6
+
+
+#: Classes written as SEG segments, in segment-number order (segment number = value).
+SEGMENT_CLASSES: tuple[SegmentClass, ...] = tuple(c for c in SegmentClass if c != SegmentClass.BACKGROUND)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identifies the algorithm in every output (SEG AlgorithmIdentification, SR observer, API)."""
+
+    name: str
+    version: str
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
+class FrameFindings:
+    """What one frame shows, measured on its class map (scan lines = columns of the B-scan grid)."""
+
+    index: int
+    score: int
+    pleura_scanlines: int
+    b_line_scanlines: int
+    b_line_fraction: float
+    b_line_count: int
+    confluent: bool
+    pleura_irregularity: float
+    pleura_breaks: int
+    a_lines: bool
+    consolidation_area_mm2: float
+    consolidation_depth_mm: float
+    effusion_area_mm2: float
+
+
+@dataclass(frozen=True)
+class VideoFindings:
+    """Video-level result: the Soldati score by the 1% rule plus the measurements behind it."""
+
+    score: int
+    frame_scores: tuple[int, ...]
+    key_frame: int
+    b_line_fraction: float
+    b_line_count: int
+    bla_score: float
+    consolidation: bool
+    effusion: bool
+    consolidation_area_mm2: float
+    effusion_area_mm2: float
+    pleura_irregular: bool
+    frames: tuple[FrameFindings, ...] = field(default=(), repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["frame_scores"] = list(self.frame_scores)
+        d["frames"] = [asdict(f) for f in self.frames]
+        return d
+
+
+@dataclass
+class Analysis:
+    """Everything one cine's inference produced; ``labels`` is in the source image's pixel grid."""
+
+    sop_instance_uid: str
+    frames: int
+    findings: VideoFindings
+    labels: np.ndarray  # (frames, rows, cols) uint8 of SegmentClass values
+    model: ModelInfo
+    timings_ms: dict[str, float]
+    probabilities: np.ndarray | None = None  # optional (frames, classes, rows, cols) float16
+
+    def to_json(self) -> dict[str, Any]:
+        """The `lusai analyze --json` line and the API's result body."""
+        f = self.findings
+        return {
+            "sop_instance_uid": self.sop_instance_uid,
+            "frames": self.frames,
+            "score": f.score,
+            "frame_scores": list(f.frame_scores),
+            "key_frame": f.key_frame,
+            "b_line_fraction": f.b_line_fraction,
+            "b_line_count": f.b_line_count,
+            "bla_score": f.bla_score,
+            "consolidation": f.consolidation,
+            "effusion": f.effusion,
+            "consolidation_area_mm2": f.consolidation_area_mm2,
+            "effusion_area_mm2": f.effusion_area_mm2,
+            "pleura_irregular": f.pleura_irregular,
+            "model": asdict(self.model),
+            "timings_ms": dict(self.timings_ms),
+        }

@@ -1,0 +1,196 @@
+"""Attributes every lusai output shares with its source (PS3.3 A.1.2 entity model).
+
+Outputs join the source's patient and study as a new series, so the Patient and General Study
+module attributes are copied verbatim (dcentvfy checks that), and the algorithm is recorded in the
+General/Enhanced General Equipment modules (C.7.5.1, C.7.5.2).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+
+from workers.domain import ModelInfo
+
+MANUFACTURER = "lusai"
+
+#: Patient module (C.7.1.1) and General/Patient Study modules (C.7.2.1, C.7.2.2).
+PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "PatientBirthDate",
+    "PatientSex",
+    "OtherPatientIDsSequence",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+)
+#: Type 2 attributes that must be present even when the source lacks them.
+_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    series_instance_uid: str
+    sop_instance_uid: str
+    series_number: int
+    series_description: str
+
+
+def copy_patient_study(source: Dataset, ds: Dataset) -> None:
+    """Copy patient and study identity; never log these values."""
+    if "SpecificCharacterSet" in source:
+        ds.SpecificCharacterSet = source.SpecificCharacterSet
+    for kw in PATIENT_STUDY_KEYWORDS:
+        if kw in source:
+            ds[kw] = source[kw]
+    for kw in _TYPE2:
+        if kw not in ds:
+            setattr(ds, kw, None)
+
+
+def series_laterality(source: Dataset) -> str | None:
+    """Laterality (0020,0060) of the source series or image; only R or L are valid (C.7.3.1)."""
+    for kw in ("Laterality", "ImageLaterality"):
+        value = str(source.get(kw, "") or "").upper()
+        if value in ("R", "L"):
+            return value
+    return None
+
+
+def set_series_and_equipment(
+    ds: Dataset,
+    source: Dataset,
+    series: SeriesInfo,
+    model: ModelInfo,
+    modality: str,
+    *,
+    now: dt.datetime,
+    with_laterality: bool = True,
+) -> None:
+    """General Series, General Equipment and SOP Common attributes shared by all outputs.
+
+    ``with_laterality``: copy the series Laterality; dciodvfy rejects it (Type 2C) in the SEG IOD,
+    which carries laterality as an anatomic region modifier instead.
+    """
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series.series_instance_uid
+    ds.SeriesNumber = series.series_number
+    ds.SeriesDescription = series.series_description
+    ds.SOPInstanceUID = series.sop_instance_uid
+    ds.InstanceNumber = 1
+    laterality = series_laterality(source)
+    if laterality and with_laterality:
+        ds.Laterality = laterality
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = model.name
+    ds.SoftwareVersions = model.version
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.ContentDate = now.strftime("%Y%m%d")
+    ds.ContentTime = now.strftime("%H%M%S")
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str = ExplicitVRLittleEndian) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    return meta
+
+
+def source_image_item(source: Dataset, frame_numbers: Iterable[int] | None = None) -> Dataset:
+    """SOP Instance Reference Macro (C.17.2) item, optionally with ReferencedFrameNumber."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if frame_numbers is not None:
+        item.ReferencedFrameNumber = list(frame_numbers)
+    return item
+
+
+def referenced_series(source: Dataset) -> list[Dataset]:
+    """ReferencedSeriesSequence item of the Common Instance Reference module (C.12.2)."""
+    series = Dataset()
+    series.SeriesInstanceUID = source.SeriesInstanceUID
+    series.ReferencedInstanceSequence = [source_image_item(source)]
+    return [series]
+
+
+def metadata_copy(source: Dataset) -> Dataset:
+    """The source without pixel data, for highdicom evidence and image-library entries."""
+    meta = Dataset()
+    for elem in source:
+        if elem.tag.group == 0x7FE0:
+            continue
+        meta.add(elem)
+    if hasattr(source, "file_meta"):
+        meta.file_meta = source.file_meta
+    return meta
+
+
+def us_pixel_spacing_mm(source: Dataset) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from the largest 2D tissue region in cm (C.8.5.5.1).
+
+    Ultrasound images carry their calibration in SequenceOfUltrasoundRegions, not PixelSpacing.
+    """
+    best: tuple[int, tuple[float, float]] | None = None
+    for region in source.get("SequenceOfUltrasoundRegions", []):
+        if region.get("RegionSpatialFormat") != 1:  # 1 = 2D (tissue or flow)
+            continue
+        if region.get("PhysicalUnitsXDirection") != 3 or region.get("PhysicalUnitsYDirection") != 3:
+            continue  # 3 = cm
+        dx, dy = float(region.PhysicalDeltaX), float(region.PhysicalDeltaY)
+        if dx <= 0 or dy <= 0:
+            continue
+        area = (int(region.RegionLocationMaxX1) - int(region.RegionLocationMinX0) + 1) * (
+            int(region.RegionLocationMaxY1) - int(region.RegionLocationMinY0) + 1
+        )
+        if best is None or area > best[0]:
+            best = (area, (dy * 10.0, dx * 10.0))
+    return None if best is None else best[1]
+
+
+def us_region_bounds(source: Dataset) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1) of the largest 2D ultrasound region, in pixels."""
+    best: tuple[int, tuple[int, int, int, int]] | None = None
+    for region in source.get("SequenceOfUltrasoundRegions", []):
+        if region.get("RegionSpatialFormat") != 1:
+            continue
+        box = (
+            int(region.RegionLocationMinX0),
+            int(region.RegionLocationMinY0),
+            int(region.RegionLocationMaxX1),
+            int(region.RegionLocationMaxY1),
+        )
+        area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+        if best is None or area > best[0]:
+            best = (area, box)
+    return None if best is None else best[1]

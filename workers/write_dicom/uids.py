@@ -1,0 +1,56 @@
+"""Deterministic UIDs for the outputs of one analysis.
+
+A retried job must overwrite, not duplicate, what it already sent to PACS, so every UID is a hash
+(pydicom ``generate_uid`` with ``entropy_srcs``) of the source SOP Instance UID, the model name and
+version, the object kind and the UID's role. The root is configurable so a site can use its own
+registered org root (PS3.5 9.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
+
+from workers.domain import ModelInfo
+
+
+class OutputKind(StrEnum):
+    SEG = "SEG"
+    SR = "SR"
+    SC = "SC"
+
+
+@dataclass(frozen=True)
+class OutputUIDs:
+    series_instance_uid: str
+    sop_instance_uid: str
+
+
+def derive_uid(root: str, *parts: str) -> str:
+    """A UID under ``root`` determined only by ``parts`` (SHA-512 based, PS3.5 B.2)."""
+    if not root.endswith("."):
+        root += "."
+    return str(generate_uid(prefix=root, entropy_srcs=["lusai", *parts]))
+
+
+def output_uids(
+    source_sop_instance_uid: str, model: ModelInfo, kind: OutputKind, root: str = PYDICOM_ROOT_UID
+) -> OutputUIDs:
+    """Series and instance UIDs of one output object."""
+    base = (source_sop_instance_uid, model.name, model.version, kind.value)
+    return OutputUIDs(
+        series_instance_uid=derive_uid(root, *base, "series"),
+        sop_instance_uid=derive_uid(root, *base, "instance"),
+    )
+
+
+def frame_of_reference_uid(source_sop_instance_uid: str, root: str = PYDICOM_ROOT_UID) -> str:
+    """Frame of Reference for a source that has none; model-independent (pixel-grid geometry)."""
+    return derive_uid(root, source_sop_instance_uid, "frame-of-reference")
+
+
+def device_uid(model: ModelInfo, root: str = PYDICOM_ROOT_UID) -> str:
+    """Device Observer UID of the algorithm (TID 1004), stable per model name and version."""
+    return derive_uid(root, model.name, model.version, "device-observer")
