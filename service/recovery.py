@@ -34,7 +34,13 @@ def drain_spool(settings: Settings, store: ObjectStore) -> int:
             size = store.path(key).stat().st_size
             sha = key.rsplit("/", 1)[-1].removesuffix(".dcm")
             outcome = index_object(
-                header, key, sha, size, calling_ae=record.get("calling_ae"), ignore_reason=ignore, settings=settings
+                header,
+                key,
+                sha,
+                size,
+                calling_ae=record.get("calling_ae"),
+                ignore_reason=ignore,
+                settings=settings,
             )
         except RejectedObject:
             log.warning("spooled object unreadable; left in storage", extra=ctx(key=key))

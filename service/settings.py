@@ -91,6 +91,15 @@ class Settings(BaseSettings):
     acse_timeout: float = Field(30.0, gt=0, description="ACSE timeout (s).")
     dimse_timeout: float = Field(60.0, gt=0, description="DIMSE timeout (s).")
     network_timeout: float = Field(60.0, gt=0, description="Network idle timeout (s).")
+    dicom_tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate (chain) of the SCP; with dicom_tls_key the DICOM port speaks TLS only.",
+    )
+    dicom_tls_key: Path | None = Field(None, description="PEM private key of dicom_tls_cert.")
+    dicom_tls_ca: Path | None = Field(
+        None,
+        description="PEM CA bundle; when set, senders must present a certificate it signed (mutual TLS).",
+    )
 
     # --- API ---------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Address the REST API binds.")
@@ -100,23 +109,76 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma list of allowed CORS origins."
     )
 
+    api_rate_limit: int = Field(
+        600,
+        ge=0,
+        description="Requests per minute per API key or token subject (0: unlimited); keys may override.",
+    )
+    api_rate_burst: int = Field(
+        60, ge=1, description="Requests a client may send at once above the steady rate."
+    )
+    api_key_cache_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="How long a verified API key is trusted without a database look-up (revocation lag).",
+    )
+    oidc_issuer: str | None = Field(None, description="Accept OIDC bearer tokens from this issuer ('iss').")
+    oidc_audience: str | None = Field(None, description="Required 'aud' of OIDC bearer tokens.")
+    oidc_jwks_file: Path | None = Field(
+        None, description="JWKS (JSON) of the issuer's signing keys; no network fetch."
+    )
+    oidc_scope_claim: str = Field("scope", description="Claim with the token's scopes (space list or array).")
+    oidc_scope_prefix: str = Field("lusai:", description="Prefix of lusai scopes in tokens ('lusai:read').")
+    zone_pattern: str = Field(
+        r"(?i)\bLUS[\s_-]*(?P<side>[LR])[\s_-]*(?P<number>[1-6])\b",
+        description="Regex on SeriesDescription with groups 'side' (L/R) and 'number' naming the lung zone.",
+    )
+    zone_map: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="Exact SeriesDescription to zone overrides, 'DESCRIPTION=ZONE,...' (checked before the regex).",
+    )
+    zones_expected: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["R1", "R2", "R3", "L1", "L2", "L3"],
+        description="Zones a complete examination has (default the six BLUE points).",
+    )
+    preview_max_frames: int = Field(48, ge=1, le=1000, description="Frames at most in an animated preview.")
+    preview_max_width: int = Field(512, ge=64, le=4096, description="Widest preview image (pixels).")
+
     # --- workers / model ---------------------------------------------------------------
-    model_path: Path | None = Field(None, description="Model weights; default the weights shipped in the package.")
+    model_path: Path | None = Field(
+        None, description="Model weights; default the weights shipped in the package."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device.")
     worker_concurrency: int = Field(1, ge=1, le=64, description="Celery worker processes.")
     task_time_limit: int = Field(900, ge=10, description="Hard time limit of one analysis job (s).")
     job_max_attempts: int = Field(3, ge=1, le=20, description="Attempts before a job is marked failed.")
-    stale_job_after: int = Field(1800, ge=30, description="Seconds after which a running job is re-queued.")
+    stale_job_after: int = Field(1800, ge=5, description="Seconds after which a running job is re-queued.")
+    recovery_interval: float = Field(
+        30.0, gt=0, description="Seconds between recovery sweeps (spooled objects, lost or stale jobs)."
+    )
 
     # --- observability -----------------------------------------------------------------
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     log_level: str = Field("INFO", description="Python logging level.")
 
-    @field_validator("allowed_calling_aes", "cors_origins", mode="before")
+    @field_validator("allowed_calling_aes", "cors_origins", "zones_expected", mode="before")
     @classmethod
     def _split_list(cls, v: object) -> object:
         if isinstance(v, str):
             return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("zone_map", mode="before")
+    @classmethod
+    def _parse_zone_map(cls, v: object) -> object:
+        if isinstance(v, str):
+            out: dict[str, str] = {}
+            for item in filter(None, (p.strip() for p in v.split(","))):
+                desc, sep, zone = item.rpartition("=")
+                if not sep or not desc.strip() or not zone.strip():
+                    raise ValueError(f"zone mapping must be DESCRIPTION=ZONE, got {item!r}")
+                out[desc.strip().upper()] = zone.strip().upper()
+            return out
         return v
 
     @field_validator("allowed_calling_aes")

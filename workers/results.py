@@ -76,7 +76,9 @@ def save_result(
             for ds, key in stored:
                 uid = str(ds.SOPInstanceUID)
                 existing = session.scalar(
-                    select(Delivery).where(Delivery.destination == str(destination), Delivery.sop_instance_uid == uid)
+                    select(Delivery).where(
+                        Delivery.destination == str(destination), Delivery.sop_instance_uid == uid
+                    )
                 )
                 if existing is not None:
                     existing.result_id = result.id

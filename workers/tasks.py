@@ -141,7 +141,8 @@ def pending_deliveries_due(now: datetime | None = None) -> list[int]:
             session.scalars(
                 select(Delivery.id).where(
                     Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRYING]),
-                    (Delivery.next_attempt_at.is_(None)) | (Delivery.next_attempt_at < now - timedelta(minutes=5)),
+                    (Delivery.next_attempt_at.is_(None))
+                    | (Delivery.next_attempt_at < now - timedelta(minutes=5)),
                 )
             )
         )

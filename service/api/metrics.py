@@ -18,7 +18,10 @@ from service.store.models import Delivery, Instance, Job
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 HTTP_REQUESTS = Counter(
-    "lusai_http_requests_total", "HTTP requests by route and status", ["method", "route", "status"], registry=REGISTRY
+    "lusai_http_requests_total",
+    "HTTP requests by route and status",
+    ["method", "route", "status"],
+    registry=REGISTRY,
 )
 HTTP_LATENCY = Histogram(
     "lusai_http_request_duration_seconds", "HTTP request latency by route", ["route"], registry=REGISTRY

@@ -58,7 +58,9 @@ def send(
         console.print("[red]more than 128 SOP class/transfer syntax pairs; send in batches[/red]")
         raise typer.Exit(2)
     for sop_class, ts in sorted(contexts):
-        ae.add_requested_context(sop_class, list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
+        ae.add_requested_context(
+            sop_class, list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+        )
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
         console.print(f"[red]association with {dest} failed[/red]")
@@ -66,7 +68,11 @@ def send(
     failed = 0
     try:
         with Progress(
-            TextColumn("[bold]C-STORE"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+            TextColumn("[bold]C-STORE"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
         ) as progress:
             task = progress.add_task("send", total=len(datasets))
             for path, ds in datasets:
@@ -74,10 +80,15 @@ def send(
                 code = int(status.Status) if status and "Status" in status else -1
                 if code not in (0x0000, 0xB000, 0xB006, 0xB007):
                     failed += 1
-                    console.print(f"[yellow]{path.name}: status {'none' if code < 0 else f'0x{code:04X}'}[/yellow]")
+                    console.print(
+                        f"[yellow]{path.name}: status {'none' if code < 0 else f'0x{code:04X}'}[/yellow]"
+                    )
                 progress.advance(task)
     finally:
         assoc.release()
-    console.print(f"sent {len(datasets) - failed}/{len(datasets)} to {dest}" + (f", {skipped} non-DICOM skipped" if skipped else ""))
+    console.print(
+        f"sent {len(datasets) - failed}/{len(datasets)} to {dest}"
+        + (f", {skipped} non-DICOM skipped" if skipped else "")
+    )
     if failed:
         raise typer.Exit(1)

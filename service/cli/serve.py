@@ -44,7 +44,7 @@ def run_scp(s: Settings, *, with_recovery: bool = True) -> None:
 
     store = ObjectStore(s.storage)
     server = make_server(s, store)
-    stop = recovery.start_background(s, store) if with_recovery else None
+    stop = recovery.start_background(s, store, interval=s.recovery_interval) if with_recovery else None
     try:
         server.serve_forever()
     finally:
@@ -61,7 +61,8 @@ def _scp_child(reserved: int) -> None:  # multiprocessing target; no recovery th
 @app.command()
 def scp(
     processes: Annotated[
-        int, typer.Option(help="SCP processes sharing the port (SO_REUSEPORT); >1 for many concurrent senders.")
+        int,
+        typer.Option(help="SCP processes sharing the port (SO_REUSEPORT); >1 for many concurrent senders."),
     ] = 1,
 ) -> None:
     """Run the DICOM C-STORE SCP alone."""
@@ -110,9 +111,9 @@ def worker_argv(s: Settings, queues: str) -> list[str]:
 
 @app.command()
 def worker(
-    queues: Annotated[str, typer.Option(help="Comma list of queues: analyze (GPU/CPU), deliver (network).")] = (
-        "analyze,deliver"
-    ),
+    queues: Annotated[
+        str, typer.Option(help="Comma list of queues: analyze (GPU/CPU), deliver (network).")
+    ] = ("analyze,deliver"),
 ) -> None:
     """Run a Celery worker (prefetch 1, late acks) on the configured broker."""
     s = _settings()
@@ -120,7 +121,7 @@ def worker(
     from service import recovery
     from service.store.files import ObjectStore
 
-    recovery.start_background(s, ObjectStore(s.storage), interval=60.0)
+    recovery.start_background(s, ObjectStore(s.storage), interval=s.recovery_interval)
     proc = subprocess.Popen(worker_argv(s, queues))
     _forward_signals(proc)
     sys.exit(proc.wait())

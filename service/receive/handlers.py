@@ -1,13 +1,17 @@
 """C-ECHO and C-STORE handlers: transport only, each failure an explicit DIMSE status.
 
-The store handler takes the file pynetdicom streamed to disk (``STORE_RECV_CHUNKED_DATASET``),
-hands it to :func:`service.receive.ingest.ingest_file` and answers. Inference happens later,
-outside the association.
+The store handler takes the file pynetdicom streamed to disk (``STORE_RECV_CHUNKED_DATASET`` into
+:class:`service.receive.stream.IncomingObject`, already hashed and size-checked), hands it to
+:func:`service.receive.ingest.ingest_file` and answers. Inference happens later, outside the
+association. No handler lets an exception escape: pynetdicom would answer 0xC211 and log a
+traceback that may quote the dataset, so every outcome is mapped here.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from pynetdicom import events
@@ -16,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from service.logs import ctx
 from service.receive.ingest import ingest_file
 from service.receive.spool import spool_object
+from service.receive.stream import discard_partial, incoming_of
 from service.receive.validate import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_PROCESSING_FAILURE,
@@ -26,53 +31,111 @@ from service.store.files import ObjectStore, StorageFull
 
 log = logging.getLogger(__name__)
 
-STATUS_SUCCESS = 0x0000
+STATUS_SUCCESS = 0x0000  # Success (also for a duplicate and for a stored-and-ignored object)
 
 
 def handle_echo(event: events.Event) -> int:
+    """C-ECHO: 0x0000 Success; the association itself was already vetted."""
     return STATUS_SUCCESS
 
 
-def make_store_handler(settings: Settings, store: ObjectStore):  # type: ignore[no-untyped-def]
+def handle_connection_lost(event: events.Event) -> None:
+    """EVT_ABORTED / EVT_CONN_CLOSE: delete the half-received object of a dropped association."""
+    discard_partial(event.assoc)
+
+
+def _announced(event: events.Event) -> tuple[str, str] | None:
+    req = event.request
+    cls, inst = getattr(req, "AffectedSOPClassUID", None), getattr(req, "AffectedSOPInstanceUID", None)
+    return (str(cls), str(inst)) if cls and inst else None
+
+
+def make_store_handler(settings: Settings, store: ObjectStore) -> Callable[[events.Event], int]:
     """Bind settings and storage into an EVT_C_STORE handler."""
 
     def handle_store(event: events.Event) -> int:
         calling_ae = event.assoc.requestor.ae_title.strip() or None
-        src = Path(event.dataset_path)
-        size = src.stat().st_size
-        if size > settings.max_object_bytes:
-            log.warning("object refused: too large", extra=ctx(calling_ae=calling_ae, bytes=size))
-            return STATUS_OUT_OF_RESOURCES
+        sink = incoming_of(event.request)
+        digest: tuple[str, int] | None = None
+        if sink is not None:
+            if sink.oversize:
+                sink.discard()
+                log.warning("object refused: too large", extra=ctx(calling_ae=calling_ae, bytes=sink.size))
+                return STATUS_OUT_OF_RESOURCES  # 0xA700 Refused: Out of Resources (size limit)
+            if sink.error is not None:
+                err = sink.error
+                sink.discard()
+                if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    log.error("object refused: storage full", extra=ctx(calling_ae=calling_ae))
+                    return STATUS_OUT_OF_RESOURCES  # 0xA700 Refused: Out of Resources (disk full)
+                log.error("object refused: storage write error", extra=ctx(calling_ae=calling_ae, errno=err.errno))
+                return STATUS_PROCESSING_FAILURE  # 0x0110 Failure: Processing failure
+            try:
+                sink.sync()
+            except OSError as exc:
+                sink.discard()
+                log.error("object refused: fsync failed", extra=ctx(calling_ae=calling_ae, errno=exc.errno))
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    return STATUS_OUT_OF_RESOURCES  # 0xA700: delayed allocation failed at fsync
+                return STATUS_PROCESSING_FAILURE  # 0x0110
+            sink.close()
+            tmp = Path(sink.name)
+            digest = (sink.sha256, sink.size)
+        else:  # pynetdicom's own temporary file (stream.install() not active)
+            src = Path(event.dataset_path)
+            size = src.stat().st_size
+            if size > settings.max_object_bytes:
+                src.unlink(missing_ok=True)
+                log.warning("object refused: too large", extra=ctx(calling_ae=calling_ae, bytes=size))
+                return STATUS_OUT_OF_RESOURCES  # 0xA700 Refused: Out of Resources (size limit)
+            try:
+                tmp = store.new_temp()
+                src.replace(tmp)
+            except OSError:
+                log.exception("could not take over the received file", extra=ctx(calling_ae=calling_ae))
+                return STATUS_OUT_OF_RESOURCES  # 0xA700
+        return _ingest(event, tmp, digest, calling_ae)
+
+    def _ingest(event: events.Event, tmp: Path, digest: tuple[str, int] | None, calling_ae: str | None) -> int:
         try:
-            tmp = store.new_temp()
-            src.replace(tmp)  # same filesystem: pynetdicom's tempdir is the store's tmp
-        except OSError:
-            log.exception("could not take over the received file", extra=ctx(calling_ae=calling_ae))
-            return STATUS_OUT_OF_RESOURCES
-        try:
-            ingest_file(tmp, calling_ae=calling_ae, settings=settings, store=store)
+            ingest_file(
+                tmp,
+                calling_ae=calling_ae,
+                settings=settings,
+                store=store,
+                digest=digest,
+                announced=_announced(event),
+            )
         except RejectedObject as exc:
             log.warning(
                 "object refused",
                 extra=ctx(calling_ae=calling_ae, reason=exc.reason, status=f"0x{exc.dimse_status:04X}"),
             )
-            return exc.dimse_status
+            return exc.dimse_status  # 0xA900 / 0xC000 / 0x0122, chosen in validate.py
         except StorageFull:
             log.error("object refused: storage full", extra=ctx(calling_ae=calling_ae))
-            return STATUS_OUT_OF_RESOURCES
+            return STATUS_OUT_OF_RESOURCES  # 0xA700 Refused: Out of Resources
         except SQLAlchemyError as exc:
-            # The object is already stored; keep a spool record so recovery indexes it later.
+            # The object is already stored; a spool record lets recovery index and queue it later,
+            # so the sender gets Success and does not need to retry.
             key = getattr(exc, "lusai_storage_key", None)
             if key is not None and spool_object(settings, key, calling_ae):
-                log.error("database unavailable, object spooled", extra=ctx(calling_ae=calling_ae, key=key))
-                return STATUS_SUCCESS
-            log.exception("database unavailable", extra=ctx(calling_ae=calling_ae))
-            return STATUS_PROCESSING_FAILURE
+                log.error(
+                    "database unavailable, object spooled",
+                    extra=ctx(calling_ae=calling_ae, key=key, error=type(exc).__name__),
+                )
+                return STATUS_SUCCESS  # 0x0000: stored and spooled, indexed by the recovery sweep
+            log.error("database unavailable", extra=ctx(calling_ae=calling_ae, error=type(exc).__name__))
+            return STATUS_PROCESSING_FAILURE  # 0x0110: nothing kept, the sender retries
         except OSError as exc:
-            if exc.errno == 28:
-                return STATUS_OUT_OF_RESOURCES
-            log.exception("storage error", extra=ctx(calling_ae=calling_ae))
-            return STATUS_PROCESSING_FAILURE
-        return STATUS_SUCCESS
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.error("object refused: storage full", extra=ctx(calling_ae=calling_ae))
+                return STATUS_OUT_OF_RESOURCES  # 0xA700
+            log.error("storage error", extra=ctx(calling_ae=calling_ae, error=type(exc).__name__))
+            return STATUS_PROCESSING_FAILURE  # 0x0110 Failure: Processing failure
+        except Exception as exc:  # a bug must cost one object, never the association or the process
+            log.error("unexpected ingest error", extra=ctx(calling_ae=calling_ae, error=type(exc).__name__))
+            return STATUS_PROCESSING_FAILURE  # 0x0110
+        return STATUS_SUCCESS  # 0x0000 Success
 
     return handle_store

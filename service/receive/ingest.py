@@ -8,6 +8,7 @@ rows and, for lung-ultrasound cines, a Job that is enqueued only after the rows 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from service.logs import ctx
 from service.queue import enqueue_analysis
 from service.receive.routing import RoutingRules
 from service.receive.validate import (
+    STATUS_DATA_SET_MISMATCH,
     STATUS_SOP_CLASS_NOT_SUPPORTED,
     US_SOP_CLASSES,
     Header,
@@ -61,18 +63,28 @@ def ingest_file(
     calling_ae: str | None,
     settings: Settings,
     store: ObjectStore,
+    digest: tuple[str, int] | None = None,
+    announced: tuple[str, str] | None = None,
 ) -> IngestOutcome:
-    """Validate, store and index ``tmp`` (consumed: moved into storage or deleted)."""
+    """Validate, store and index ``tmp`` (consumed: moved into storage or deleted).
+
+    ``digest`` is the (SHA-256, size) computed while the bytes arrived, so the object is not read
+    twice; ``tmp`` must then already be fsynced. ``announced`` is the (SOP Class, SOP Instance) UID
+    pair of the C-STORE request, which the data set must repeat.
+    """
     try:
         header, ds = read_header(tmp)
+        if announced is not None and (header.sop_class_uid, header.sop_instance_uid) != announced:
+            # PS3.4 B.2.3: the data set does not match what the request said it is.
+            raise RejectedObject("data set UIDs differ from the C-STORE request", STATUS_DATA_SET_MISMATCH)
         ignore_reason: str | None = None
         if header.sop_class_uid not in US_SOP_CLASSES and settings.unsupported_sop_class == "reject":
             raise RejectedObject("SOP class not supported", STATUS_SOP_CLASS_NOT_SUPPORTED, 415)
         ignore_reason = rules_from(settings).decide(header, calling_ae)
         if ignore_reason is None:
-            check_image(header, ds)
+            check_image(header, ds, tmp)
         del ds
-        key, sha, size = store.adopt(tmp)
+        key, sha, size = store.adopt(tmp) if digest is None else adopt_hashed(store, tmp, *digest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -84,12 +96,15 @@ def ingest_file(
         exc.lusai_storage_key = key  # type: ignore[attr-defined]  # lets the SCP spool it
         raise
     if outcome.job_id is not None:
-        enqueue_job(outcome.job_id, settings)
+        try:
+            enqueue_job(outcome.job_id, settings)
+        except SQLAlchemyError as exc:  # rows are committed: recovery re-sends jobs never marked enqueued
+            log.warning("job enqueue bookkeeping failed", extra=ctx(job_id=outcome.job_id, error=type(exc).__name__))
     log.info(
         "object received",
         extra=ctx(
             outcome=outcome.outcome,
-            sop_instance_uid=header.sop_instance_uid,
+            instance_id=outcome.instance_id,  # UIDs can carry dates and site codes: not logged
             version=outcome.version,
             job_id=outcome.job_id,
             calling_ae=calling_ae,
@@ -99,6 +114,36 @@ def ingest_file(
         ),
     )
     return outcome
+
+
+def adopt_hashed(store: ObjectStore, tmp: Path, sha: str, size: int) -> tuple[str, str, int]:
+    """Rename an already hashed and fsynced temporary file into content-addressed storage.
+
+    The key comes from the hash alone; identical bytes already stored make this a no-op.
+    """
+    key = store.key_for(sha)
+    final = store.path(key)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        tmp.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    return key, sha, size
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX: the directory entry lives in the directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def index_object(

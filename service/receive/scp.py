@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import tempfile
+import ssl
 from typing import Any
 
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import (
     UID,
@@ -28,12 +27,15 @@ from pydicom.uid import (
 )
 
 from service.logs import ctx
-from service.receive.handlers import handle_echo, make_store_handler
+from service.receive import stream
+from service.receive.handlers import handle_connection_lost, handle_echo, make_store_handler
 from service.receive.validate import US_SOP_CLASSES
 from service.settings import Settings
 from service.store.files import ObjectStore
 
 log = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
 
 # Uncompressed first (cheapest for us), then every compressed syntax scanners really send; the
 # object is stored exactly as received, so accepting a syntax costs nothing but a decoder later.
@@ -91,7 +93,7 @@ def build_ae(settings: Settings) -> AE:
     ae.maximum_associations = settings.max_associations
     if settings.allowed_calling_aes and "*" not in settings.allowed_calling_aes:
         ae.require_calling_aet = settings.allowed_calling_aes  # A-ASSOCIATE-RJ (1, 1, 3) otherwise
-    ae.add_supported_context(Verification)
+    ae.add_supported_context(VERIFICATION)
     sop_classes = set(US_SOP_CLASSES)
     if settings.unsupported_sop_class == "ignore":
         sop_classes |= set(_storage_sop_classes())
@@ -100,20 +102,52 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """Server TLS context (TLS 1.2+, BCP 195) when a certificate is configured, else None."""
+    if settings.dicom_tls_cert is None and settings.dicom_tls_key is None:
+        return None
+    if settings.dicom_tls_cert is None or settings.dicom_tls_key is None:
+        raise ValueError("LUSAI_DICOM_TLS_CERT and LUSAI_DICOM_TLS_KEY must be set together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(settings.dicom_tls_cert), str(settings.dicom_tls_key))
+    if settings.dicom_tls_ca is not None:
+        context.load_verify_locations(cafile=str(settings.dicom_tls_ca))
+        context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: only senders with a CA-signed certificate
+    return context
+
+
 def make_server(settings: Settings, store: ObjectStore) -> ReusePortServer:
     """Bind the SCP (not yet serving)."""
     _config.STORE_RECV_CHUNKED_DATASET = True
-    # pynetdicom writes the stream with NamedTemporaryFile: put it on the storage filesystem.
-    tempfile.tempdir = str(store.tmp_dir)
+    # Stream each data set into a hashing, size-capped file on the storage filesystem.
+    stream.install(store.tmp_dir, settings.max_object_bytes)
+    # pynetdicom's own logging would print identifiers and whole datasets on errors.
     _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     ae = build_ae(settings)
-    handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, make_store_handler(settings, store))]
+    handlers = [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, make_store_handler(settings, store)),
+        (evt.EVT_ABORTED, handle_connection_lost),
+        (evt.EVT_CONN_CLOSE, handle_connection_lost),
+    ]
     server = ae.make_server(
-        (settings.dicom_host, settings.dicom_port), evt_handlers=handlers, server_class=ReusePortServer
+        (settings.dicom_host, settings.dicom_port),
+        evt_handlers=handlers,
+        server_class=ReusePortServer,
+        ssl_context=tls_context(settings),
     )
-    server.lusai_settings = settings  # type: ignore[union-attr]
+    server.lusai_settings = settings  # type: ignore[attr-defined]
     log.info(
         "DICOM SCP listening",
-        extra=ctx(ae_title=settings.ae_title, port=settings.dicom_port, pid=os.getpid()),
+        extra=ctx(
+            ae_title=settings.ae_title,
+            port=settings.dicom_port,
+            pid=os.getpid(),
+            tls=settings.dicom_tls_cert is not None,
+        ),
     )
     return server  # type: ignore[return-value]

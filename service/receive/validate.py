@@ -79,10 +79,12 @@ def _uid(ds: Dataset, keyword: str) -> str:
 
 
 def read_header(path: Path) -> tuple[Header, Dataset]:
-    """Parse everything but the pixel values; large values are deferred, not loaded."""
+    """Parse everything but the pixel values; large values are deferred, never loaded.
+
+    Private tags are left alone (removing them walks, and so loads, every element).
+    """
     try:
         ds = pydicom.dcmread(path, defer_size=4096, force=False)
-        ds.remove_private_tags()  # not needed for indexing; avoids parsing surprises below
         header = _header(ds)
     except RejectedObject:
         raise
@@ -127,23 +129,142 @@ def _header(ds: Dataset) -> Header:
     )
 
 
-def check_image(header: Header, ds: Dataset) -> None:
-    """Reject ultrasound images we could never analyse: no pixels, zero frames, inconsistent sizes."""
+def check_image(header: Header, ds: Dataset, path: Path | None = None) -> None:
+    """Reject ultrasound images we could never analyse, reading only headers and frame markers.
+
+    Zero frames, missing pixel data, a value that runs past the end of the file (truncated send),
+    native pixel data whose length is not frames x rows x columns x samples, or compressed frames
+    whose count or encoded size differs from the header: 0xA900 each. Nothing is decoded.
+    """
     if header.frames < 1:
         raise RejectedObject("zero frames", STATUS_DATA_SET_MISMATCH)
     if not header.rows or not header.columns:
         raise RejectedObject("missing Rows/Columns", STATUS_DATA_SET_MISMATCH)
-    if "PixelData" not in ds:
+    if 0x7FE00010 not in ds:
         raise RejectedObject("no pixel data", STATUS_DATA_SET_MISMATCH)
-    elem = ds.data_element("PixelData")
-    assert elem is not None
-    if UID(header.transfer_syntax_uid).is_compressed:
-        return  # fragments are checked by the decoder in the worker; the SCP never decodes
+    raw = ds._dict[0x7FE00010]  # the raw element: reading .value would load every frame
+    # A deflated data set is inflated into memory by pydicom: offsets are not file offsets there.
+    deflated = header.transfer_syntax_uid in DEFLATED_SYNTAXES
+    size = path.stat().st_size if path is not None and not deflated else None
+    value_tell = getattr(raw, "value_tell", None)
+    length = int(raw.length) if getattr(raw, "length", None) is not None else None
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     bits = int(ds.get("BitsAllocated", 8) or 8)
+    if UID(header.transfer_syntax_uid).is_encapsulated:
+        if size is not None and path is not None and value_tell is not None and length == UNDEFINED_LENGTH:
+            check_fragments(path, int(value_tell), header, spp, bits)
+        return
+    if length is None or length == UNDEFINED_LENGTH:
+        value = getattr(raw, "value", None)
+        length = len(value) if value is not None else 0
+    if size is not None and value_tell is not None and int(value_tell) + length > size:
+        raise RejectedObject("pixel data truncated", STATUS_DATA_SET_MISMATCH)
     expected = header.rows * header.columns * spp * header.frames * bits // 8
-    length = elem.length if elem.value is None else len(elem.value)
     if header.photometric and header.photometric.startswith("YBR") and header.photometric.endswith("422"):
         expected = expected * 2 // 3
-    if length < expected:
-        raise RejectedObject("pixel data shorter than frames x rows x columns", STATUS_DATA_SET_MISMATCH)
+    # PS3.5 8.1.1: odd lengths are padded to even, so one extra byte is legal.
+    if length not in (expected, expected + 1, expected + (expected & 1)):
+        raise RejectedObject(
+            "pixel data length differs from frames x rows x columns x samples", STATUS_DATA_SET_MISMATCH
+        )
+
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+DEFLATED_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"})
+_ITEM = b"\xfe\xff\x00\xe0"
+_SEQ_DELIM = b"\xfe\xff\xdd\xe0"
+_HEAD = 4096  # bytes of each fragment read to find the frame's SOF/SIZ/RLE header
+# JPEG SOFn markers that carry the frame size (not DHT C4, JPG C8, DAC CC); F7 is JPEG-LS SOF55.
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
+
+
+def _fragments(path: Path, value_tell: int) -> list[tuple[int, bytes]]:
+    """(length, first bytes) of each item of encapsulated pixel data, offset table first."""
+    out: list[tuple[int, bytes]] = []
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        fh.seek(value_tell)
+        while True:
+            tag = fh.read(8)
+            if len(tag) < 8:
+                raise RejectedObject("pixel data truncated", STATUS_DATA_SET_MISMATCH)
+            if tag[:4] == _SEQ_DELIM:
+                return out
+            if tag[:4] != _ITEM:
+                raise RejectedObject("malformed encapsulated pixel data", STATUS_CANNOT_UNDERSTAND)
+            n = int.from_bytes(tag[4:], "little")
+            start = fh.tell()
+            if n == UNDEFINED_LENGTH or start + n > size:
+                raise RejectedObject("pixel data truncated", STATUS_DATA_SET_MISMATCH)
+            out.append((n, fh.read(min(n, _HEAD))))
+            fh.seek(start + n)
+
+
+def _jpeg_size(head: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from the SOFn segment of a JPEG / JPEG-LS frame."""
+    i = 2
+    while i + 4 <= len(head):
+        if head[i] != 0xFF:
+            return None
+        marker = head[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        seg = int.from_bytes(head[i + 2 : i + 4], "big")
+        if marker in _SOF:
+            if i + 10 > len(head):
+                return None
+            return (
+                int.from_bytes(head[i + 5 : i + 7], "big"),
+                int.from_bytes(head[i + 7 : i + 9], "big"),
+                head[i + 9],
+            )
+        i += 2 + seg
+    return None
+
+
+def _j2k_size(head: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from the SIZ segment that must follow a J2K codestream's SOC."""
+    if len(head) < 42 or head[2:4] != b"\xff\x51":
+        return None
+    x, y = int.from_bytes(head[8:12], "big"), int.from_bytes(head[12:16], "big")
+    x0, y0 = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return y - y0, x - x0, int.from_bytes(head[40:42], "big")
+
+
+def check_fragments(path: Path, value_tell: int, header: Header, spp: int, bits: int) -> None:
+    """Frame count and per-frame size of encapsulated pixel data, from the codestream headers."""
+    items = _fragments(path, value_tell)
+    if not items:
+        raise RejectedObject("encapsulated pixel data has no offset table", STATUS_CANNOT_UNDERSTAND)
+    bot_len, _ = items[0]
+    fragments = items[1:]
+    if not fragments:
+        raise RejectedObject("no frames in pixel data", STATUS_DATA_SET_MISMATCH)
+    ts = header.transfer_syntax_uid
+    if ts == "1.2.840.10008.1.2.5":  # RLE: exactly one fragment per frame (PS3.5 A.4.2)
+        starts = [h for _, h in fragments]
+        sizer = None
+    elif ts.startswith("1.2.840.10008.1.2.4.") and ts.rsplit(".", 1)[1] in {
+        "50", "51", "57", "70", "80", "81",
+    }:  # fmt: skip
+        starts = [h for _, h in fragments if h[:2] == b"\xff\xd8"]
+        sizer = _jpeg_size
+    elif ts.rsplit(".", 1)[1] in {"90", "91", "92", "93", "201", "202", "203"}:
+        starts = [h for _, h in fragments if h[:2] == b"\xff\x4f"]
+        sizer = _j2k_size
+    else:  # MPEG/HEVC video and private syntaxes: frames live inside one stream
+        return
+    n_frames = bot_len // 4 if bot_len else len(starts)
+    if n_frames != header.frames or (sizer is not None and len(starts) != header.frames):
+        raise RejectedObject("number of compressed frames differs from NumberOfFrames", STATUS_DATA_SET_MISMATCH)
+    want = (header.rows, header.columns)
+    for head in starts:
+        if sizer is None:
+            segments = int.from_bytes(head[:4], "little") if len(head) >= 64 else 0
+            if segments != spp * ((bits + 7) // 8):
+                raise RejectedObject("RLE frame has the wrong number of segments", STATUS_DATA_SET_MISMATCH)
+            continue
+        found = sizer(head)
+        if found is not None and ((found[0], found[1]) != want or found[2] != spp):
+            raise RejectedObject("a compressed frame's size differs from Rows/Columns", STATUS_DATA_SET_MISMATCH)

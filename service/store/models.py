@@ -76,7 +76,10 @@ class Study(Base):
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
 
-    __table_args__ = (Index("ix_studies_patient_id", "patient_id"), Index("ix_studies_accession", "accession_number"))
+    __table_args__ = (
+        Index("ix_studies_patient_id", "patient_id"),
+        Index("ix_studies_accession", "accession_number"),
+    )
 
 
 class Series(Base):
@@ -200,3 +203,47 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_delivery_dest_uid"),)
+
+
+class ApiKey(Base):
+    """An API key of the REST API. Only a SHA-256 of the secret is stored (see ``service.api.auth``).
+
+    The secret is 256 random bits, so a fast hash is enough: there is nothing to brute-force that a
+    slow KDF would protect, and verification stays cheap on every request.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(16), unique=True)  # public part of the key, for look-up
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    rate_limit: Mapped[int | None] = mapped_column(
+        Integer
+    )  # requests/minute; None: the default, 0: unlimited
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEvent(Base):
+    """Who read or changed what, when, with which outcome. Written for every authenticated API call.
+
+    ``resource`` is the request path (UIDs and IDs, no query string), so patient IDs used as search
+    filters are not copied here; ``query_keys`` names the filters used without their values.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    principal: Mapped[str] = mapped_column(String(160), index=True)
+    auth_method: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(8))
+    route: Mapped[str] = mapped_column(String(128))
+    resource: Mapped[str] = mapped_column(String(512))
+    query_keys: Mapped[str | None] = mapped_column(String(256))
+    status: Mapped[int] = mapped_column(Integer)
+    request_id: Mapped[str] = mapped_column(String(64))
+    client: Mapped[str | None] = mapped_column(String(64))

@@ -48,13 +48,22 @@ def send_delivery(delivery_id: int, *, settings: Settings, store: ObjectStore) -
         d = session.get(Delivery, delivery_id)
         assert d is not None
         if error is None:
-            d.state, d.delivered_at, d.last_error, d.next_attempt_at = DeliveryState.DELIVERED, now, None, None
-            log.info("delivered", extra=ctx(delivery_id=delivery_id, sop_instance_uid=uid, destination=destination))
+            d.state, d.delivered_at, d.last_error, d.next_attempt_at = (
+                DeliveryState.DELIVERED,
+                now,
+                None,
+                None,
+            )
+            log.info(
+                "delivered", extra=ctx(delivery_id=delivery_id, sop_instance_uid=uid, destination=destination)
+            )
             return "delivered", None
         d.last_error = str(error)[:2000]
         if error.permanent or attempts >= MAX_ATTEMPTS:
             d.state, d.next_attempt_at = DeliveryState.DEAD, None
-            log.error("delivery dead", extra=ctx(delivery_id=delivery_id, destination=destination, error=str(error)))
+            log.error(
+                "delivery dead", extra=ctx(delivery_id=delivery_id, destination=destination, error=str(error))
+            )
             return "dead", None
         delay = backoff(attempts)
         d.state, d.next_attempt_at = DeliveryState.RETRYING, now + timedelta(seconds=delay)

@@ -141,8 +141,17 @@ def _fit_geometry(mask: np.ndarray, mm: float) -> Sector:
     if (abs(al) < 0.03 and abs(ar) < 0.03) or al >= ar - 0.02:
         return Sector("linear", float(np.median(left[lok])), float(np.median(right[rok])), float(top),
                       float(bottom), mm_per_pixel=mm)  # fmt: skip
-    apex_y = (br - bl) / (al - ar)
-    apex_x = al * apex_y + bl
+    if abs(al + ar) > 0.08:
+        # Unsteered convex fans are symmetric; a side that looks steeper than its twin is one
+        # where dark lung or poor contact hides the edge. Keep the wider side, mirror it about
+        # the sector's centre column.
+        a, b = (al, bl) if abs(al) > abs(ar) else (ar, br)
+        apex_x = (xs[0] + xs[-1]) / 2.0
+        apex_y = (apex_x - b) / a
+        al, ar = -abs(a), abs(a)
+    else:
+        apex_y = (br - bl) / (al - ar)
+        apex_x = al * apex_y + bl
     py, px = np.nonzero(mask)
     radii = np.hypot(px - apex_x, py - apex_y)
     r0, r1 = (float(v) for v in np.percentile(radii, [0.2, 99.8]))

@@ -45,7 +45,7 @@ class ScoreConfig:
     #: A run at least this wide (mm at the pleura) is confluent B-lines rather than one line.
     confluent_min_mm: float = 10.0
     #: Score 1 needs at least this share of pleural scan lines under B-lines.
-    score1_fraction: float = 0.05
+    score1_fraction: float = 0.0
     #: Confluent B-lines over more than this share of the pleura is "white lung" (score 3).
     score3_fraction: float = 0.5
     #: Consolidations smaller than this area (mm^2) are ignored as noise.

@@ -19,8 +19,8 @@ CodingSchemeIdentificationSequence (0008,0110) (PS3.3 C.12.1.1.2).
 from __future__ import annotations
 
 from pydicom.dataset import Dataset
-from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from workers.domain import SegmentClass
 

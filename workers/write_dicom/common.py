@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from workers.domain import ModelInfo
 
@@ -117,11 +117,13 @@ def set_series_and_equipment(
     ds.ContentTime = now.strftime("%H%M%S")
 
 
-def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str = ExplicitVRLittleEndian) -> FileMetaDataset:
+def file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str = ExplicitVRLittleEndian
+) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     return meta
 

@@ -80,8 +80,8 @@ def selected_source_frames(n_frames: int, n_segments: int, max_frames: int | Non
         return list(range(n_frames))
     if max_frames < n_segments:
         raise ValueError(f"max_frames={max_frames} cannot hold one frame of {n_segments} segments")
-    step = math.ceil(n_frames * n_segments / max_frames)
-    return list(range(0, n_frames, step))
+    per_segment = max_frames // n_segments
+    return list(range(0, n_frames, math.ceil(n_frames / per_segment)))
 
 
 def segment_description(
@@ -193,7 +193,9 @@ def build_seg(
     labels = np.asarray(analysis.labels)
     n_src = int(source.get("NumberOfFrames", 1) or 1)
     if labels.shape != (n_src, source.Rows, source.Columns):
-        raise ValueError(f"labels {labels.shape} do not match source ({n_src}, {source.Rows}, {source.Columns})")
+        raise ValueError(
+            f"labels {labels.shape} do not match source ({n_src}, {source.Rows}, {source.Columns})"
+        )
     binary = options.segmentation_type == "BINARY"
     if options.compress and binary:
         raise ValueError("compression is only offered for LABELMAP segmentations")

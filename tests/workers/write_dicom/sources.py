@@ -121,25 +121,48 @@ def make_labels(n: int, rows: int, cols: int, *, with_effusion: bool = False) ->
     return labels
 
 
-def make_analysis(source: Dataset, *, key_frame: int = 1, score: int = 2, with_effusion: bool = False) -> Analysis:
+def make_analysis(
+    source: Dataset, *, key_frame: int = 1, score: int = 2, with_effusion: bool = False
+) -> Analysis:
     n, rows, cols = int(source.NumberOfFrames), int(source.Rows), int(source.Columns)
     frame_scores = tuple(score if i == key_frame else max(0, score - 1) for i in range(n))
     frames = tuple(
         FrameFindings(
-            index=i, score=frame_scores[i], pleura_scanlines=cols // 2, b_line_scanlines=5,
-            b_line_fraction=0.07, b_line_count=1, confluent=False, pleura_irregularity=0.1,
-            pleura_breaks=0, a_lines=True, consolidation_area_mm2=12.5 if i % 2 == 0 else 0.0,
-            consolidation_depth_mm=3.0, effusion_area_mm2=0.0,
+            index=i,
+            score=frame_scores[i],
+            pleura_scanlines=cols // 2,
+            b_line_scanlines=5,
+            b_line_fraction=0.07,
+            b_line_count=1,
+            confluent=False,
+            pleura_irregularity=0.1,
+            pleura_breaks=0,
+            a_lines=True,
+            consolidation_area_mm2=12.5 if i % 2 == 0 else 0.0,
+            consolidation_depth_mm=3.0,
+            effusion_area_mm2=0.0,
         )
         for i in range(n)
     )
     findings = VideoFindings(
-        score=score, frame_scores=frame_scores, key_frame=key_frame, b_line_fraction=0.125,
-        b_line_count=3, bla_score=1.5, consolidation=True, effusion=with_effusion,
-        consolidation_area_mm2=12.5, effusion_area_mm2=30.0 if with_effusion else 0.0,
-        pleura_irregular=False, frames=frames,
+        score=score,
+        frame_scores=frame_scores,
+        key_frame=key_frame,
+        b_line_fraction=0.125,
+        b_line_count=3,
+        bla_score=1.5,
+        consolidation=True,
+        effusion=with_effusion,
+        consolidation_area_mm2=12.5,
+        effusion_area_mm2=30.0 if with_effusion else 0.0,
+        pleura_irregular=False,
+        frames=frames,
     )
     return Analysis(
-        sop_instance_uid=source.SOPInstanceUID, frames=n, findings=findings,
-        labels=make_labels(n, rows, cols, with_effusion=with_effusion), model=MODEL, timings_ms={"total": 1.0},
+        sop_instance_uid=source.SOPInstanceUID,
+        frames=n,
+        findings=findings,
+        labels=make_labels(n, rows, cols, with_effusion=with_effusion),
+        model=MODEL,
+        timings_ms={"total": 1.0},
     )

@@ -1,0 +1,5 @@
+"""``python -m service`` is ``lusai``."""
+
+from service.cli import main
+
+main()

@@ -1,0 +1,213 @@
+"""Response and request bodies. Field descriptions end up in docs/openapi.json for integrators."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.store.models import DeliveryState, InstanceState, JobState
+
+T = TypeVar("T")
+
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list; pass ``next_cursor`` back as ``cursor`` for the next page (null: last page)."""
+
+    items: list[T]
+    next_cursor: str | None = Field(description="Opaque cursor of the next page; null on the last page.")
+    limit: int
+
+
+class SeriesOut(BaseModel):
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+    body_part: str | None
+    zone: str | None = Field(description="Lung zone derived from the series description (see docs/api.md).")
+    instance_count: int
+    created_at: datetime
+
+
+class StudyOut(BaseModel):
+    study_instance_uid: str
+    patient_id: str | None
+    accession_number: str | None
+    study_date: str | None = Field(description="DICOM StudyDate as YYYY-MM-DD.")
+    study_description: str | None
+    series_count: int
+    instance_count: int
+    created_at: datetime
+
+
+class StudyDetail(StudyOut):
+    series: list[SeriesOut]
+
+
+class JobSummary(BaseModel):
+    id: int
+    state: JobState
+    model_version: str | None
+
+
+class InstanceOut(BaseModel):
+    sop_instance_uid: str
+    version: int = Field(description="1 for the first copy; a resend of the UID with other bytes adds a version.")
+    series_instance_uid: str
+    study_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    frames: int
+    rows: int | None
+    columns: int | None
+    calling_ae: str | None
+    received_at: datetime
+    size_bytes: int
+    sha256: str
+    state: InstanceState
+    ignore_reason: str | None
+    latest_job: JobSummary | None
+    score: int | None = Field(description="Video score of the latest result of this version, if any.")
+
+
+class JobOut(BaseModel):
+    id: int
+    sop_instance_uid: str
+    instance_version: int
+    state: JobState
+    attempts: int
+    error: str | None
+    model_version: str | None
+    timings_ms: dict[str, float] = Field(description="Milliseconds per stage (decode, infer, score, write...).")
+    worker: str | None
+    created_at: datetime
+    enqueued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    result_id: int | None
+
+
+class RerunRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_version: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$",
+        description="Model version to analyse with; default the worker's current model.",
+    )
+    version: int | None = Field(None, ge=1, description="Instance version to analyse; default the latest.")
+
+
+class ModelOut(BaseModel):
+    name: str
+    version: str
+    weights_sha256: str
+
+
+class ResultLinks(BaseModel):
+    seg: str | None
+    sr: str | None
+    preview_png: str
+    cine_gif: str
+    cine_webp: str
+
+
+class ResultSummary(BaseModel):
+    id: int
+    job_id: int
+    sop_instance_uid: str
+    instance_version: int
+    score: int = Field(description="Video score (0-3) by the 1% rule.")
+    key_frame: int = Field(description="0-based index of the frame that carries the score.")
+    b_line_fraction: float
+    b_line_count: int
+    consolidation: bool
+    effusion: bool
+    model: ModelOut
+    created_at: datetime
+
+
+class ResultOut(ResultSummary):
+    series_instance_uid: str
+    study_instance_uid: str
+    frame_scores: list[int] = Field(description="Score of every frame, in frame order.")
+    measurements: dict[str, Any] = Field(description="All video and per-frame measurements (mm, mm², fractions).")
+    seg_sop_instance_uid: str | None
+    sr_sop_instance_uid: str | None
+    sc_sop_instance_uid: str | None
+    links: ResultLinks
+
+
+class ZoneInstance(BaseModel):
+    sop_instance_uid: str
+    series_instance_uid: str
+    result_id: int
+    score: int
+
+
+class ZoneScore(BaseModel):
+    zone: str
+    score: int = Field(description="Maximum video score of the zone's clips.")
+    instances: list[ZoneInstance]
+
+
+class UnzonedInstance(ZoneInstance):
+    series_description: str | None
+
+
+class StudyResults(BaseModel):
+    study_instance_uid: str
+    zones: list[ZoneScore]
+    total_score: int = Field(description="Sum over zones of the zone maxima (clips without a zone excluded).")
+    zones_expected: list[str]
+    missing_zones: list[str]
+    complete: bool = Field(description="Every expected zone has a scored clip.")
+    unzoned: list[UnzonedInstance] = Field(description="Scored clips whose series description names no zone.")
+    pending: int = Field(description="Analysed-or-queued clips of the study without a result yet.")
+
+
+class DeliveryOut(BaseModel):
+    id: int
+    result_id: int | None
+    destination: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class DestinationOut(BaseModel):
+    destination: str
+    counts: dict[str, int] = Field(description="Deliveries by state.")
+    last_delivered_at: datetime | None
+
+
+class UploadOut(BaseModel):
+    outcome: Literal["queued", "ignored", "duplicate"]
+    sop_instance_uid: str
+    version: int
+    job_id: int | None
+    reason: str | None
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    principal: str
+    auth_method: str
+    action: str
+    route: str
+    resource: str
+    query_keys: str | None
+    status: int
+    request_id: str
+    client: str | None

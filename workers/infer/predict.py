@@ -1,0 +1,90 @@
+"""Grid frames ``(n, rows, cols)`` uint8 -> class maps and per-class probabilities, batched.
+
+On CPU the ONNX export runs under onnxruntime (about 30% faster than eager torch here); torch is
+the reference path and the one used on CUDA. Both give the same class maps up to float rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workers.infer.train import ONNX_NAME, WEIGHTS_NAME, load_model, sha256
+from workers.preprocess.grid import GridShape
+
+log = logging.getLogger(__name__)
+
+#: Weights shipped in the package.
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / WEIGHTS_NAME
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in {"cpu", "cuda"}:
+        raise ValueError(f"unknown device {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA requested but not available")
+    return device
+
+
+class Predictor:
+    """Loads the network once; :meth:`predict` is safe to call for every cine of a worker."""
+
+    def __init__(self, weights: Path | None = None, device: str = "auto", backend: str = "auto", batch: int = 16):
+        path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+        if path.is_dir():
+            path = path / WEIGHTS_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"model weights not found: {path}")
+        self.device = resolve_device(device)
+        self.weights_path = path
+        self.weights_sha256 = sha256(path)
+        self.batch = batch
+        self.model, self.shape = load_model(path, self.device)
+        onnx = path.with_name(ONNX_NAME)
+        use_ort = backend == "onnx" or (backend == "auto" and self.device == "cpu" and onnx.exists())
+        self._ort = _ort_session(onnx) if use_ort else None
+        self.backend = "onnxruntime" if self._ort is not None else "torch"
+        log.info("model loaded (%s, %s)", self.backend, self.device)
+
+    @property
+    def grid_shape(self) -> GridShape:
+        return self.shape
+
+    def predict(self, frames: np.ndarray, probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(labels uint8 (n, rows, cols), probabilities float16 (n, classes, rows, cols) or None)."""
+        if frames.ndim != 3 or frames.shape[1:] != (self.shape.rows, self.shape.cols):
+            raise ValueError(f"expected (n, {self.shape.rows}, {self.shape.cols}) frames, got {frames.shape}")
+        labels = np.empty(frames.shape, np.uint8)
+        probs = np.empty((frames.shape[0], 7, *frames.shape[1:]), np.float16) if probabilities else None
+        for k in range(0, frames.shape[0], self.batch):
+            x = frames[k : k + self.batch, None].astype(np.float32) * (1.0 / 255.0)
+            logits = self._logits(x)
+            labels[k : k + len(x)] = logits.argmax(1)
+            if probs is not None:
+                e = np.exp(logits - logits.max(1, keepdims=True))
+                probs[k : k + len(x)] = e / e.sum(1, keepdims=True)
+        return labels, probs
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        if self._ort is not None:
+            return np.asarray(self._ort.run(None, {"image": x})[0])
+        with torch.inference_mode():
+            t = torch.from_numpy(x).to(self.device)
+            return self.model(t).float().cpu().numpy()
+
+
+def _ort_session(path: Path) -> object | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:  # torch remains a complete fallback
+        return None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(os.environ.get("LUSAI_THREADS", torch.get_num_threads()))
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -1,0 +1,108 @@
+"""One cine in, one :class:`Analysis` out: decode -> sector -> grid -> segment -> score -> labels.
+
+A worker process builds one :class:`Analyzer` (loading the network once) and calls
+:meth:`Analyzer.analyze` per dataset. Every stage is timed into ``Analysis.timings_ms``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from workers.domain import Analysis, ModelInfo
+from workers.infer.predict import Predictor
+from workers.preprocess import Grid, InputError, decode_frames, detect_sector
+from workers.score.lus import ScoreConfig, video_findings
+
+__all__ = ["MODEL_NAME", "MODEL_VERSION", "Analyzer", "InputError"]
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "lusai-lus-attention-unet"
+MODEL_VERSION = "0.1.0"
+
+#: Ultrasound Image, Ultrasound Multi-frame Image and their retired predecessors.
+ACCEPTED_SOP_CLASSES = frozenset(
+    UID(u)
+    for u in (
+        "1.2.840.10008.5.1.4.1.1.6.1",
+        "1.2.840.10008.5.1.4.1.1.3.1",
+        "1.2.840.10008.5.1.4.1.1.6",
+        "1.2.840.10008.5.1.4.1.1.3",
+    )
+)
+
+
+class Analyzer:
+    """Loads the model once per worker process; thread-compatible, not thread-safe."""
+
+    def __init__(
+        self,
+        weights: Path | None = None,
+        device: str = "auto",
+        score_config: ScoreConfig = ScoreConfig(),
+        keep_probabilities: bool = False,
+    ):
+        self.predictor = Predictor(weights, device)
+        self.score_config = score_config
+        self.keep_probabilities = keep_probabilities
+        self.model = ModelInfo(MODEL_NAME, MODEL_VERSION, self.predictor.weights_sha256)
+
+    def analyze_file(self, path: Path | str) -> Analysis:
+        try:
+            ds = pydicom.dcmread(path)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise InputError(f"not a readable DICOM file ({type(exc).__name__})") from exc
+        return self.analyze(ds)
+
+    def analyze(self, ds: pydicom.Dataset) -> Analysis:
+        """Segment and score every frame; raises :class:`InputError` for unusable input."""
+        sop_class = ds.get("SOPClassUID")
+        if sop_class not in ACCEPTED_SOP_CLASSES:
+            raise InputError(f"SOP class {sop_class or '(none)'} is not an ultrasound image")
+        timings: dict[str, float] = {}
+        with _timed(timings, "decode"):
+            frames = decode_frames(ds)
+        with _timed(timings, "preprocess"):
+            sector = detect_sector(frames, ds)
+            grid = Grid(sector, (frames.shape[1], frames.shape[2]), self.predictor.grid_shape)
+            grid_frames = grid.to_grid(frames)
+        with _timed(timings, "infer"):
+            grid_labels, probs = self.predictor.predict(grid_frames, probabilities=self.keep_probabilities)
+        with _timed(timings, "score"):
+            findings = video_findings(grid_labels, grid.spacing(), self.score_config)
+        with _timed(timings, "labels"):
+            labels = grid.to_source(grid_labels)
+            src_probs = _probs_to_source(grid, probs) if probs is not None else None
+        timings["total"] = round(sum(timings.values()), 2)
+        log.info("analysed %d frames: score %d in %.0f ms", frames.shape[0], findings.score, timings["total"])
+        return Analysis(
+            sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+            frames=int(frames.shape[0]),
+            findings=findings,
+            labels=labels,
+            model=self.model,
+            timings_ms=timings,
+            probabilities=src_probs,
+        )
+
+
+def _probs_to_source(grid: Grid, probs: np.ndarray) -> np.ndarray:
+    n, c = probs.shape[:2]
+    flat = grid.to_source(probs.reshape(n * c, *probs.shape[2:]))
+    return flat.reshape(n, c, *flat.shape[1:])
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    t = time.perf_counter()
+    yield
+    timings[stage] = round((time.perf_counter() - t) * 1000.0, 2)

@@ -1,0 +1,97 @@
+"""Single entry point the worker calls: source + analysis -> validated SEG, SR and overlay SC."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import PYDICOM_ROOT_UID
+
+from workers.domain import Analysis
+from workers.write_dicom.common import SeriesInfo
+from workers.write_dicom.overlay import OverlayOptions, build_overlay
+from workers.write_dicom.seg import SegOptions, build_seg
+from workers.write_dicom.sr import build_sr
+from workers.write_dicom.uids import OutputKind, output_uids
+from workers.write_dicom.validate import validate_outputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What to write. ``seg``/``overlay`` None skips that object; the overlay also needs frames.
+
+    ``uid_root``: org root for the deterministic UIDs (pydicom's until the site registers one).
+    ``validate``: run dciodvfy/dcentvfy/re-read and raise on errors (missing tools raise too).
+    """
+
+    uid_root: str = PYDICOM_ROOT_UID
+    seg: SegOptions | None = field(default_factory=SegOptions)
+    sr: bool = True
+    overlay: OverlayOptions | None = field(default_factory=OverlayOptions)
+    series_numbers: dict[OutputKind, int] = field(
+        default_factory=lambda: {OutputKind.SEG: 9101, OutputKind.SR: 9102, OutputKind.SC: 9103}
+    )
+    series_descriptions: dict[OutputKind, str] = field(
+        default_factory=lambda: {
+            OutputKind.SEG: "LUSAI SEG",
+            OutputKind.SR: "LUSAI SR",
+            OutputKind.SC: "LUSAI overlay",
+        }
+    )
+    validate: bool = True
+
+
+def series_info(source: Dataset, analysis: Analysis, kind: OutputKind, options: OutputOptions) -> SeriesInfo:
+    uids = output_uids(source.SOPInstanceUID, analysis.model, kind, options.uid_root)
+    return SeriesInfo(
+        series_instance_uid=uids.series_instance_uid,
+        sop_instance_uid=uids.sop_instance_uid,
+        series_number=options.series_numbers[kind],
+        series_description=options.series_descriptions[kind],
+    )
+
+
+def build_outputs(
+    source: Dataset,
+    analysis: Analysis,
+    *,
+    frames_rgb: np.ndarray | None = None,
+    options: OutputOptions = OutputOptions(),
+    now: dt.datetime | None = None,
+) -> list[Dataset]:
+    """SEG, SR and (given decoded ``frames_rgb``) overlay SC for one analysed cine, validated.
+
+    ``source`` may be a metadata-only dataset (pixel data is never read here).
+    """
+    if analysis.sop_instance_uid != source.SOPInstanceUID:
+        raise ValueError("analysis does not belong to this source instance")
+    now = now or dt.datetime.now()
+    outputs: list[Dataset] = []
+    seg = None
+    if options.seg is not None:
+        seg = build_seg(
+            source,
+            analysis,
+            series_info(source, analysis, OutputKind.SEG, options),
+            options=options.seg,
+            uid_root=options.uid_root,
+            now=now,
+        )
+        outputs.append(seg)
+    if options.sr:
+        info = series_info(source, analysis, OutputKind.SR, options)
+        outputs.append(build_sr(source, analysis, info, seg=seg, uid_root=options.uid_root, now=now))
+    if options.overlay is not None and frames_rgb is not None:
+        info = series_info(source, analysis, OutputKind.SC, options)
+        outputs.append(build_overlay(source, analysis, frames_rgb, info, options=options.overlay, now=now))
+    if options.validate and outputs:
+        validate_outputs(source, outputs)
+    log.info(
+        "built %d DICOM output(s) with model %s %s", len(outputs), analysis.model.name, analysis.model.version
+    )
+    return outputs

@@ -1,0 +1,165 @@
+"""Validation of every output before it leaves the service.
+
+* ``dciodvfy`` (dicom3tools) checks each object against its IOD, modules and (for SR) templates;
+  any "Error" fails. Warnings are kept; those about the private ``99LUSAI`` coding scheme are
+  expected (PS3.3 8.2 allows private schemes, dciodvfy cannot know them) and reported apart.
+* ``dcentvfy`` checks that patient/study attributes agree between the source and the outputs
+  (PS3.3 A.1.2 entity consistency).
+* Each object is re-read by the library a consumer would use: highdicom
+  ``Segmentation.from_dataset`` / ``sr.srread`` and pydicom pixel decoding.
+
+Tool messages may quote attribute values; they are returned, never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+from pydicom.dataset import Dataset
+
+from workers.write_dicom.codes import PRIVATE_SCHEME
+from workers.write_dicom.common import metadata_copy
+
+log = logging.getLogger(__name__)
+
+_TIMEOUT_S = 120
+
+
+class ValidatorNotFoundError(RuntimeError):
+    """A dicom3tools binary is missing (install the ``dicom3tools`` package)."""
+
+
+class OutputValidationError(RuntimeError):
+    """An output failed validation; ``results`` says which checks and why."""
+
+    def __init__(self, results: Sequence[ValidationResult]) -> None:
+        failed = [r for r in results if not r.ok]
+        super().__init__(
+            "DICOM output validation failed: "
+            + "; ".join(f"{r.check} on {r.subject}: {len(r.errors)} error(s)" for r in failed)
+        )
+        self.results = list(results)
+
+
+@dataclass
+class ValidationResult:
+    check: str  # "dciodvfy", "dcentvfy" or "reread"
+    subject: str  # SOP class keyword or "entities"
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    private_code_warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def find_tool(name: str) -> str | None:
+    """A dicom3tools binary on PATH, else next to the running interpreter (venv ``bin``)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.is_file() else None
+
+
+def _require(name: str) -> str:
+    tool = find_tool(name)
+    if tool is None:
+        raise ValidatorNotFoundError(f"{name} not found on PATH or next to {sys.executable}")
+    return tool
+
+
+def parse_dicom3tools(output: str, check: str, subject: str) -> ValidationResult:
+    """Sort dicom3tools lines into errors (``Error``/``Abort``) and warnings."""
+    result = ValidationResult(check=check, subject=subject)
+    for line in output.splitlines():
+        line = line.strip()
+        if line.startswith(("Error", "Abort")):
+            result.errors.append(line)
+        elif line.startswith("Warning"):
+            if f"<{PRIVATE_SCHEME}>" in line:
+                result.private_code_warnings.append(line)
+            else:
+                result.warnings.append(line)
+    return result
+
+
+def _run(args: list[str]) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
+    return proc.stdout + proc.stderr
+
+
+def _subject(ds: Dataset) -> str:
+    return pydicom.uid.UID(ds.SOPClassUID).keyword or str(ds.SOPClassUID)
+
+
+def dciodvfy(path: Path, subject: str) -> ValidationResult:
+    return parse_dicom3tools(_run([_require("dciodvfy"), "-new", str(path)]), "dciodvfy", subject)
+
+
+def dcentvfy(paths: Sequence[Path]) -> ValidationResult:
+    return parse_dicom3tools(_run([_require("dcentvfy"), *map(str, paths)]), "dcentvfy", "entities")
+
+
+def reread(path: Path, subject: str) -> ValidationResult:
+    """Parse the written file as a consumer would; exceptions become errors."""
+    result = ValidationResult(check="reread", subject=subject)
+    try:
+        ds = pydicom.dcmread(path)
+        if ds.Modality == "SEG":
+            seg = hd.seg.Segmentation.from_dataset(ds)
+            if seg.number_of_segments != len(ds.SegmentSequence):
+                result.errors.append("highdicom sees a different number of segments")
+            seg.get_pixels_by_source_frame(
+                ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID,
+                source_frame_numbers=[
+                    int(
+                        ds.PerFrameFunctionalGroupsSequence[0]
+                        .DerivationImageSequence[0]
+                        .SourceImageSequence[0]
+                        .ReferencedFrameNumber
+                    )
+                ],
+            )
+        elif ds.Modality == "SR":
+            hd.sr.srread(path)
+        else:
+            _ = ds.pixel_array
+    except Exception as exc:
+        result.errors.append(f"{type(exc).__name__}: {exc}")
+    return result
+
+
+def validate_outputs(
+    source: Dataset, outputs: Sequence[Dataset], *, workdir: Path | None = None
+) -> list[ValidationResult]:
+    """Run all checks; raises :class:`OutputValidationError` when any check has errors."""
+    with tempfile.TemporaryDirectory(prefix="lusai-validate-", dir=workdir) as tmp:
+        folder = Path(tmp)
+        src_path = folder / "source.dcm"
+        metadata_copy(source).save_as(src_path, enforce_file_format=False)
+        results: list[ValidationResult] = []
+        paths = []
+        for i, ds in enumerate(outputs):
+            path = folder / f"out{i}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+            subject = _subject(ds)
+            results.append(dciodvfy(path, subject))
+            results.append(reread(path, subject))
+        results.append(dcentvfy([src_path, *paths]))
+    n_errors = sum(len(r.errors) for r in results)
+    log.info("validated %d output(s): %d error(s)", len(outputs), n_errors)
+    if n_errors:
+        raise OutputValidationError(results)
+    return results
