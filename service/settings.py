@@ -157,6 +157,17 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Seconds between recovery sweeps (spooled objects, lost or stale jobs)."
     )
 
+    overlay_sc: bool = Field(
+        False, description="Also write a burned-in overlay Secondary Capture for viewers without SEG support."
+    )
+    overlay_sc_destinations: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Destination AE titles that get the overlay SC (empty: every destination).",
+    )
+    uid_root: str = Field(
+        "1.2.826.0.1.3680043.8.498.", description="UID root for output objects (set your organisation's root)."
+    )
+
     # --- observability -----------------------------------------------------------------
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     log_level: str = Field("INFO", description="Python logging level.")
@@ -219,7 +230,7 @@ class Settings(BaseSettings):
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'lusai.sqlite'}"
         if self.broker_url is None:
-            self.broker_url = "filesystem://"
+            self.broker_url = "filesystem://localhost//"
         return self
 
     # Derived values -------------------------------------------------------------------

@@ -27,9 +27,15 @@ def _store_dataset(ds: Dataset, store: ObjectStore) -> str:
 
 
 def build_output_datasets(source: Dataset, analysis: Analysis, settings: Settings) -> list[Dataset]:
-    from workers.write_dicom import build_outputs
+    """SEG and SR always; the burned-in overlay SC when enabled (it needs the frames decoded again)."""
+    from workers.write_dicom.build import OutputOptions, build_outputs
 
-    return list(build_outputs(source, analysis, frames_rgb=None))
+    frames = None
+    if settings.overlay_sc:
+        from workers.preprocess import decode_frames
+
+        frames = decode_frames(source)
+    return build_outputs(source, analysis, frames_rgb=frames, options=OutputOptions(uid_root=settings.uid_root))
 
 
 def save_result(
@@ -74,6 +80,10 @@ def save_result(
         delivery_ids: list[int] = []
         if destination is not None:
             for ds, key in stored:
+                if _kind(ds) == "sc" and settings.overlay_sc_destinations and (
+                    destination.ae_title not in settings.overlay_sc_destinations
+                ):
+                    continue
                 uid = str(ds.SOPInstanceUID)
                 existing = session.scalar(
                     select(Delivery).where(

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pydicom
@@ -23,7 +23,7 @@ from service.queue import ANALYZE_TASK, DELIVER_TASK, enqueue_delivery
 from service.settings import get_settings
 from service.store.db import session_scope
 from service.store.files import ObjectStore
-from service.store.models import Delivery, DeliveryState, Job, JobState
+from service.store.models import Job, JobState
 from workers.celery_app import app
 from workers.results import save_result
 
@@ -129,20 +129,3 @@ def deliver(self: Task, delivery_id: int) -> str:
     if retry_in is not None:
         enqueue_delivery(delivery_id, countdown=retry_in)
     return outcome
-
-
-def pending_deliveries_due(now: datetime | None = None) -> list[int]:
-    """Deliveries whose retry time has come (used by recovery when a countdown message was lost)."""
-    from sqlalchemy import select
-
-    now = now or datetime.now(UTC)
-    with session_scope() as session:
-        return list(
-            session.scalars(
-                select(Delivery.id).where(
-                    Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRYING]),
-                    (Delivery.next_attempt_at.is_(None))
-                    | (Delivery.next_attempt_at < now - timedelta(minutes=5)),
-                )
-            )
-        )

@@ -148,7 +148,11 @@ class ApiKeyVerifier:
                 rate_limit=row.rate_limit,
             )
         if self._ttl > 0:
-            ttl = self._ttl if expires is None else min(self._ttl, (expires - datetime.now(UTC)).total_seconds())
+            ttl = (
+                self._ttl
+                if expires is None
+                else min(self._ttl, (expires - datetime.now(UTC)).total_seconds())
+            )
             with self._lock:
                 if len(self._cache) > 10_000:
                     self._cache.clear()
@@ -212,7 +216,9 @@ class OidcVerifier:
         except jwt.PyJWTError:
             return None
         raw = claims.get(self.scope_claim, "")
-        items = raw.split() if isinstance(raw, str) else [str(x) for x in raw] if isinstance(raw, list) else []
+        items = (
+            raw.split() if isinstance(raw, str) else [str(x) for x in raw] if isinstance(raw, list) else []
+        )
         scopes = expand_scopes(s[len(self.prefix) :] for s in items if s.startswith(self.prefix))
         return Principal(name=f"oidc:{claims['sub']}"[:160], method="oidc", scopes=scopes)
 

@@ -61,7 +61,9 @@ def authenticate(
         if not st.settings.api_keys_required:
             principal = _ANONYMOUS
         else:
-            raise ProblemError(401, "unauthorized", "send an API key (X-API-Key) or a bearer token", headers=challenge)
+            raise ProblemError(
+                401, "unauthorized", "send an API key (X-API-Key) or a bearer token", headers=challenge
+            )
     else:
         if token.startswith("lusai_"):
             found = st.keys.verify(token)
@@ -70,7 +72,9 @@ def authenticate(
         else:
             found = None
         if found is None:
-            raise ProblemError(401, "unauthorized", "invalid, expired or revoked credentials", headers=challenge)
+            raise ProblemError(
+                401, "unauthorized", "invalid, expired or revoked credentials", headers=challenge
+            )
         principal = found
     request.state.principal = principal
     allowed, retry_after, remaining, limit = st.limiter.take(principal.name, principal.rate_limit)

@@ -2,48 +2,187 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
 import time
+import traceback
 import uuid
-from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qsl
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.api.metrics import HTTP_LATENCY, HTTP_REQUESTS
-from service.api.routes import health
-from service.settings import get_settings
+from service.api import problems
+from service.api.auth import ApiKeyVerifier, OidcVerifier, Principal, RateLimiter
+from service.api.deps import ApiState
+from service.api.metrics import AUDIT_FAILURES, HTTP_LATENCY, HTTP_REQUESTS
+from service.api.routes import audit, deliveries, health, instances, jobs, results, studies
+from service.api.zones import ZoneRule
+from service.logs import ctx
+from service.settings import Settings, get_settings
+from service.store.db import get_sessionmaker
+from service.store.files import ObjectStore
+from service.store.models import AuditEvent
+
+log = logging.getLogger("lusai.api")
+_RID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+DESCRIPTION = """\
+Lung-ultrasound inference service: studies, jobs, results, previews, deliveries.
+
+* **Auth**: every `/api/v1` call needs an API key (`X-API-Key: lusai_...`, created with
+  `lusai apikey create`) or an OIDC bearer token. Scopes: `read` < `write` < `admin`.
+* **Errors** are RFC 9457 `application/problem+json` with the request's `request_id`.
+* **Lists** use cursor pagination: pass `next_cursor` back as `cursor`.
+* Every response carries `X-Request-ID`; rate-limited callers get 429 with `Retry-After`.
+"""
 
 
-def create_app() -> FastAPI:
-    settings = get_settings()
+class RequestContext:
+    """Request ID, metrics, rate-limit headers and the audit log, as one pure ASGI middleware.
+
+    The audit row is written when the response status is known and *before* the response leaves:
+    if it cannot be written the client gets a 503 instead of the data (fail closed).
+    """
+
+    def __init__(self, app: ASGIApp, state: ApiState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for k, v in scope.get("headers", ()):
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")
+                break
+        if not _RID_RE.match(rid):
+            rid = uuid.uuid4().hex
+        st = scope.setdefault("state", {})
+        st["request_id"] = rid
+        t0 = time.perf_counter()
+        started = False
+        suppress = False
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started, suppress, status
+            if suppress:
+                return
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                principal: Principal | None = st.get("principal")
+                if principal is not None and scope["path"].startswith("/api/"):
+                    ok = await asyncio.to_thread(self._audit, scope, principal, status, rid)
+                    if not ok:
+                        suppress = True
+                        started = True
+                        status = 503
+                        resp = problems.problem_response(
+                            Request(scope), 503, "audit-unavailable", detail="the access could not be audited"
+                        )
+                        resp.headers["X-Request-ID"] = rid
+                        await resp(scope, receive, send)
+                        return
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", rid.encode()))
+                rate = st.get("rate")
+                if rate is not None:
+                    headers.append((b"ratelimit-limit", str(rate[0]).encode()))
+                    headers.append((b"ratelimit-remaining", str(max(rate[1], 0)).encode()))
+                message = {**message, "headers": headers}
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if started:
+                raise
+            frames = traceback.extract_tb(exc.__traceback__)
+            where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
+            log.error("unhandled error", extra=ctx(request_id=rid, error=type(exc).__name__, where=where))
+            resp = problems.problem_response(
+                Request(scope), 500, "internal-error", detail="unexpected error; quote the request ID"
+            )
+            await resp(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            HTTP_REQUESTS.labels(scope["method"], path, str(status)).inc()
+            HTTP_LATENCY.labels(path).observe(time.perf_counter() - t0)
+
+    def _audit(self, scope: Scope, principal: Principal, status: int, rid: str) -> bool:
+        route = scope.get("route")
+        client = scope.get("client")
+        keys = sorted({k for k, _ in parse_qsl(scope.get("query_string", b"").decode("latin-1"), True)})
+        event = AuditEvent(
+            principal=principal.name,
+            auth_method=principal.method,
+            action=scope["method"][:8],
+            route=str(getattr(route, "path", "unmatched"))[:128],
+            resource=scope["path"][:512],
+            query_keys=",".join(keys)[:256] or None,
+            status=status,
+            request_id=rid,
+            client=(client[0] if client else None),
+        )
+        try:
+            with self.state.sessions() as session:
+                session.add(event)
+                session.commit()
+            return True
+        except Exception as exc:
+            AUDIT_FAILURES.inc()
+            log.error("audit write failed", extra=ctx(request_id=rid, error=type(exc).__name__))
+            return False
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    state = ApiState(
+        settings=settings,
+        sessions=get_sessionmaker(settings.db_url),
+        store=ObjectStore(settings.storage),
+        keys=ApiKeyVerifier(get_sessionmaker(settings.db_url), settings.api_key_cache_seconds),
+        oidc=OidcVerifier.from_settings(settings),
+        limiter=RateLimiter(settings.api_rate_limit, settings.api_rate_burst),
+    )
     app = FastAPI(
         title="lusai",
         version=__version__,
-        description="Lung-ultrasound inference service: studies, jobs, results, previews, deliveries.",
+        description=DESCRIPTION,
+        openapi_tags=[
+            {"name": "studies", "description": "Studies and series received over DICOM or upload."},
+            {"name": "instances", "description": "Received objects, upload and re-analysis."},
+            {"name": "results", "description": "Scores, measurements, SEG/SR downloads and previews."},
+            {"name": "jobs", "description": "Analysis jobs."},
+            {"name": "deliveries", "description": "Results sent back to PACS."},
+            {"name": "audit", "description": "Access log (admin)."},
+            {"name": "health", "description": "Liveness, readiness and metrics (no authentication)."},
+        ],
     )
+    app.state.lusai = state
+    app.state.zone_rule = ZoneRule.from_settings(settings)
+    problems.install(app)
+    if not settings.api_keys_required:
+        log.warning("LUSAI_API_KEYS_REQUIRED is off: anonymous callers get read access")
+    app.add_middleware(RequestContext, state=state)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID", "If-None-Match"],
+            expose_headers=["X-Request-ID", "RateLimit-Limit", "RateLimit-Remaining", "Retry-After", "ETag"],
         )
-
-    @app.middleware("http")
-    async def request_id_and_metrics(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-        request.state.request_id = rid
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).inc()
-        HTTP_LATENCY.labels(path).observe(time.perf_counter() - t0)
-        response.headers["X-Request-ID"] = rid
-        return response
-
     app.include_router(health.router)
+    for module in (studies, instances, results, jobs, deliveries, audit):
+        app.include_router(module.router)
     return app

@@ -46,3 +46,8 @@ class DatabaseCollector(Collector):
 
 
 REGISTRY.register(DatabaseCollector())
+AUDIT_FAILURES = Counter(
+    "lusai_audit_write_failures_total",
+    "Audit rows that could not be written (the request got a 503)",
+    registry=REGISTRY,
+)

@@ -12,20 +12,22 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from sqlalchemy import ColumnElement, Select, and_, or_
+from sqlalchemy import Select, and_, or_
+from sqlalchemy.sql.elements import SQLCoreOperations
 
 from service.api.problems import ProblemError
 
 MAX_LIMIT = 500
+S = TypeVar("S", bound=Select)
 
 
 @dataclass(frozen=True)
 class SortKey:
     """One sortable column: ``expr`` must be non-null (wrap nullable columns in coalesce)."""
 
-    expr: ColumnElement[Any]
+    expr: SQLCoreOperations[Any]
     kind: Literal["int", "float", "str", "datetime"]
 
 
@@ -60,18 +62,20 @@ def decode_cursor(cursor: str, sort: str, kind: str) -> tuple[Any, int]:
             raise ValueError
         return _decode_value(value, kind), row_id
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise ProblemError(400, "invalid-cursor", "cursor is malformed or belongs to another sort order") from None
+        raise ProblemError(
+            400, "invalid-cursor", "cursor is malformed or belongs to another sort order"
+        ) from None
 
 
 def paginate(
-    stmt: Select[Any],
+    stmt: S,
     *,
     sort: str,
     keys: dict[str, SortKey],
-    id_col: ColumnElement[Any],
+    id_col: SQLCoreOperations[Any],
     cursor: str | None,
     limit: int,
-) -> tuple[Select[Any], SortKey, bool]:
+) -> tuple[S, SortKey, bool]:
     """Order, seek past the cursor and fetch ``limit + 1`` rows (the extra one says 'more')."""
     desc = sort.startswith("-")
     key = keys[sort.lstrip("-")]

@@ -10,9 +10,11 @@ does its preview. No patient data is drawn on the images.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -50,14 +52,11 @@ def decode_source(path: Path) -> np.ndarray:
         ds = pydicom.dcmread(path)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise PreviewUnavailable("source object unreadable") from exc
+    decode: Callable[[Dataset], np.ndarray] = _pydicom_gray
+    with contextlib.suppress(ImportError):  # the API may be deployed without the workers package
+        from workers.preprocess.decode import decode_frames as decode
     try:
-        from workers.preprocess.decode import decode_frames
-    except ImportError:  # the API may be deployed without the workers package
-        decode_frames = None
-    try:
-        if decode_frames is not None:
-            return np.asarray(decode_frames(ds), dtype=np.uint8)
-        return _pydicom_gray(ds)
+        return np.asarray(decode(ds), dtype=np.uint8)
     except Exception as exc:
         raise PreviewUnavailable("source pixels could not be decoded") from exc
 
@@ -220,14 +219,23 @@ def render(
     images = []
     for f in chosen:
         lab = labels[f] if labels is not None else None
-        images.append(_with_legend(_scaled(overlay(frames[f], lab), max_width), caption, f"frame {f + 1}/{n}"))
+        images.append(
+            _with_legend(_scaled(overlay(frames[f], lab), max_width), caption, f"frame {f + 1}/{n}")
+        )
     duration = max(20, round(frame_ms * step))
     if kind == "gif":
         pal = [im.convert("P", palette=Image.Palette.ADAPTIVE, colors=255) for im in images]
         pal[0].save(buf, format="GIF", save_all=True, append_images=pal[1:], duration=duration, loop=0)
     else:
         images[0].save(
-            buf, format="WEBP", save_all=True, append_images=images[1:], duration=duration, loop=0, quality=75, method=3
+            buf,
+            format="WEBP",
+            save_all=True,
+            append_images=images[1:],
+            duration=duration,
+            loop=0,
+            quality=75,
+            method=3,
         )
     return buf.getvalue()
 

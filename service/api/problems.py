@@ -107,7 +107,9 @@ def _clean_errors(errors: Any) -> list[dict[str, Any]]:
     """Validation errors without the rejected input (it may be a patient ID)."""
     out = []
     for e in errors:
-        out.append({"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": e.get("type")})
+        out.append(
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": e.get("type")}
+        )
     return out
 
 
@@ -134,7 +136,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return problem_response(
-            request, 422, "validation-error", detail="the request is not valid", errors=_clean_errors(exc.errors())
+            request,
+            422,
+            "validation-error",
+            detail="the request is not valid",
+            errors=_clean_errors(exc.errors()),
         )
 
     @app.exception_handler(Exception)
@@ -144,7 +150,9 @@ def install(app: FastAPI) -> None:
         frames = traceback.extract_tb(exc.__traceback__)
         where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
         log.error("unhandled error", extra=ctx(request_id=rid, error=type(exc).__name__, where=where))
-        return problem_response(request, 500, "internal-error", detail="unexpected error; quote the request ID")
+        return problem_response(
+            request, 500, "internal-error", detail="unexpected error; quote the request ID"
+        )
 
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -157,5 +165,9 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for an operation: the common auth/validation problems plus ``statuses``."""
     out = dict(PROBLEM_RESPONSES)
     for status in statuses:
-        out[status] = {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": HTTPStatus(status).phrase}
+        out[status] = {
+            "model": Problem,
+            "content": {PROBLEM_MEDIA_TYPE: {}},
+            "description": HTTPStatus(status).phrase,
+        }
     return out

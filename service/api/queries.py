@@ -33,7 +33,9 @@ def latest_result(session: Session, instance_id: int, model_version: str | None 
 def uids_of(session: Session, instance_id: int) -> tuple[str, int, str, str]:
     """(sop uid, version, series uid, study uid) of an instance row."""
     row = session.execute(
-        select(Instance.sop_instance_uid, Instance.version, Series.series_instance_uid, Study.study_instance_uid)
+        select(
+            Instance.sop_instance_uid, Instance.version, Series.series_instance_uid, Study.study_instance_uid
+        )
         .join(Series, Instance.series_id == Series.id)
         .join(Study, Series.study_id == Study.id)
         .where(Instance.id == instance_id)
@@ -63,7 +65,9 @@ def job_out(job: Job, sop_uid: str, version: int, result_id: int | None) -> JobO
 def job_result_ids(session: Session, job_ids: list[int]) -> dict[int, int]:
     if not job_ids:
         return {}
-    return dict(session.execute(select(Result.job_id, Result.id).where(Result.job_id.in_(job_ids))).tuples().all())
+    return dict(
+        session.execute(select(Result.job_id, Result.id).where(Result.job_id.in_(job_ids))).tuples().all()
+    )
 
 
 def result_summary(r: Result, sop_uid: str, version: int) -> ResultSummary:

@@ -57,7 +57,9 @@ class JobSummary(BaseModel):
 
 class InstanceOut(BaseModel):
     sop_instance_uid: str
-    version: int = Field(description="1 for the first copy; a resend of the UID with other bytes adds a version.")
+    version: int = Field(
+        description="1 for the first copy; a resend of the UID with other bytes adds a version."
+    )
     series_instance_uid: str
     study_instance_uid: str
     sop_class_uid: str
@@ -83,7 +85,9 @@ class JobOut(BaseModel):
     attempts: int
     error: str | None
     model_version: str | None
-    timings_ms: dict[str, float] = Field(description="Milliseconds per stage (decode, infer, score, write...).")
+    timings_ms: dict[str, float] = Field(
+        description="Milliseconds per stage (decode, infer, score, write...)."
+    )
     worker: str | None
     created_at: datetime
     enqueued_at: datetime | None
@@ -136,7 +140,9 @@ class ResultOut(ResultSummary):
     series_instance_uid: str
     study_instance_uid: str
     frame_scores: list[int] = Field(description="Score of every frame, in frame order.")
-    measurements: dict[str, Any] = Field(description="All video and per-frame measurements (mm, mm², fractions).")
+    measurements: dict[str, Any] = Field(
+        description="All video and per-frame measurements (mm, mm², fractions)."
+    )
     seg_sop_instance_uid: str | None
     sr_sop_instance_uid: str | None
     sc_sop_instance_uid: str | None

@@ -158,7 +158,7 @@ def check_image(header: Header, ds: Dataset, path: Path | None = None) -> None:
         value = getattr(raw, "value", None)
         length = len(value) if value is not None else 0
     if size is not None and value_tell is not None and int(value_tell) + length > size:
-        raise RejectedObject("pixel data truncated", STATUS_DATA_SET_MISMATCH)
+        raise RejectedObject("pixel data truncated", STATUS_CANNOT_UNDERSTAND)
     expected = header.rows * header.columns * spp * header.frames * bits // 8
     if header.photometric and header.photometric.startswith("YBR") and header.photometric.endswith("422"):
         expected = expected * 2 // 3
@@ -187,7 +187,7 @@ def _fragments(path: Path, value_tell: int) -> list[tuple[int, bytes]]:
         while True:
             tag = fh.read(8)
             if len(tag) < 8:
-                raise RejectedObject("pixel data truncated", STATUS_DATA_SET_MISMATCH)
+                raise RejectedObject("pixel data truncated", STATUS_CANNOT_UNDERSTAND)
             if tag[:4] == _SEQ_DELIM:
                 return out
             if tag[:4] != _ITEM:
@@ -195,7 +195,7 @@ def _fragments(path: Path, value_tell: int) -> list[tuple[int, bytes]]:
             n = int.from_bytes(tag[4:], "little")
             start = fh.tell()
             if n == UNDEFINED_LENGTH or start + n > size:
-                raise RejectedObject("pixel data truncated", STATUS_DATA_SET_MISMATCH)
+                raise RejectedObject("pixel data truncated", STATUS_CANNOT_UNDERSTAND)
             out.append((n, fh.read(min(n, _HEAD))))
             fh.seek(start + n)
 

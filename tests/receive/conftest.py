@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +258,19 @@ def storescu(port: int, *paths: Path, ae_title: str = "STORESCU", extra: tuple[s
     """Send with DCMTK storescu; returns its combined output (status lines at -v)."""
     exe = require_external("storescu")
     proc = subprocess.run(
-        [exe, "-v", "-R", "-aet", ae_title, "-aec", "LUSAI", *extra, "127.0.0.1", str(port), *map(str, paths)],
+        [
+            exe,
+            "-v",
+            "-R",
+            "-aet",
+            ae_title,
+            "-aec",
+            "LUSAI",
+            *extra,
+            "127.0.0.1",
+            str(port),
+            *map(str, paths),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -270,3 +283,43 @@ def _fresh_engines() -> Iterator[None]:
     """Each test's SQLite file gets its own engine; dispose them so files can be removed."""
     yield
     store_db.get_engine.cache_clear()
+
+
+def send_then_drop(port: int, path: Path, fraction: float, *, ae_title: str = "TESTSCU") -> None:
+    """Send a C-STORE whose data set stops after ``fraction`` of its bytes, then cut the TCP connection.
+
+    This is what a sender crashing or a network failure mid-object looks like to the SCP.
+    """
+    from pydicom.filereader import read_file_meta_info
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    meta = read_file_meta_info(path)
+    ae = AE(ae_title=ae_title)
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LUSAI")
+    assert assoc.is_established
+    cx_id = assoc.accepted_contexts[0].context_id
+    from pynetdicom.dsutils import split_dataset
+
+    _, offset = split_dataset(path)
+    body = path.read_bytes()[offset:]
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = meta.MediaStorageSOPClassUID
+    req.AffectedSOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    req.Priority = 2
+    req.DataSet = BytesIO(body[: int(len(body) * fraction)])
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+    pdus = list(msg.encode_msg(cx_id, 16384))
+    for primitive in pdus[:-1]:  # never send the last fragment: the data set stays incomplete
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        sock.sendall(pdu.encode())
+    time.sleep(0.2)
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+    assoc.dul.kill_dul()  # type: ignore[union-attr]

@@ -37,7 +37,7 @@ def decode_frames(ds: pydicom.Dataset) -> np.ndarray:
     if "PixelData" not in ds:
         raise InputError("dataset has no pixel data")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    n = int(ds.get("NumberOfFrames", 1) or 1)
+    n = int(ds.NumberOfFrames) if ds.get("NumberOfFrames") not in (None, "") else 1
     if rows <= 0 or cols <= 0 or n <= 0:
         raise InputError(f"invalid image size {n}x{rows}x{cols}")
     meta = getattr(ds, "file_meta", None)

@@ -27,7 +27,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from workers.write_dicom.codes import PRIVATE_SCHEME
-from workers.write_dicom.common import metadata_copy
+from workers.write_dicom.common import file_meta, metadata_copy
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,9 @@ def validate_outputs(
     with tempfile.TemporaryDirectory(prefix="lusai-validate-", dir=workdir) as tmp:
         folder = Path(tmp)
         src_path = folder / "source.dcm"
-        metadata_copy(source).save_as(src_path, enforce_file_format=False)
+        src_meta = metadata_copy(source)  # no pixel data, so any transfer syntax's metadata fits
+        src_meta.file_meta = file_meta(source.SOPClassUID, source.SOPInstanceUID)
+        src_meta.save_as(src_path, enforce_file_format=True)
         results: list[ValidationResult] = []
         paths = []
         for i, ds in enumerate(outputs):

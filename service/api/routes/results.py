@@ -50,7 +50,9 @@ def list_results(
     cursor: Annotated[str | None, Query(max_length=512)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
 ) -> Page[ResultSummary]:
-    stmt = select(Result, Instance.sop_instance_uid, Instance.version).join(Instance, Result.instance_id == Instance.id)
+    stmt = select(Result, Instance.sop_instance_uid, Instance.version).join(
+        Instance, Result.instance_id == Instance.id
+    )
     if score_min is not None:
         stmt = stmt.where(Result.score >= score_min)
     if score_max is not None:
@@ -90,7 +92,9 @@ def get_result(session: Session, result_id: int) -> Result:
     return r
 
 
-@router.get("/results/{result_id}", response_model=ResultOut, summary="One result in full", responses=responses(404))
+@router.get(
+    "/results/{result_id}", response_model=ResultOut, summary="One result in full", responses=responses(404)
+)
 def get_result_detail(result_id: ResultId, session: Session = Depends(get_session)) -> ResultOut:
     return result_out(session, get_result(session, result_id))
 
@@ -110,7 +114,10 @@ def _dicom_file(request: Request, key: str | None, what: str, uid: str | None) -
 
 
 _DICOM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {DICOM: {"schema": {"type": "string", "format": "binary"}}}, "description": "DICOM Part 10 file"},
+    200: {
+        "content": {DICOM: {"schema": {"type": "string", "format": "binary"}}},
+        "description": "DICOM Part 10 file",
+    },
     **responses(404, 410),
 }
 
@@ -121,7 +128,9 @@ _DICOM_RESPONSES: dict[int | str, dict[str, Any]] = {
     summary="DICOM Segmentation of the result",
     responses=_DICOM_RESPONSES,
 )
-def download_seg(request: Request, result_id: ResultId, session: Session = Depends(get_session)) -> FileResponse:
+def download_seg(
+    request: Request, result_id: ResultId, session: Session = Depends(get_session)
+) -> FileResponse:
     r = get_result(session, result_id)
     return _dicom_file(request, r.seg_storage_key, "SEG", r.seg_sop_instance_uid)
 
@@ -132,7 +141,9 @@ def download_seg(request: Request, result_id: ResultId, session: Session = Depen
     summary="DICOM Structured Report of the result",
     responses=_DICOM_RESPONSES,
 )
-def download_sr(request: Request, result_id: ResultId, session: Session = Depends(get_session)) -> FileResponse:
+def download_sr(
+    request: Request, result_id: ResultId, session: Session = Depends(get_session)
+) -> FileResponse:
     r = get_result(session, result_id)
     return _dicom_file(request, r.sr_storage_key, "SR", r.sr_sop_instance_uid)
 
@@ -170,8 +181,12 @@ def _render(st: Any, session: Session, r: Result, kind: previews.Kind) -> bytes:
         if r.seg_storage_key:
             labels, has = previews.class_maps_from_seg(st.store.path(r.seg_storage_key), frames.shape)
     except (previews.PreviewUnavailable, ValueError, OSError) as exc:
-        raise ProblemError(409, "preview-unavailable", str(exc) or "the stored objects cannot be rendered") from exc
-    caption = previews.Caption(score=r.score, model=f"{r.model_name} {r.model_version}", has_overlay=labels is not None)
+        raise ProblemError(
+            409, "preview-unavailable", str(exc) or "the stored objects cannot be rendered"
+        ) from exc
+    caption = previews.Caption(
+        score=r.score, model=f"{r.model_name} {r.model_version}", has_overlay=labels is not None
+    )
     return previews.render(
         kind,
         frames,

@@ -13,8 +13,17 @@ from sqlalchemy.orm import Session
 from service.api.deps import api_state, get_session, read_scope
 from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate, sort_pattern
 from service.api.problems import not_found, responses
-from service.api.schemas import UID_PATTERN, Page, SeriesOut, StudyDetail, StudyOut, StudyResults
-from service.api.schemas import UnzonedInstance, ZoneInstance, ZoneScore
+from service.api.schemas import (
+    UID_PATTERN,
+    Page,
+    SeriesOut,
+    StudyDetail,
+    StudyOut,
+    StudyResults,
+    UnzonedInstance,
+    ZoneInstance,
+    ZoneScore,
+)
 from service.api.zones import ZoneRule
 from service.store.models import Instance, Job, JobState, Result, Series, Study
 
@@ -44,7 +53,9 @@ def _study_counts(session: Session, ids: list[int]) -> tuple[dict[int, int], dic
     if not ids:
         return {}, {}
     series = dict(
-        session.execute(select(Series.study_id, func.count()).where(Series.study_id.in_(ids)).group_by(Series.study_id))
+        session.execute(
+            select(Series.study_id, func.count()).where(Series.study_id.in_(ids)).group_by(Series.study_id)
+        )
         .tuples()
         .all()
     )
@@ -81,10 +92,16 @@ def list_studies(
     accession_number: Annotated[str | None, Query(max_length=64)] = None,
     date_from: Annotated[date | None, Query(description="Study date on or after (YYYY-MM-DD).")] = None,
     date_to: Annotated[date | None, Query(description="Study date on or before (YYYY-MM-DD).")] = None,
-    calling_ae: Annotated[str | None, Query(max_length=16, description="Has an instance from this AE.")] = None,
+    calling_ae: Annotated[
+        str | None, Query(max_length=16, description="Has an instance from this AE.")
+    ] = None,
     job_state: Annotated[JobState | None, Query(description="Has a job in this state.")] = None,
-    score_min: Annotated[int | None, Query(ge=0, le=3, description="Has a result scoring at least this.")] = None,
-    score_max: Annotated[int | None, Query(ge=0, le=3, description="Has a result scoring at most this.")] = None,
+    score_min: Annotated[
+        int | None, Query(ge=0, le=3, description="Has a result scoring at least this.")
+    ] = None,
+    score_max: Annotated[
+        int | None, Query(ge=0, le=3, description="Has a result scoring at most this.")
+    ] = None,
     sort: Annotated[str, Query(pattern=sort_pattern(list(_STUDY_SORTS)))] = "-created_at",
     cursor: Cursor = None,
     limit: Limit = 50,
@@ -98,8 +115,8 @@ def list_studies(
         stmt = stmt.where(Study.study_date >= date_from.strftime("%Y%m%d"))
     if date_to is not None:
         stmt = stmt.where(Study.study_date <= date_to.strftime("%Y%m%d"))
-    inst_of_study = select(Instance.id).join(Series, Instance.series_id == Series.id).where(
-        Series.study_id == Study.id
+    inst_of_study = (
+        select(Instance.id).join(Series, Instance.series_id == Series.id).where(Series.study_id == Study.id)
     )
     if calling_ae is not None:
         stmt = stmt.where(exists(inst_of_study.where(Instance.calling_ae == calling_ae)))
@@ -114,17 +131,20 @@ def list_studies(
         if score_max is not None:
             q = q.where(Result.score <= score_max)
         stmt = stmt.where(exists(q))
-    stmt, key, _ = paginate(stmt, sort=sort, keys=_STUDY_SORTS, id_col=Study.id, cursor=cursor, limit=limit)
+    stmt, _, _ = paginate(stmt, sort=sort, keys=_STUDY_SORTS, id_col=Study.id, cursor=cursor, limit=limit)
     rows = list(session.scalars(stmt))
     page = rows[:limit]
     series_n, inst_n = _study_counts(session, [s.id for s in page])
-    attr = sort.lstrip("-")
+    by_date = sort.lstrip("-") == "study_date"
+
+    def value_of(s: Study) -> Any:
+        return (s.study_date or "") if by_date else s.created_at
+
     return Page[StudyOut](
         items=[_study_out(s, series_n.get(s.id, 0), inst_n.get(s.id, 0)) for s in page],
-        next_cursor=next_cursor(rows, limit, sort, lambda s: getattr(s, attr) or ("" if attr == "study_date" else None),
-                                lambda s: s.id),
+        next_cursor=next_cursor(rows, limit, sort, value_of, lambda s: s.id),
         limit=limit,
-    )  # fmt: skip
+    )
 
 
 def _get_study(session: Session, uid: str) -> Study:
@@ -153,7 +173,9 @@ def _instance_counts(session: Session, series_ids: list[int]) -> dict[int, int]:
         return {}
     return dict(
         session.execute(
-            select(Instance.series_id, func.count()).where(Instance.series_id.in_(series_ids)).group_by(Instance.series_id)
+            select(Instance.series_id, func.count())
+            .where(Instance.series_id.in_(series_ids))
+            .group_by(Instance.series_id)
         )
         .tuples()
         .all()
@@ -161,12 +183,21 @@ def _instance_counts(session: Session, series_ids: list[int]) -> dict[int, int]:
 
 
 @router.get(
-    "/studies/{study_instance_uid}", response_model=StudyDetail, summary="Study with its series", responses=responses(404)
+    "/studies/{study_instance_uid}",
+    response_model=StudyDetail,
+    summary="Study with its series",
+    responses=responses(404),
 )
-def get_study(request: Request, study_instance_uid: Uid, session: Session = Depends(get_session)) -> StudyDetail:
+def get_study(
+    request: Request, study_instance_uid: Uid, session: Session = Depends(get_session)
+) -> StudyDetail:
     study = _get_study(session, study_instance_uid)
     rule: ZoneRule = request.app.state.zone_rule
-    series = list(session.scalars(select(Series).where(Series.study_id == study.id).order_by(Series.series_number, Series.id)))
+    series = list(
+        session.scalars(
+            select(Series).where(Series.study_id == study.id).order_by(Series.series_number, Series.id)
+        )
+    )
     counts = _instance_counts(session, [s.id for s in series])
     base = _study_out(study, len(series), sum(counts.values()))
     return StudyDetail(
@@ -186,7 +217,9 @@ def get_study(request: Request, study_instance_uid: Uid, session: Session = Depe
     ),
     responses=responses(404),
 )
-def study_results(request: Request, study_instance_uid: Uid, session: Session = Depends(get_session)) -> StudyResults:
+def study_results(
+    request: Request, study_instance_uid: Uid, session: Session = Depends(get_session)
+) -> StudyResults:
     study = _get_study(session, study_instance_uid)
     rule: ZoneRule = request.app.state.zone_rule
     expected = [z.upper() for z in api_state(request).settings.zones_expected]
@@ -203,8 +236,10 @@ def study_results(request: Request, study_instance_uid: Uid, session: Session = 
     inst_ids = [v[0].id for v in latest.values()]
     results: dict[int, Result] = {}
     if inst_ids:
-        for r in session.scalars(select(Result).where(Result.instance_id.in_(inst_ids)).order_by(Result.id)):
-            results[r.instance_id] = r  # ascending id: the last one wins
+        for res in session.scalars(
+            select(Result).where(Result.instance_id.in_(inst_ids)).order_by(Result.id)
+        ):
+            results[res.instance_id] = res  # ascending id: the last one wins
     zones: dict[str, list[ZoneInstance]] = defaultdict(list)
     unzoned: list[UnzonedInstance] = []
     pending = 0
@@ -222,7 +257,8 @@ def study_results(request: Request, study_instance_uid: Uid, session: Session = 
         else:
             zones[zone].append(ZoneInstance(**item))
     zone_scores = [
-        ZoneScore(zone=z, score=max(i.score for i in items), instances=items) for z, items in sorted(zones.items())
+        ZoneScore(zone=z, score=max(i.score for i in items), instances=items)
+        for z, items in sorted(zones.items())
     ]
     missing = [z for z in expected if z not in zones]
     return StudyResults(
@@ -243,7 +279,9 @@ def list_series(
     session: Session = Depends(get_session),
     study_instance_uid: Annotated[str | None, Query(pattern=UID_PATTERN, max_length=64)] = None,
     modality: Annotated[str | None, Query(max_length=16)] = None,
-    zone: Annotated[str | None, Query(max_length=16, description="Only series of this lung zone (e.g. R1).")] = None,
+    zone: Annotated[
+        str | None, Query(max_length=16, description="Only series of this lung zone (e.g. R1).")
+    ] = None,
     sort: Annotated[str, Query(pattern=sort_pattern(list(_SERIES_SORTS)))] = "-created_at",
     cursor: Cursor = None,
     limit: Limit = 50,
@@ -265,7 +303,11 @@ def list_series(
     return Page[SeriesOut](
         items=items,
         next_cursor=next_cursor(
-            rows, limit, sort, lambda r: getattr(r[0], attr) if getattr(r[0], attr) is not None else -1, lambda r: r[0].id
+            rows,
+            limit,
+            sort,
+            lambda r: getattr(r[0], attr) if getattr(r[0], attr) is not None else -1,
+            lambda r: r[0].id,
         ),
         limit=limit,
     )
@@ -274,7 +316,9 @@ def list_series(
 @router.get(
     "/series/{series_instance_uid}", response_model=SeriesOut, summary="One series", responses=responses(404)
 )
-def get_series(request: Request, series_instance_uid: Uid, session: Session = Depends(get_session)) -> SeriesOut:
+def get_series(
+    request: Request, series_instance_uid: Uid, session: Session = Depends(get_session)
+) -> SeriesOut:
     row = session.execute(
         select(Series, Study.study_instance_uid)
         .join(Study, Series.study_id == Study.id)
@@ -283,4 +327,6 @@ def get_series(request: Request, series_instance_uid: Uid, session: Session = De
     if row is None:
         raise not_found("series")
     s, study_uid = row
-    return _series_out(s, study_uid, _instance_counts(session, [s.id]).get(s.id, 0), request.app.state.zone_rule)
+    return _series_out(
+        s, study_uid, _instance_counts(session, [s.id]).get(s.id, 0), request.app.state.zone_rule
+    )

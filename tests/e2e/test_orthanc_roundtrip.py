@@ -1,0 +1,152 @@
+"""End to end with a real PACS: Orthanc (Debian package) auto-routes US to lusai, results come back.
+
+storescu → Orthanc → Lua rule (deploy/orthanc/route-to-lusai.lua) → lusai SCP → worker →
+SEG + SR C-STOREd back → same study in Orthanc, read back through Orthanc's REST API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+import pytest
+
+from tests.conftest import REPO, free_port, which
+from tests.factories import phantom_cine_file
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    exe = which("Orthanc")
+    http_port, dicom_port, lusai_port = free_port(), free_port(), free_port()
+    db = tmp_path / "orthanc-db"
+    config = {
+        "Name": "lusai-test-pacs",
+        "StorageDirectory": str(db),
+        "IndexDirectory": str(db),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "DicomModalities": {"lusai": ["LUSAI", "127.0.0.1", lusai_port]},
+        "LuaScripts": [str(REPO / "deploy" / "orthanc" / "route-to-lusai.lua")],
+        "Plugins": [],
+    }
+    cfg = tmp_path / "orthanc.json"
+    cfg.write_text(json.dumps(config))
+    log = open(tmp_path / "orthanc.log", "wb")  # noqa: SIM115  (the child keeps writing to it)
+    proc = subprocess.Popen([exe, str(cfg)], stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{http_port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/system", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("Orthanc did not start: " + (tmp_path / "orthanc.log").read_text()[-2000:])
+    yield {"base": base, "dicom_port": dicom_port, "lusai_port": lusai_port, "log": tmp_path / "orthanc.log"}
+    proc.terminate()
+    proc.wait(timeout=20)
+    log.close()
+
+
+@pytest.fixture
+def lusai(tmp_path: Path, orthanc: dict[str, Any]) -> Iterator[Path]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUSAI_")}
+    env |= {
+        "LUSAI_DATA_DIR": str(tmp_path / "lusai"),
+        "LUSAI_DICOM_PORT": str(orthanc["lusai_port"]),
+        "LUSAI_API_PORT": str(free_port()),
+        "LUSAI_ALLOWED_CALLING_AES": "ORTHANC",
+        "LUSAI_DEFAULT_DESTINATION": f"ORTHANC@127.0.0.1:{orthanc['dicom_port']}",
+    }
+    log_path = tmp_path / "lusai.log"
+    log = open(log_path, "wb")  # noqa: SIM115  (the child keeps writing to it)
+    proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=log, stderr=log)
+    yield log_path
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def _series_by_modality(base: str, study_uid: str) -> dict[str, list[str]]:
+    found = httpx.post(f"{base}/tools/find", json={"Level": "Study", "Query": {"StudyInstanceUID": study_uid}})
+    out: dict[str, list[str]] = {}
+    for study_id in found.json():
+        for series in httpx.get(f"{base}/studies/{study_id}/series").json():
+            out.setdefault(series["MainDicomTags"].get("Modality", ""), []).extend(series["Instances"])
+    return out
+
+
+def test_cine_pushed_to_orthanc_comes_back_with_seg_and_sr(
+    orthanc: dict[str, Any], lusai: Path, tmp_path: Path
+) -> None:
+    frames = int(os.environ.get("LUSAI_E2E_FRAMES", "24"))
+    cine = phantom_cine_file(tmp_path / "cine.dcm", frames=frames, jpeg=True)
+    src = pydicom.dcmread(cine, stop_before_pixels=True)
+    time.sleep(2)  # lusai's SCP binds while Orthanc starts; the Lua rule's C-STORE needs it up
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [which("storescu"), "-aec", "ORTHANC", "-aet", "SCANNER", "127.0.0.1", str(orthanc["dicom_port"]), str(cine)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    base = orthanc["base"]
+    series: dict[str, list[str]] = {}
+    while time.monotonic() - t0 < 300:
+        series = _series_by_modality(base, src.StudyInstanceUID)
+        if series.get("SEG") and series.get("SR"):
+            break
+        time.sleep(0.5)
+    elapsed = time.monotonic() - t0
+    logs = lusai.read_text()[-4000:] + Path(orthanc["log"]).read_text()[-2000:]
+    assert series.get("SEG") and series.get("SR"), f"{series}\n{logs}"
+    print(f"\nE2E {frames}-frame cine: C-STORE into Orthanc -> SEG+SR back in Orthanc in {elapsed:.1f} s")
+    (tmp_path / "e2e.json").write_text(json.dumps({"frames": frames, "seconds": elapsed}))
+
+    assert len(series["US"]) == 1 and len(series["SEG"]) == 1 and len(series["SR"]) == 1  # no duplicates
+    seg = pydicom.dcmread(_download(base, series["SEG"][0]))
+    sr = pydicom.dcmread(_download(base, series["SR"][0]))
+    for obj in (seg, sr):
+        assert obj.StudyInstanceUID == src.StudyInstanceUID
+        assert obj.SeriesInstanceUID != src.SeriesInstanceUID
+        assert obj.PatientID == src.PatientID
+    import highdicom as hd
+
+    segmentation = hd.seg.Segmentation.from_dataset(seg)
+    assert int(seg.NumberOfFrames) >= 1
+    labels = {d.segment_label for d in segmentation.SegmentSequence} if hasattr(segmentation, "SegmentSequence") else set()
+    assert labels  # coded segments
+    ref_uids = {
+        r.ReferencedSOPInstanceUID
+        for s in seg.ReferencedSeriesSequence
+        for r in s.ReferencedInstanceSequence
+    }
+    assert src.SOPInstanceUID in ref_uids
+    report = hd.sr.srread(_download(base, series["SR"][0]))
+    assert report.SOPClassUID == sr.SOPClassUID
+
+
+def _download(base: str, instance_id: str) -> Any:
+    import io
+
+    return io.BytesIO(httpx.get(f"{base}/instances/{instance_id}/file").content)

@@ -1,0 +1,135 @@
+"""Delivery outbox against a real DCMTK storescp: success, dead peer, backoff, dead-letter, isolation."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from service.settings import Settings, get_settings
+from service.store.db import session_scope
+from service.store.files import ObjectStore
+from service.store.migrate import upgrade
+from service.store.models import Delivery, DeliveryState
+from tests.conftest import free_port, which
+from tests.factories import noise_cine_file
+from workers.deliver import outbox
+from workers.deliver.outbox import send_delivery
+
+pytestmark = pytest.mark.network
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    port = free_port()
+    out = tmp_path / "received"
+    out.mkdir()
+    proc = subprocess.Popen([which("storescp"), "-aet", "PACS", "+xa", "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(0.5)
+    yield port, out
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def env(data_dir: Path) -> tuple[Settings, ObjectStore]:
+    s = get_settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(s.db_url)
+    return s, ObjectStore(s.storage)
+
+
+def _delivery(settings: Settings, store: ObjectStore, tmp: Path, destination: str, seed: int = 0) -> tuple[int, str]:
+    f = noise_cine_file(tmp / f"obj{seed}.dcm", seed=seed, jpeg=bool(seed % 2))
+    key, _, _ = store.put_file(f)
+    ds = pydicom.dcmread(f, stop_before_pixels=True)
+    with session_scope(settings.db_url) as s:
+        d = Delivery(destination=destination, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
+                     storage_key=key, state=DeliveryState.PENDING)  # fmt: skip
+        s.add(d)
+        s.flush()
+        return d.id, str(ds.SOPInstanceUID)
+
+
+def _row(settings: Settings, delivery_id: int) -> Delivery:
+    with session_scope(settings.db_url) as s:
+        d = s.get(Delivery, delivery_id)
+        assert d is not None
+        s.expunge(d)
+        return d
+
+
+def test_delivered_byte_for_byte_in_its_own_transfer_syntax(env, storescp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, store = env
+    port, received = storescp
+    for seed in (0, 1):  # raw Explicit VR LE, then JPEG Baseline: each keeps its transfer syntax
+        did, uid = _delivery(settings, store, tmp_path, f"PACS@127.0.0.1:{port}", seed=seed)
+        assert send_delivery(did, settings=settings, store=store) == ("delivered", None)
+        d = _row(settings, did)
+        assert d.state == DeliveryState.DELIVERED and d.attempts == 1 and d.delivered_at is not None
+        got = [pydicom.dcmread(p) for p in received.iterdir()]
+        match = [g for g in got if g.SOPInstanceUID == uid]
+        assert len(match) == 1
+        sent = pydicom.dcmread(store.path(d.storage_key))
+        assert match[0].file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+        assert match[0].PixelData == sent.PixelData
+    # a delivered row is not sent again
+    assert send_delivery(did, settings=settings, store=store) == ("skipped", None)
+
+
+def test_dead_peer_backs_off_then_dead_letters_without_blocking_others(env, storescp, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    settings, store = env
+    port, received = storescp
+    monkeypatch.setattr(outbox, "MAX_ATTEMPTS", 3)
+    dead_id, _ = _delivery(settings, store, tmp_path, f"NOBODY@127.0.0.1:{free_port()}", seed=2)
+    live_id, live_uid = _delivery(settings, store, tmp_path, f"PACS@127.0.0.1:{port}", seed=3)
+
+    outcome, delay = send_delivery(dead_id, settings=settings, store=store)
+    assert outcome == "retrying" and delay == outbox.BASE_DELAY_S
+    d = _row(settings, dead_id)
+    assert d.state == DeliveryState.RETRYING and d.attempts == 1 and "not established" in (d.last_error or "")
+    assert d.next_attempt_at is not None and d.next_attempt_at.replace(tzinfo=UTC) > datetime.now(UTC)
+
+    # the live destination is untouched by the dead one
+    assert send_delivery(live_id, settings=settings, store=store)[0] == "delivered"
+    assert any(pydicom.dcmread(p).SOPInstanceUID == live_uid for p in received.iterdir())
+
+    outcome, delay2 = send_delivery(dead_id, settings=settings, store=store)
+    assert outcome == "retrying" and delay2 == 2 * outbox.BASE_DELAY_S  # exponential
+    assert send_delivery(dead_id, settings=settings, store=store) == ("dead", None)
+    d = _row(settings, dead_id)
+    assert d.state == DeliveryState.DEAD and d.attempts == 3
+    assert send_delivery(dead_id, settings=settings, store=store) == ("skipped", None)
+
+
+def test_resend_command_revives_dead_deliveries(env, storescp, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    settings, store = env
+    port, _ = storescp
+    did, _ = _delivery(settings, store, tmp_path, f"PACS@127.0.0.1:{port}", seed=4)
+    with session_scope(settings.db_url) as s:
+        d = s.get(Delivery, did)
+        assert d is not None
+        d.state, d.attempts, d.last_error = DeliveryState.DEAD, 8, "peer was down"
+    result = CliRunner().invoke(app, ["deliveries", "resend"])
+    assert result.exit_code == 0, result.output
+    assert "re-queued 1" in result.output
+    d = _row(settings, did)
+    assert d.state == DeliveryState.PENDING and d.attempts == 0 and d.last_error is None
+    # the message really is on the embedded queue, and the row now delivers
+    assert list((settings.broker_dir / "queue").iterdir())
+    assert send_delivery(did, settings=settings, store=store)[0] == "delivered"
+
+
+def test_backoff_is_capped() -> None:
+    assert outbox.backoff(1) == outbox.BASE_DELAY_S
+    assert outbox.backoff(50) == outbox.MAX_DELAY_S

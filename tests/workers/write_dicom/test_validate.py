@@ -1,0 +1,86 @@
+"""dciodvfy / dcentvfy / re-read validation of every output type (skips without dicom3tools)."""
+
+from __future__ import annotations
+
+import pydicom
+import pytest
+
+from tests.workers.write_dicom.conftest import outputs_for
+from tests.workers.write_dicom.sources import frames_rgb, make_analysis, make_source
+from workers.domain import Analysis
+from workers.write_dicom import OutputOptions, OutputValidationError, OverlayOptions, SegOptions, build_outputs
+from workers.write_dicom.validate import parse_dicom3tools, validate_outputs
+
+DCIODVFY_SAMPLE = """Segmentation
+Error - Missing attribute Type 1 Required Element=<SegmentLabel> Module=<SegmentationImage>
+Warning - </SegmentSequence(0062,0002)[2]/X(0008,0102)[1]> - Unrecognized defined term = <99LUSAI>
+Warning - Attribute is not present in standard DICOM IOD - (0x0020,0x0060) CS Laterality
+Abort - File open for read failed
+"""
+
+
+def test_parse_dicom3tools_sorts_lines() -> None:
+    result = parse_dicom3tools(DCIODVFY_SAMPLE, "dciodvfy", "SEG")
+    assert len(result.errors) == 2 and not result.ok
+    assert len(result.private_code_warnings) == 1 and len(result.warnings) == 1
+    assert parse_dicom3tools("Segmentation\n", "dciodvfy", "SEG").ok
+
+
+@pytest.mark.usefixtures("dicom3tools")
+def test_every_output_type_validates(case: tuple[pydicom.Dataset, Analysis]) -> None:
+    source, analysis = case
+    outputs = list(outputs_for(source, analysis).values())
+    results = validate_outputs(source, outputs)
+    checked = {(r.check, r.subject) for r in results}
+    for subject in (
+        "SegmentationStorage",
+        "Comprehensive3DSRStorage",
+        "MultiFrameTrueColorSecondaryCaptureImageStorage",
+    ):
+        assert ("dciodvfy", subject) in checked and ("reread", subject) in checked
+    assert ("dcentvfy", "entities") in checked
+    assert all(r.ok for r in results)
+    assert any(r.private_code_warnings for r in results)  # 99LUSAI is used and only warned about
+
+
+@pytest.mark.usefixtures("dicom3tools")
+def test_options_validate() -> None:
+    source = make_source(350, 350, 3, jpeg=True)
+    analysis = make_analysis(source, with_effusion=True)
+    options = OutputOptions(
+        seg=SegOptions(segmentation_type="LABELMAP", compress=True), overlay=OverlayOptions(jpeg_quality=85)
+    )
+    outputs = build_outputs(source, analysis, frames_rgb=frames_rgb(3, 350, 350), options=options)
+    assert [ds.Modality for ds in outputs] == ["SEG", "SR", "OT"]
+
+
+@pytest.mark.usefixtures("dicom3tools")
+def test_build_outputs_validates_by_default() -> None:
+    source = make_source(350, 350, 2, jpeg=False)
+    analysis = make_analysis(source)
+    outputs = build_outputs(source, analysis)  # no frames: no overlay
+    assert [ds.Modality for ds in outputs] == ["SEG", "SR"]
+
+
+@pytest.mark.usefixtures("dicom3tools")
+def test_broken_iod_fails_dciodvfy() -> None:
+    source = make_source(64, 64, 2, jpeg=False)
+    out = outputs_for(source, make_analysis(source))
+    del out["SEG"].SegmentSequence[0].SegmentLabel
+    with pytest.raises(OutputValidationError) as info:
+        validate_outputs(source, [out["SEG"]])
+    failed = {r.check: r for r in info.value.results if not r.ok}
+    assert set(failed) == {"dciodvfy", "reread"}  # highdicom refuses it too
+    assert failed["dciodvfy"].subject == "SegmentationStorage"
+    assert any("SegmentLabel" in e for e in failed["dciodvfy"].errors)
+
+
+@pytest.mark.usefixtures("dicom3tools")
+def test_inconsistent_patient_fails_dcentvfy() -> None:
+    source = make_source(64, 64, 2, jpeg=False)
+    out = outputs_for(source, make_analysis(source))
+    out["SR"].PatientBirthDate = "19800101"
+    with pytest.raises(OutputValidationError) as info:
+        validate_outputs(source, [out["SEG"], out["SR"]])
+    failed = [r for r in info.value.results if not r.ok]
+    assert [r.check for r in failed] == ["dcentvfy"]
