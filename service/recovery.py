@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import or_, select
@@ -42,7 +43,7 @@ def drain_spool(settings: Settings, store: ObjectStore) -> int:
                 ignore_reason=ignore,
                 settings=settings,
             )
-        except RejectedObject:
+        except (RejectedObject, ValueError):  # a bad record or object: nothing to index, drop the record
             log.warning("spooled object unreadable; left in storage", extra=ctx(key=key))
         except Exception:
             log.warning("spool not drained yet", extra=ctx(key=key))
@@ -88,10 +89,32 @@ def requeue_stale_jobs(settings: Settings) -> int:
     return len(ids)
 
 
+def remove_stale_temp_files(settings: Settings, store: ObjectStore, now: float | None = None) -> int:
+    """Delete temporary files no receive can still be writing (a killed SCP process leaves them).
+
+    A live receive writes at least every network timeout; twice that, and an hour at least, of
+    silence means the writer is gone. Finished objects are never here: they were renamed away.
+    """
+    limit = max(3600.0, 2 * settings.network_timeout, 2 * settings.dimse_timeout)
+    now = time.time() if now is None else now
+    removed = 0
+    for path in store.tmp_dir.iterdir():
+        try:
+            if path.is_file() and now - path.stat().st_mtime > limit:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    if removed:
+        log.info("removed abandoned temporary files", extra=ctx(count=removed))
+    return removed
+
+
 def sweep(settings: Settings, store: ObjectStore) -> None:
     try:
         drain_spool(settings, store)
         requeue_stale_jobs(settings)
+        remove_stale_temp_files(settings, store)
     except Exception as exc:
         log.warning("recovery sweep failed; will retry", extra=ctx(error=type(exc).__name__))
 

@@ -97,10 +97,12 @@ def phantom_cine_file(
     path: Path, *, frames: int = 12, jpeg: bool = False, seed: int = 0, **kw: object
 ) -> Path:
     """Write a cine rendered by the project's own phantom generator, so analysis has lung to find."""
-    from workers.phantom import render_cine_for_tests
+    import numpy as np
 
-    video = render_cine_for_tests(frames=frames, seed=seed)
-    ds = us_cine(video, jpeg=jpeg, **kw)  # type: ignore[arg-type]
+    from workers.phantom import make_cine
+
+    cine = make_cine(np.random.default_rng(seed), n_frames=frames, src=(300, 320), kind="convex")
+    ds = us_cine(cine.frames, jpeg=jpeg, **kw)  # type: ignore[arg-type]
     ds.save_as(path, enforce_file_format=True)
     return path
 

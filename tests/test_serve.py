@@ -88,7 +88,7 @@ def test_serve_analyses_a_cine_end_to_end(served: dict[str, object], tmp_path: P
     _wait_ready(served, 20.0)
     cine = phantom_cine_file(tmp_path / "cine.dcm", frames=10, jpeg=True)
     out = subprocess.run(
-        [storescu, "-aec", "LUSAI", "-aet", "SCANNER", "127.0.0.1", str(served["dicom_port"]), str(cine)],
+        [storescu, "-R", "-xy", "-aec", "LUSAI", "-aet", "SCANNER", "127.0.0.1", str(served["dicom_port"]), str(cine)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from workers.infer.predict import Predictor
 from workers.preprocess import Grid, InputError, decode_frames, detect_sector
 from workers.score.lus import ScoreConfig, video_findings
 
-__all__ = ["MODEL_NAME", "MODEL_VERSION", "Analyzer", "InputError"]
+__all__ = ["MODEL_NAME", "MODEL_VERSION", "Analyzer", "InputError", "Segmentation"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,27 @@ class Analyzer:
 
     def analyze(self, ds: pydicom.Dataset) -> Analysis:
         """Segment and score every frame; raises :class:`InputError` for unusable input."""
+        seg = self.segment(ds)
+        timings = seg.timings_ms
+        with _timed(timings, "score"):
+            findings = video_findings(seg.grid_labels, seg.grid.spacing(), self.score_config)
+        with _timed(timings, "labels"):
+            labels = seg.grid.to_source(seg.grid_labels)
+            probs = _probs_to_source(seg.grid, seg.probabilities) if seg.probabilities is not None else None
+        timings["total"] = round(sum(timings.values()), 2)
+        log.info("analysed %d frames: score %d in %.0f ms", labels.shape[0], findings.score, timings["total"])
+        return Analysis(
+            sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+            frames=int(labels.shape[0]),
+            findings=findings,
+            labels=labels,
+            model=self.model,
+            timings_ms=timings,
+            probabilities=probs,
+        )
+
+    def segment(self, ds: pydicom.Dataset) -> Segmentation:
+        """Class maps in the working grid, before scoring (used by threshold calibration)."""
         sop_class = ds.get("SOPClassUID")
         if sop_class not in ACCEPTED_SOP_CLASSES:
             raise InputError(f"SOP class {sop_class or '(none)'} is not an ultrasound image")
@@ -77,22 +99,16 @@ class Analyzer:
             grid_frames = grid.to_grid(frames)
         with _timed(timings, "infer"):
             grid_labels, probs = self.predictor.predict(grid_frames, probabilities=self.keep_probabilities)
-        with _timed(timings, "score"):
-            findings = video_findings(grid_labels, grid.spacing(), self.score_config)
-        with _timed(timings, "labels"):
-            labels = grid.to_source(grid_labels)
-            src_probs = _probs_to_source(grid, probs) if probs is not None else None
-        timings["total"] = round(sum(timings.values()), 2)
-        log.info("analysed %d frames: score %d in %.0f ms", frames.shape[0], findings.score, timings["total"])
-        return Analysis(
-            sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-            frames=int(frames.shape[0]),
-            findings=findings,
-            labels=labels,
-            model=self.model,
-            timings_ms=timings,
-            probabilities=src_probs,
-        )
+        return Segmentation(grid, grid_frames, grid_labels, probs, timings)
+
+
+@dataclass
+class Segmentation:
+    grid: Grid
+    grid_frames: np.ndarray  # (n, rows, cols) uint8 network input
+    grid_labels: np.ndarray  # (n, rows, cols) uint8 class maps
+    probabilities: np.ndarray | None  # (n, classes, rows, cols) float16 in the grid
+    timings_ms: dict[str, float]
 
 
 def _probs_to_source(grid: Grid, probs: np.ndarray) -> np.ndarray:

@@ -121,16 +121,23 @@ class ApiKeyVerifier:
         self._cache: dict[str, tuple[Principal, float]] = {}
         self._lock = threading.Lock()
 
+    def cached(self, token: str) -> Principal | None:
+        """The principal of a recently verified token, without I/O; None: call :meth:`verify`."""
+        with self._lock:
+            hit = self._cache.get(hashlib.sha256(token.encode()).hexdigest())
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        return None
+
     def verify(self, token: str) -> Principal | None:
         parts = split_token(token)
         if parts is None:
             return None
+        hit = self.cached(token)
+        if hit is not None:
+            return hit
         cache_key = hashlib.sha256(token.encode()).hexdigest()
         now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(cache_key)
-        if hit is not None and hit[1] > now:
-            return hit[0]
         key_id, secret = parts
         with self._sessions() as session:
             row = session.scalar(select(ApiKey).where(ApiKey.key_id == key_id))

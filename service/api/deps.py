@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.api.audit import AuditWriter
 from service.api.auth import ApiKeyVerifier, OidcVerifier, Principal, RateLimiter, expand_scopes
 from service.api.problems import ProblemError
 from service.settings import Settings
@@ -26,6 +29,7 @@ class ApiState:
 
     settings: Settings
     sessions: sessionmaker[Session]
+    audit: AuditWriter
     store: ObjectStore
     keys: ApiKeyVerifier
     oidc: OidcVerifier | None
@@ -37,7 +41,13 @@ def api_state(request: Request) -> ApiState:
     return state
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session for one handler; routes depend on it with scope="function", so its connection goes
+    back to the pool before the response (and the audit row written before it) is sent.
+
+    Async so that FastAPI does not spend a threadpool hop on it: creating a session does no I/O,
+    and closing one only returns its connection (the handler's thread already ended the transaction).
+    """
     session = api_state(request).sessions()
     try:
         yield session
@@ -45,10 +55,13 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
+#: The handler's session (connection released before the response is sent).
+DbSession = Annotated[Session, Depends(get_session, scope="function")]
+
 _ANONYMOUS = Principal(name="anonymous", method="anonymous", scopes=expand_scopes(["read"]))
 
 
-def authenticate(
+async def authenticate(
     request: Request,
     api_key: str | None = Security(api_key_header),
     credentials: HTTPAuthorizationCredentials | None = Security(bearer),
@@ -66,7 +79,9 @@ def authenticate(
             )
     else:
         if token.startswith("lusai_"):
-            found = st.keys.verify(token)
+            found = st.keys.cached(token)
+            if found is None:  # a database look-up: off the event loop
+                found = await asyncio.to_thread(st.keys.verify, token)
         elif st.oidc is not None and api_key is None:
             found = st.oidc.verify(token)
         else:
@@ -90,10 +105,10 @@ def authenticate(
     return principal
 
 
-def require(scope: str) -> Callable[..., Principal]:
+def require(scope: str) -> Callable[..., Awaitable[Principal]]:
     """Dependency factory: the caller must hold ``scope`` (admin > write > read)."""
 
-    def _dep(principal: Principal = Depends(authenticate)) -> Principal:
+    async def _dep(principal: Principal = Depends(authenticate)) -> Principal:
         if not principal.has(scope):
             raise ProblemError(403, "forbidden", f"this operation needs the '{scope}' scope")
         return principal
@@ -105,3 +120,10 @@ def require(scope: str) -> Callable[..., Principal]:
 read_scope = require("read")
 write_scope = require("write")
 admin_scope = require("admin")
+
+
+async def single_query_values(request: Request) -> None:
+    """No operation takes a list in the query: a repeated parameter is ambiguous, so it is a 400."""
+    keys = [k for k, _ in request.query_params.multi_items()]
+    if len(keys) != len(set(keys)):
+        raise ProblemError(400, "bad-request", "a query parameter is repeated")

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
 import traceback
 import uuid
-from urllib.parse import parse_qsl
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from sqlalchemy import insert, text
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.api import problems
 from service.api.auth import ApiKeyVerifier, OidcVerifier, Principal, RateLimiter
-from service.api.deps import ApiState
-from service.api.metrics import AUDIT_FAILURES, HTTP_LATENCY, HTTP_REQUESTS
+from service.api.deps import ApiState, single_query_values
+from service.api.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from service.api.routes import audit, deliveries, health, instances, jobs, results, studies
 from service.api.zones import ZoneRule
 from service.logs import ctx
@@ -29,6 +28,9 @@ from service.store.files import ObjectStore
 from service.store.models import AuditEvent
 
 log = logging.getLogger("lusai.api")
+#: PostgreSQL: commit without waiting for the WAL flush (LUSAI_AUDIT_DURABLE_COMMIT=1 waits).
+_ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
+_AUDIT_INSERT = insert(AuditEvent)
 _RID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 DESCRIPTION = """\
@@ -79,7 +81,7 @@ class RequestContext:
                 status = message["status"]
                 principal: Principal | None = st.get("principal")
                 if principal is not None and scope["path"].startswith("/api/"):
-                    ok = await asyncio.to_thread(self._audit, scope, principal, status, rid)
+                    ok = await self.state.audit.write(event_row(scope, principal, status, rid))
                     if not ok:
                         suppress = True
                         started = True
@@ -118,37 +120,13 @@ class RequestContext:
             HTTP_REQUESTS.labels(scope["method"], path, str(status)).inc()
             HTTP_LATENCY.labels(path).observe(time.perf_counter() - t0)
 
-    def _audit(self, scope: Scope, principal: Principal, status: int, rid: str) -> bool:
-        route = scope.get("route")
-        client = scope.get("client")
-        keys = sorted({k for k, _ in parse_qsl(scope.get("query_string", b"").decode("latin-1"), True)})
-        event = AuditEvent(
-            principal=principal.name,
-            auth_method=principal.method,
-            action=scope["method"][:8],
-            route=str(getattr(route, "path", "unmatched"))[:128],
-            resource=scope["path"][:512],
-            query_keys=",".join(keys)[:256] or None,
-            status=status,
-            request_id=rid,
-            client=(client[0] if client else None),
-        )
-        try:
-            with self.state.sessions() as session:
-                session.add(event)
-                session.commit()
-            return True
-        except Exception as exc:
-            AUDIT_FAILURES.inc()
-            log.error("audit write failed", extra=ctx(request_id=rid, error=type(exc).__name__))
-            return False
-
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     state = ApiState(
         settings=settings,
         sessions=get_sessionmaker(settings.db_url),
+        audit=AuditWriter(audit_engine(settings.db_url), durable=settings.audit_durable_commit),
         store=ObjectStore(settings.storage),
         keys=ApiKeyVerifier(get_sessionmaker(settings.db_url), settings.api_key_cache_seconds),
         oidc=OidcVerifier.from_settings(settings),
@@ -158,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="lusai",
         version=__version__,
         description=DESCRIPTION,
+        dependencies=[Depends(single_query_values)],
         openapi_tags=[
             {"name": "studies", "description": "Studies and series received over DICOM or upload."},
             {"name": "instances", "description": "Received objects, upload and re-analysis."},

@@ -182,11 +182,15 @@ def _with_legend(img: Image.Image, caption: Caption, frame_text: str) -> Image.I
     return out
 
 
+MIN_WIDTH = 360  # narrower images are enlarged so the legend stays legible
+
+
 def _scaled(frame: np.ndarray, max_width: int) -> Image.Image:
     img = Image.fromarray(frame, "RGB")
-    if img.width > max_width:
-        h = max(1, round(img.height * max_width / img.width))
-        img = img.resize((max_width, h), Image.Resampling.BILINEAR)
+    width = min(max(img.width, MIN_WIDTH), max(max_width, MIN_WIDTH))
+    if width != img.width:
+        h = max(1, round(img.height * width / img.width))
+        img = img.resize((width, h), Image.Resampling.BILINEAR)
     return img
 
 

@@ -157,7 +157,7 @@ def install(app: FastAPI) -> None:
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": HTTPStatus(status).phrase}
-    for status in (401, 403, 422, 429)
+    for status in (400, 401, 403, 422, 429)
 }
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from service.api.problems import not_found
@@ -10,6 +13,11 @@ from service.api.schemas import JobOut, ModelOut, ResultLinks, ResultOut, Result
 from service.store.models import Instance, Job, Result, Series, Study
 
 API = "/api/v1"
+
+
+def utc(value: datetime) -> datetime:
+    """Filter timestamps in UTC: naive ones are taken as UTC (SQLite compares them as text)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def instance_by_uid(session: Session, uid: str, version: int | None = None) -> Instance:
@@ -21,26 +29,6 @@ def instance_by_uid(session: Session, uid: str, version: int | None = None) -> I
     if inst is None:
         raise not_found("instance")
     return inst
-
-
-def latest_result(session: Session, instance_id: int, model_version: str | None = None) -> Result | None:
-    stmt = select(Result).where(Result.instance_id == instance_id)
-    if model_version is not None:
-        stmt = stmt.where(Result.model_version == model_version)
-    return session.scalar(stmt.order_by(Result.id.desc()).limit(1))
-
-
-def uids_of(session: Session, instance_id: int) -> tuple[str, int, str, str]:
-    """(sop uid, version, series uid, study uid) of an instance row."""
-    row = session.execute(
-        select(
-            Instance.sop_instance_uid, Instance.version, Series.series_instance_uid, Study.study_instance_uid
-        )
-        .join(Series, Instance.series_id == Series.id)
-        .join(Study, Series.study_id == Study.id)
-        .where(Instance.id == instance_id)
-    ).one()
-    return row[0], row[1], row[2], row[3]
 
 
 def job_out(job: Job, sop_uid: str, version: int, result_id: int | None) -> JobOut:
@@ -65,35 +53,103 @@ def job_out(job: Job, sop_uid: str, version: int, result_id: int | None) -> JobO
 def job_result_ids(session: Session, job_ids: list[int]) -> dict[int, int]:
     if not job_ids:
         return {}
-    return dict(
-        session.execute(select(Result.job_id, Result.id).where(Result.job_id.in_(job_ids))).tuples().all()
+    return dict(session.execute(select(Result.job_id, Result.id).where(Result.job_id.in_(job_ids))).all())
+
+
+#: Columns of a result summary; list rows carry these plus the instance's UID and version.
+SUMMARY_COLUMNS = (
+    Result.id, Result.job_id, Result.score, Result.key_frame, Result.b_line_fraction, Result.b_line_count,
+    Result.consolidation, Result.effusion, Result.model_name, Result.model_version, Result.weights_sha256,
+    Result.created_at, Instance.sop_instance_uid, Instance.version,
+)  # fmt: skip
+_DETAIL_COLUMNS = (
+    Result.frame_scores, Result.measurements, Result.seg_sop_instance_uid, Result.seg_storage_key,
+    Result.sr_sop_instance_uid, Result.sr_storage_key, Result.sc_sop_instance_uid, Result.sc_storage_key,
+    Series.series_instance_uid, Study.study_instance_uid,
+)  # fmt: skip
+
+
+def _summary_fields(r: Any) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "job_id": r.job_id,
+        "sop_instance_uid": r.sop_instance_uid,
+        "instance_version": r.version,
+        "score": r.score,
+        "key_frame": r.key_frame,
+        "b_line_fraction": r.b_line_fraction,
+        "b_line_count": r.b_line_count,
+        "consolidation": r.consolidation,
+        "effusion": r.effusion,
+        "model": ModelOut(name=r.model_name, version=r.model_version, weights_sha256=r.weights_sha256),
+        "created_at": r.created_at,
+    }
+
+
+def result_summary(row: Any) -> ResultSummary:
+    """From a row of :data:`SUMMARY_COLUMNS` (plain rows, not ORM objects: lists stay cheap)."""
+    return ResultSummary(**_summary_fields(row))
+
+
+def _detail_query() -> Select[*tuple[Any, ...]]:
+    return (
+        select(*SUMMARY_COLUMNS, *_DETAIL_COLUMNS)
+        .select_from(Result)
+        .join(Instance, Result.instance_id == Instance.id)
+        .join(Series, Instance.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
     )
 
 
-def result_summary(r: Result, sop_uid: str, version: int) -> ResultSummary:
-    return ResultSummary(
-        id=r.id,
-        job_id=r.job_id,
-        sop_instance_uid=sop_uid,
-        instance_version=version,
-        score=r.score,
-        key_frame=r.key_frame,
-        b_line_fraction=r.b_line_fraction,
-        b_line_count=r.b_line_count,
-        consolidation=r.consolidation,
-        effusion=r.effusion,
-        model=ModelOut(name=r.model_name, version=r.model_version, weights_sha256=r.weights_sha256),
-        created_at=r.created_at,
-    )
+_BY_ID = _detail_query().where(Result.id == bindparam("result_id"))
+_LATEST_VERSION = (
+    select(Instance.id)
+    .where(Instance.sop_instance_uid == bindparam("uid"))
+    .order_by(Instance.version.desc())
+    .limit(1)
+    .scalar_subquery()
+)
+#: The common case prebuilt: building a 24-column statement per request costs more than running it.
+_LATEST_BY_UID = (
+    _detail_query().where(Result.instance_id == _LATEST_VERSION).order_by(Result.id.desc()).limit(1)
+)
 
 
-def result_out(session: Session, r: Result) -> ResultOut:
-    sop_uid, version, series_uid, study_uid = uids_of(session, r.instance_id)
+def result_by_id(session: Session, result_id: int) -> Any:
+    """One query for the result and the UIDs around it (the hot path of dashboards)."""
+    row = session.execute(_BY_ID, {"result_id": result_id}).first()
+    if row is None:
+        raise not_found("result")
+    return row
+
+
+def latest_result_by_uid(session: Session, uid: str, version: int | None, model_version: str | None) -> Any:
+    """The latest result of (the given or latest version of) a SOP instance, in one query."""
+    if version is None and model_version is None:
+        row = session.execute(_LATEST_BY_UID, {"uid": uid}).first()
+    else:
+        inst = select(Instance.id).where(Instance.sop_instance_uid == uid)
+        if version is not None:
+            inst = inst.where(Instance.version == version)
+        stmt = _detail_query().where(
+            Result.instance_id == inst.order_by(Instance.version.desc()).limit(1).scalar_subquery()
+        )
+        if model_version is not None:
+            stmt = stmt.where(Result.model_version == model_version)
+        row = session.execute(stmt.order_by(Result.id.desc()).limit(1)).first()
+    if row is None:
+        instance_by_uid(session, uid, version)  # 404 for the instance if that is what is missing
+        raise not_found("result of this instance")
+    return row
+
+
+def result_out(r: Any) -> ResultOut:
+    """From a row of the detail query."""
     base = f"{API}/results/{r.id}"
     return ResultOut(
-        **result_summary(r, sop_uid, version).model_dump(),
-        series_instance_uid=series_uid,
-        study_instance_uid=study_uid,
+        **_summary_fields(r),
+        series_instance_uid=r.series_instance_uid,
+        study_instance_uid=r.study_instance_uid,
         frame_scores=[int(s) for s in r.frame_scores or []],
         measurements=r.measurements or {},
         seg_sop_instance_uid=r.seg_sop_instance_uid,
@@ -107,7 +163,3 @@ def result_out(session: Session, r: Result) -> ResultOut:
             cine_webp=f"{base}/cine.webp",
         ),
     )
-
-
-def count_versions(session: Session, uid: str) -> int:
-    return int(session.scalar(select(func.count()).where(Instance.sop_instance_uid == uid)) or 0)

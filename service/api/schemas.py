@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.store.models import DeliveryState, InstanceState, JobState
 
 T = TypeVar("T")
+
+
+def _as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every timestamp the API returns is explicit UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+def _iso_only(value: object) -> object:
+    """Query timestamps must be ISO 8601: pydantic would read '-407' as a Unix time."""
+    if isinstance(value, str) and value.strip().lstrip("+-").replace(".", "", 1).isdigit():
+        raise ValueError("expected an ISO 8601 date-time")
+    return value
+
+
+#: A query parameter timestamp (ISO 8601; naive values are taken as UTC).
+IsoDateTime = Annotated[datetime, BeforeValidator(_iso_only)]
 
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 
@@ -31,7 +50,7 @@ class SeriesOut(BaseModel):
     body_part: str | None
     zone: str | None = Field(description="Lung zone derived from the series description (see docs/api.md).")
     instance_count: int
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class StudyOut(BaseModel):
@@ -42,7 +61,7 @@ class StudyOut(BaseModel):
     study_description: str | None
     series_count: int
     instance_count: int
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class StudyDetail(StudyOut):
@@ -68,7 +87,7 @@ class InstanceOut(BaseModel):
     rows: int | None
     columns: int | None
     calling_ae: str | None
-    received_at: datetime
+    received_at: UtcDateTime
     size_bytes: int
     sha256: str
     state: InstanceState
@@ -89,10 +108,10 @@ class JobOut(BaseModel):
         description="Milliseconds per stage (decode, infer, score, write...)."
     )
     worker: str | None
-    created_at: datetime
-    enqueued_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDateTime
+    enqueued_at: UtcDateTime | None
+    started_at: UtcDateTime | None
+    finished_at: UtcDateTime | None
     result_id: int | None
 
 
@@ -133,7 +152,7 @@ class ResultSummary(BaseModel):
     consolidation: bool
     effusion: bool
     model: ModelOut
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class ResultOut(ResultSummary):
@@ -185,16 +204,16 @@ class DeliveryOut(BaseModel):
     sop_instance_uid: str
     state: DeliveryState
     attempts: int
-    next_attempt_at: datetime | None
+    next_attempt_at: UtcDateTime | None
     last_error: str | None
-    created_at: datetime
-    delivered_at: datetime | None
+    created_at: UtcDateTime
+    delivered_at: UtcDateTime | None
 
 
 class DestinationOut(BaseModel):
     destination: str
     counts: dict[str, int] = Field(description="Deliveries by state.")
-    last_delivered_at: datetime | None
+    last_delivered_at: UtcDateTime | None
 
 
 class UploadOut(BaseModel):
@@ -207,7 +226,7 @@ class UploadOut(BaseModel):
 
 class AuditOut(BaseModel):
     id: int
-    at: datetime
+    at: UtcDateTime
     principal: str
     auth_method: str
     action: str

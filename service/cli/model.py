@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,8 @@ def _table(rows: list[tuple[str, dict[str, Any]]]) -> Table:
             t.add_row(name, "", "", "", "", "", "", "", r["error"])
             continue
         t.add_row(
-            name, str(r["frames"]), str(r["score"]), f"{100 * r['b_line_fraction']:.0f}", str(r["b_line_count"]),
+            name, str(r["frames"]), str(r["score"]),
+            f"{100 * r['b_line_fraction']:.0f}", str(r["b_line_count"]),
             "yes" if r["consolidation"] else "no", "yes" if r["effusion"] else "no",
             f"{r['timings_ms']['total']:.0f}", "",
         )  # fmt: skip
@@ -92,10 +94,12 @@ def _table(rows: list[tuple[str, dict[str, Any]]]) -> Table:
 
 @app.command()
 def train(
-    out: Path = typer.Option(Path("workers/infer/weights"), help="Folder for weights, ONNX and metrics.json."),
+    out: Path = typer.Option(
+        Path("workers/infer/weights"), help="Folder for weights, ONNX and metrics.json."
+    ),
     seed: int = typer.Option(0),
-    epochs: int = typer.Option(5),
-    samples: int = typer.Option(4000, help="Phantom training frames."),
+    epochs: int = typer.Option(3),
+    samples: int = typer.Option(3000, help="Phantom training frames."),
     val_samples: int = typer.Option(300, help="Held-out phantom frames for Dice."),
     batch: int = typer.Option(16),
     device: str = typer.Option("cpu", help="cpu or cuda."),
@@ -110,7 +114,9 @@ def train(
     cfg = TrainConfig(seed=seed, epochs=epochs, samples=samples, val_samples=val_samples, batch=batch,
                       device=resolve_device(device), threads=threads)  # fmt: skip
     metrics = run(cfg, out)
-    Console().print_json(json.dumps({k: metrics[k] for k in ("best_val_mean_dice", "best_val_dice", "weights_sha256")}))
+    Console().print_json(
+        json.dumps({k: metrics[k] for k in ("best_val_mean_dice", "best_val_dice", "weights_sha256")})
+    )
 
 
 @app.command("eval")
@@ -123,15 +129,16 @@ def evaluate(
     phantom: int = typer.Option(300, help="Held-out phantom frames for Dice per class (0 = skip)."),
     seed: int = typer.Option(12345, help="Seed of the held-out phantom set (differs from training)."),
     out: Path | None = typer.Option(None, help="Also write the report JSON here."),
+    cache: Path | None = typer.Option(None, help="Keep (and reuse) per-video class maps in this folder."),
 ) -> None:
     """Dice per class on held-out phantom frames and video-score agreement with experts."""
     import numpy as np
 
-    from workers.infer.evaluate import agreement, labelled_items, read_mp4_gray
+    from workers.infer.calibrate import cache_segmentations, video_scores
+    from workers.infer.evaluate import agreement
     from workers.infer.predict import Predictor
     from workers.infer.train import dice_per_class, phantom_set
-    from workers.pipeline import Analyzer, InputError
-    from workers.preprocess.wrap import frames_to_dataset
+    from workers.score.lus import ScoreConfig
 
     report: dict[str, Any] = {}
     predictor = Predictor(weights, device)
@@ -140,27 +147,15 @@ def evaluate(
         pred, _ = predictor.predict(x)
         report["phantom_dice"] = dice_per_class(pred, y)
     if folder is not None:
-        analyzer = Analyzer(weights, device)
-        items = list(labelled_items(folder))
-        expert, model, per_video = [], [], []
-        with Progress(console=err) as prog:
-            task = prog.add_task("videos", total=len(items))
-            for it in items:
-                try:
-                    if it.path.suffix == ".mp4":
-                        res = analyzer.analyze(frames_to_dataset(read_mp4_gray(it.path)))
-                    else:
-                        res = analyzer.analyze_file(it.path)
-                except (InputError, ValueError) as exc:
-                    per_video.append({"file": it.path.name, "error": str(exc)})
-                else:
-                    expert.append(it.score)
-                    model.append(res.findings.score)
-                    per_video.append({"file": it.path.name, "expert": it.score, "model": res.findings.score,
-                                      "b_line_fraction": res.findings.b_line_fraction})  # fmt: skip
-                prog.advance(task)
-        report["video_agreement"] = agreement(np.array(expert), np.array(model)).__dict__
-        report["videos"] = per_video
+        with tempfile.TemporaryDirectory() as tmp:
+            data = cache_segmentations(folder, cache or Path(tmp), weights, device)
+        expert = np.array([d.item.score for d in data])
+        model = video_scores(data, ScoreConfig())
+        report["video_agreement"] = agreement(expert, model).__dict__
+        report["videos"] = [
+            {"file": d.item.path.name, "expert": int(e), "model": int(m)}
+            for d, e, m in zip(data, expert, model, strict=True)
+        ]
     text = json.dumps(report, indent=2)
     if out is not None:
         out.write_text(text)

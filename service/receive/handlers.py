@@ -68,7 +68,9 @@ def make_store_handler(settings: Settings, store: ObjectStore) -> Callable[[even
                 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                     log.error("object refused: storage full", extra=ctx(calling_ae=calling_ae))
                     return STATUS_OUT_OF_RESOURCES  # 0xA700 Refused: Out of Resources (disk full)
-                log.error("object refused: storage write error", extra=ctx(calling_ae=calling_ae, errno=err.errno))
+                log.error(
+                    "object refused: storage write error", extra=ctx(calling_ae=calling_ae, errno=err.errno)
+                )
                 return STATUS_PROCESSING_FAILURE  # 0x0110 Failure: Processing failure
             try:
                 sink.sync()
@@ -81,6 +83,9 @@ def make_store_handler(settings: Settings, store: ObjectStore) -> Callable[[even
             sink.close()
             tmp = Path(sink.name)
             digest = (sink.sha256, sink.size)
+            # The file is ours now: pynetdicom's clean-up after this handler unlinks ``name``, and
+            # once we have renamed the file that path could belong to another receive.
+            sink.name = ""
         else:  # pynetdicom's own temporary file (stream.install() not active)
             src = Path(event.dataset_path)
             size = src.stat().st_size
@@ -96,7 +101,9 @@ def make_store_handler(settings: Settings, store: ObjectStore) -> Callable[[even
                 return STATUS_OUT_OF_RESOURCES  # 0xA700
         return _ingest(event, tmp, digest, calling_ae)
 
-    def _ingest(event: events.Event, tmp: Path, digest: tuple[str, int] | None, calling_ae: str | None) -> int:
+    def _ingest(
+        event: events.Event, tmp: Path, digest: tuple[str, int] | None, calling_ae: str | None
+    ) -> int:
         try:
             ingest_file(
                 tmp,

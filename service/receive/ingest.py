@@ -99,7 +99,9 @@ def ingest_file(
         try:
             enqueue_job(outcome.job_id, settings)
         except SQLAlchemyError as exc:  # rows are committed: recovery re-sends jobs never marked enqueued
-            log.warning("job enqueue bookkeeping failed", extra=ctx(job_id=outcome.job_id, error=type(exc).__name__))
+            log.warning(
+                "job enqueue bookkeeping failed", extra=ctx(job_id=outcome.job_id, error=type(exc).__name__)
+            )
     log.info(
         "object received",
         extra=ctx(
@@ -180,7 +182,9 @@ def _index(
         select(Instance).where(Instance.sop_instance_uid == h.sop_instance_uid, Instance.sha256 == sha)
     )
     if existing is not None:
-        return IngestOutcome("duplicate", h.sop_instance_uid, existing.id, existing.version, reason="same bytes")
+        return IngestOutcome(
+            "duplicate", h.sop_instance_uid, existing.id, existing.version, reason="same bytes"
+        )
 
     study = session.scalar(select(Study).where(Study.study_instance_uid == h.study_instance_uid))
     if study is None:
@@ -205,7 +209,9 @@ def _index(
         )
         session.add(series)
         session.flush()
-    last = session.scalar(select(func.max(Instance.version)).where(Instance.sop_instance_uid == h.sop_instance_uid))
+    last = session.scalar(
+        select(func.max(Instance.version)).where(Instance.sop_instance_uid == h.sop_instance_uid)
+    )
     version = (last or 0) + 1
     instance = Instance(
         sop_instance_uid=h.sop_instance_uid,
@@ -239,7 +245,9 @@ def enqueue_job(job_id: int, settings: Settings) -> bool:
     try:
         enqueue_analysis(job_id)
     except Exception as exc:  # broker down: the row is the truth, recovery re-sends it
-        log.warning("broker unavailable, job left for recovery", extra=ctx(job_id=job_id, error=type(exc).__name__))
+        log.warning(
+            "broker unavailable, job left for recovery", extra=ctx(job_id=job_id, error=type(exc).__name__)
+        )
         return False
     with session_scope(settings.db_url) as session:
         job = session.get(Job, job_id)

@@ -1,10 +1,11 @@
-"""The C-STORE SCP: AE, presentation contexts and handler bindings; nothing else.
+"""The C-STORE SCP: AE, presentation contexts, TLS and handler bindings; nothing else.
 
-Received datasets stream straight to a temporary file on the storage filesystem
-(``STORE_RECV_CHUNKED_DATASET`` with a 128 KiB max PDU matched DCMTK ``storescp`` here, in-memory
-datasets were 2-3x slower) and are renamed into content-addressed storage. For many concurrent
-senders run several SCP processes on one port: each binds with ``SO_REUSEPORT`` and the kernel
-spreads connections between them, so the GIL of one process no longer caps throughput.
+Received data sets stream straight into a hashing, size-capped temporary file on the storage
+filesystem (``STORE_RECV_CHUNKED_DATASET`` + :mod:`service.receive.stream`; in-memory data sets
+were 2-3x slower) and are renamed into content-addressed storage. For many concurrent senders run
+several SCP processes on one port (``lusai scp --processes N``): each binds with ``SO_REUSEPORT``
+and the kernel spreads connections between them, so one process's GIL no longer caps throughput.
+``bench/ingest.py`` measures both against DCMTK ``storescp --fork``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import logging
 import os
 import socket
 import ssl
+import warnings
 from typing import Any
 
-from pynetdicom import AE, _config, evt
-from pynetdicom.transport import ThreadedAssociationServer
+import pydicom.config
 from pydicom.uid import (
     UID,
     AllTransferSyntaxes,
@@ -25,11 +26,13 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pynetdicom import AE, _config, evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 from service.logs import ctx
 from service.receive import stream
 from service.receive.handlers import handle_connection_lost, handle_echo, make_store_handler
-from service.receive.validate import US_SOP_CLASSES
+from service.receive.validate import US_IMAGE_RETIRED, US_MULTIFRAME_RETIRED, US_SOP_CLASSES
 from service.settings import Settings
 from service.store.files import ObjectStore
 
@@ -80,11 +83,31 @@ class ReusePortServer(ThreadedAssociationServer):
         host = str(client_address[0]) if isinstance(client_address, tuple) else "127.0.0.1"
         ok = settings.ae_allowed("", host)
         if not ok:
-            log.warning("connection refused: not local and no LUSAI_ALLOWED_CALLING_AES", extra=ctx(peer=host))
+            log.warning(
+                "connection refused: not local and no LUSAI_ALLOWED_CALLING_AES", extra=ctx(peer=host)
+            )
         return ok
 
 
+# Retired US classes scanners still send; pynetdicom does not know them as storage classes and
+# would abort the association on their C-STORE unless they are registered.
+_RETIRED_US = {
+    US_MULTIFRAME_RETIRED: "UltrasoundMultiFrameImageStorageRetired",
+    US_IMAGE_RETIRED: "UltrasoundImageStorageRetired",
+}
+
+
+def _register_retired_classes() -> None:
+    from pynetdicom.service_class import StorageServiceClass
+    from pynetdicom.sop_class import _STORAGE_CLASSES, register_uid
+
+    for uid, keyword in _RETIRED_US.items():
+        if uid not in _STORAGE_CLASSES.values():
+            register_uid(uid, keyword, StorageServiceClass)
+
+
 def build_ae(settings: Settings) -> AE:
+    _register_retired_classes()
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
     ae.acse_timeout = settings.acse_timeout
@@ -127,8 +150,12 @@ def make_server(settings: Settings, store: ObjectStore) -> ReusePortServer:
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    # pydicom's reading warnings quote element values (names, IDs): we validate what we use ourselves.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
     ae = build_ae(settings)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, make_store_handler(settings, store)),
         (evt.EVT_ABORTED, handle_connection_lost),

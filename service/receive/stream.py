@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import tempfile
 import threading
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Any
 from pynetdicom import dimse_messages
 
 _target: tuple[Path, int] | None = None
+HASH_IN_THREAD = True  # overlap SHA-256 with receiving (measured in bench/ingest.py)
+_MAX_PENDING = 128  # fragments (16 MiB at a 128 KiB PDU) waiting for the hashing thread
 _original_factory = dimse_messages.NamedTemporaryFile
 
 
@@ -34,16 +37,23 @@ class IncomingObject:
     """One data set being received; file-like enough for pynetdicom."""
 
     def __init__(self, directory: Path, limit: int) -> None:
-        fd, name = tempfile.mkstemp(dir=directory, suffix=".part")
-        self._fd: int | None = fd
-        self.name = name
         self.limit = limit
         self.size = 0
         self.oversize = False
         self.error: OSError | None = None
+        self._fd: int | None = None
+        self.name = ""
+        try:
+            self._fd, self.name = tempfile.mkstemp(dir=directory, suffix=".part")
+        except OSError as exc:  # disk full or storage gone: the handler answers, the stream is dropped
+            self.error = exc
         self._sha = hashlib.sha256()
         self._lock = threading.Lock()  # close() from a connection-closed handler vs. the reader thread
         self.file = self  # pynetdicom calls ``_data_set_file.file.flush()`` after every fragment
+        # SHA-256 runs in a helper thread (hashlib releases the GIL), overlapping the network reads;
+        # at most _MAX_PENDING fragments wait for it, beyond that the writer hashes inline.
+        self._pending: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._hasher: threading.Thread | None = None
 
     # -- the file protocol pynetdicom uses ------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> int:
@@ -57,7 +67,7 @@ class IncomingObject:
                 self.oversize = True
                 self._truncate()
                 return n
-            self._sha.update(data)
+            self._hash(bytes(data))
             try:
                 view = memoryview(data)
                 while view:
@@ -80,7 +90,29 @@ class IncomingObject:
     # -- what the store handler needs -----------------------------------------------------
     @property
     def sha256(self) -> str:
+        """The digest of everything written; waits for the hashing thread to catch up."""
+        if self._hasher is not None:
+            self._pending.put(None)
+            self._hasher.join()
+            self._hasher = None
         return self._sha.hexdigest()
+
+    def _hash(self, data: bytes) -> None:
+        if (not HASH_IN_THREAD or len(data) < 65536) and self._hasher is None:
+            self._sha.update(data)  # small fragments: a thread hand-off costs more than it saves
+            return
+        if self._hasher is None:
+            self._hasher = threading.Thread(target=self._hash_loop, name="lusai-sha256", daemon=True)
+            self._hasher.start()
+        if self._pending.qsize() >= _MAX_PENDING:  # the hasher is starved of CPU: do not buffer the object
+            self.sha256  # noqa: B018  (drains the queue and joins)
+            self._sha.update(data)
+            return
+        self._pending.put(data)
+
+    def _hash_loop(self) -> None:
+        while (chunk := self._pending.get()) is not None:
+            self._sha.update(chunk)
 
     def sync(self) -> None:
         """fsync before we answer Success: an acknowledged object must survive a power cut."""
@@ -88,8 +120,12 @@ class IncomingObject:
             os.fsync(self._fd)
 
     def discard(self) -> None:
+        if self._hasher is not None:
+            self._pending.put(None)
         self.close()
-        Path(self.name).unlink(missing_ok=True)
+        if self.name:
+            Path(self.name).unlink(missing_ok=True)
+            self.name = ""  # pynetdicom unlinks ``name`` again later; the path may be reused by then
 
     def _truncate(self) -> None:
         try:
@@ -110,7 +146,7 @@ def install(tmp_dir: Path, max_object_bytes: int) -> None:
     """Route pynetdicom's streamed data sets into :class:`IncomingObject` files in ``tmp_dir``."""
     global _target
     _target = (Path(tmp_dir), max_object_bytes)
-    dimse_messages.NamedTemporaryFile = _factory  # type: ignore[assignment]
+    dimse_messages.NamedTemporaryFile = _factory
 
 
 def incoming_of(request: Any) -> IncomingObject | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
@@ -19,6 +20,10 @@ US_MULTIFRAME_RETIRED = "1.2.840.10008.5.1.4.1.1.3"
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 US_IMAGE_RETIRED = "1.2.840.10008.5.1.4.1.1.6"
 US_SOP_CLASSES = frozenset({US_MULTIFRAME, US_MULTIFRAME_RETIRED, US_IMAGE, US_IMAGE_RETIRED})
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+PIXEL_DATA = Tag(0x7FE00010)
+DEFLATED_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"})
 
 # DIMSE C-STORE failure statuses used below.
 STATUS_OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (storage full)
@@ -86,11 +91,28 @@ def read_header(path: Path) -> tuple[Header, Dataset]:
     try:
         ds = pydicom.dcmread(path, defer_size=4096, force=False)
         header = _header(ds)
+        _check_lengths(ds, path, header.transfer_syntax_uid)
     except RejectedObject:
         raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
         raise RejectedObject(f"unreadable dataset ({type(exc).__name__})") from exc
     return header, ds
+
+
+def _check_lengths(ds: Dataset, path: Path, transfer_syntax: str) -> None:
+    """A deferred (large) element whose value runs past the end of the file: a cut-off object.
+
+    pydicom only seeks over deferred values, so it cannot notice this itself.
+    """
+    if transfer_syntax in DEFLATED_SYNTAXES:
+        return  # inflated into memory by pydicom: offsets are not file offsets
+    size = path.stat().st_size
+    for raw in ds._dict.values():
+        tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+        if tell is None or length is None or length == UNDEFINED_LENGTH:
+            continue
+        if int(tell) + int(length) > size:
+            raise RejectedObject("data set truncated", STATUS_CANNOT_UNDERSTAND)
 
 
 def _header(ds: Dataset) -> Header:
@@ -142,16 +164,20 @@ def check_image(header: Header, ds: Dataset, path: Path | None = None) -> None:
         raise RejectedObject("missing Rows/Columns", STATUS_DATA_SET_MISMATCH)
     if 0x7FE00010 not in ds:
         raise RejectedObject("no pixel data", STATUS_DATA_SET_MISMATCH)
-    raw = ds._dict[0x7FE00010]  # the raw element: reading .value would load every frame
+    raw = ds._dict[PIXEL_DATA]  # the raw element: reading .value would load every frame
     # A deflated data set is inflated into memory by pydicom: offsets are not file offsets there.
     deflated = header.transfer_syntax_uid in DEFLATED_SYNTAXES
     size = path.stat().st_size if path is not None and not deflated else None
     value_tell = getattr(raw, "value_tell", None)
-    length = int(raw.length) if getattr(raw, "length", None) is not None else None
+    raw_length = getattr(raw, "length", None)
+    length = int(raw_length) if raw_length is not None else None
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     bits = int(ds.get("BitsAllocated", 8) or 8)
     if UID(header.transfer_syntax_uid).is_encapsulated:
-        if size is not None and path is not None and value_tell is not None and length == UNDEFINED_LENGTH:
+        if length != UNDEFINED_LENGTH:
+            # PS3.5 A.4: encapsulated pixel data always has an undefined length.
+            raise RejectedObject("encapsulated pixel data with a defined length", STATUS_CANNOT_UNDERSTAND)
+        if size is not None and path is not None and value_tell is not None:
             check_fragments(path, int(value_tell), header, spp, bits)
         return
     if length is None or length == UNDEFINED_LENGTH:
@@ -169,8 +195,6 @@ def check_image(header: Header, ds: Dataset, path: Path | None = None) -> None:
         )
 
 
-UNDEFINED_LENGTH = 0xFFFFFFFF
-DEFLATED_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"})
 _ITEM = b"\xfe\xff\x00\xe0"
 _SEQ_DELIM = b"\xfe\xff\xdd\xe0"
 _HEAD = 4096  # bytes of each fragment read to find the frame's SOF/SIZ/RLE header
@@ -257,7 +281,9 @@ def check_fragments(path: Path, value_tell: int, header: Header, spp: int, bits:
         return
     n_frames = bot_len // 4 if bot_len else len(starts)
     if n_frames != header.frames or (sizer is not None and len(starts) != header.frames):
-        raise RejectedObject("number of compressed frames differs from NumberOfFrames", STATUS_DATA_SET_MISMATCH)
+        raise RejectedObject(
+            "number of compressed frames differs from NumberOfFrames", STATUS_DATA_SET_MISMATCH
+        )
     want = (header.rows, header.columns)
     for head in starts:
         if sizer is None:
@@ -267,4 +293,6 @@ def check_fragments(path: Path, value_tell: int, header: Header, spp: int, bits:
             continue
         found = sizer(head)
         if found is not None and ((found[0], found[1]) != want or found[2] != spp):
-            raise RejectedObject("a compressed frame's size differs from Rows/Columns", STATUS_DATA_SET_MISMATCH)
+            raise RejectedObject(
+                "a compressed frame's size differs from Rows/Columns", STATUS_DATA_SET_MISMATCH
+            )

@@ -79,6 +79,14 @@ def lusai(tmp_path: Path, orthanc: dict[str, Any]) -> Iterator[Path]:
     log_path = tmp_path / "lusai.log"
     log = open(log_path, "wb")  # noqa: SIM115  (the child keeps writing to it)
     proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=log, stderr=log)
+    from service.cli.check import c_echo
+
+    deadline = time.monotonic() + 30
+    while not c_echo(
+        "127.0.0.1", orthanc["lusai_port"], "LUSAI", calling_ae="ORTHANC"
+    ):  # ready before Orthanc routes to it
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.3)
     yield log_path
     proc.send_signal(signal.SIGTERM)
     try:
@@ -89,7 +97,9 @@ def lusai(tmp_path: Path, orthanc: dict[str, Any]) -> Iterator[Path]:
 
 
 def _series_by_modality(base: str, study_uid: str) -> dict[str, list[str]]:
-    found = httpx.post(f"{base}/tools/find", json={"Level": "Study", "Query": {"StudyInstanceUID": study_uid}})
+    found = httpx.post(
+        f"{base}/tools/find", json={"Level": "Study", "Query": {"StudyInstanceUID": study_uid}}
+    )
     out: dict[str, list[str]] = {}
     for study_id in found.json():
         for series in httpx.get(f"{base}/studies/{study_id}/series").json():
@@ -103,10 +113,9 @@ def test_cine_pushed_to_orthanc_comes_back_with_seg_and_sr(
     frames = int(os.environ.get("LUSAI_E2E_FRAMES", "24"))
     cine = phantom_cine_file(tmp_path / "cine.dcm", frames=frames, jpeg=True)
     src = pydicom.dcmread(cine, stop_before_pixels=True)
-    time.sleep(2)  # lusai's SCP binds while Orthanc starts; the Lua rule's C-STORE needs it up
     t0 = time.monotonic()
     out = subprocess.run(
-        [which("storescu"), "-aec", "ORTHANC", "-aet", "SCANNER", "127.0.0.1", str(orthanc["dicom_port"]), str(cine)],
+        [which("storescu"), "-R", "-xy", "-aec", "ORTHANC", "-aet", "SCANNER", "127.0.0.1", str(orthanc["dicom_port"]), str(cine)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -134,12 +143,14 @@ def test_cine_pushed_to_orthanc_comes_back_with_seg_and_sr(
 
     segmentation = hd.seg.Segmentation.from_dataset(seg)
     assert int(seg.NumberOfFrames) >= 1
-    labels = {d.segment_label for d in segmentation.SegmentSequence} if hasattr(segmentation, "SegmentSequence") else set()
+    labels = (
+        {d.segment_label for d in segmentation.SegmentSequence}
+        if hasattr(segmentation, "SegmentSequence")
+        else set()
+    )
     assert labels  # coded segments
     ref_uids = {
-        r.ReferencedSOPInstanceUID
-        for s in seg.ReferencedSeriesSequence
-        for r in s.ReferencedInstanceSequence
+        r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence
     }
     assert src.SOPInstanceUID in ref_uids
     report = hd.sr.srread(_download(base, series["SR"][0]))

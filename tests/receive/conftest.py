@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,12 +26,14 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import pydicom.config
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, dimse_messages
 from sqlalchemy import select
 
 from service import queue
+from service.receive import stream
 from service.settings import Settings, get_settings
 from service.store import db as store_db
 from service.store.files import ObjectStore
@@ -120,12 +124,14 @@ def inprocess_scp(data_dir: Path, **env_extra: str) -> Iterator[Running]:
             mp.setenv(k, v)
         get_settings.cache_clear()
         queue.producer.cache_clear()
+        _keep_process_globals(mp)
+        levels = {name: logging.getLogger(name).level for name in ("pynetdicom", "pydicom")}
         settings = get_settings()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         if settings.db_url.startswith("sqlite"):
             Base.metadata.create_all(store_db.get_engine(settings.db_url))
         server = make_server(settings, ObjectStore(settings.storage))
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         try:
             yield Running(settings, port)
@@ -133,8 +139,29 @@ def inprocess_scp(data_dir: Path, **env_extra: str) -> Iterator[Running]:
             # make_server() does not register with the AE, so skip pynetdicom's shutdown()
             socketserver.TCPServer.shutdown(server)
             server.server_close()
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
             get_settings.cache_clear()
             queue.producer.cache_clear()
+
+
+def _keep_process_globals(mp: pytest.MonkeyPatch) -> None:
+    """make_server() configures pynetdicom, pydicom and logging for the whole process (right for an
+    SCP process); undo that after each in-process SCP so other tests in this session see defaults."""
+    for name in (
+        "STORE_RECV_CHUNKED_DATASET",
+        "STORE_SEND_CHUNKED_DATASET",
+        "LOG_HANDLER_LEVEL",
+        "LOG_REQUEST_IDENTIFIERS",
+        "LOG_RESPONSE_IDENTIFIERS",
+    ):
+        mp.setattr(_config, name, getattr(_config, name))
+    mp.setattr(dimse_messages, "NamedTemporaryFile", dimse_messages.NamedTemporaryFile)
+    mp.setattr(stream, "_target", stream._target)
+    mp.setattr(
+        pydicom.config.settings, "reading_validation_mode", pydicom.config.settings.reading_validation_mode
+    )
+    mp.setattr(warnings, "filters", list(warnings.filters))
 
 
 @pytest.fixture
@@ -224,7 +251,6 @@ def send(
     Returns the DIMSE status per item (None when the association broke); raises if the
     association is refused.
     """
-    _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title=ae_title)
     ae.maximum_pdu_size = 131072
     contexts: set[tuple[str, str]] = set()
@@ -233,16 +259,19 @@ def send(
         contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
     for sop, ts in sorted(contexts):
         ae.add_requested_context(sop, ts)
-    tls = (ssl_context, "") if ssl_context is not None else None
+    tls = (ssl_context, "127.0.0.1") if ssl_context is not None else None
     assoc = ae.associate("127.0.0.1", port, ae_title="LUSAI", tls_args=tls)
     if not assoc.is_established:
         raise ConnectionRefusedError("association not established")
     out: list[int | None] = []
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # paths go out byte for byte, even broken ones
     try:
         for item in items:
             rsp = assoc.send_c_store(item)
             out.append(int(rsp.Status) if "Status" in rsp else None)
     finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
         if assoc.is_established:
             assoc.release()
     return out

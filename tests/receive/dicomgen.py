@@ -120,6 +120,7 @@ def cine(
         ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
         ds.LossyImageCompression = "01"
         ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True  # encapsulated: PS3.5 A.4
         return ds
     if syntax == "j2k":
         out = []
@@ -132,6 +133,7 @@ def cine(
             ds.PhotometricInterpretation = "YBR_RCT"
         ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
         ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True  # encapsulated: PS3.5 A.4
         return ds
     if syntax == "rle":
         ds.PixelData = arr.tobytes()
@@ -140,7 +142,12 @@ def cine(
     raise ValueError(syntax)
 
 
-def save(ds: Dataset, path: Path) -> Path:
+def save(ds: Dataset, path: Path, *, valid: bool = True) -> Path:
+    """Write a Part 10 file; ``valid=False`` keeps whatever (broken) content ``ds`` has."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    if valid:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds.preamble = b"\0" * 128
+        ds.save_as(path, enforce_file_format=False)
     return path

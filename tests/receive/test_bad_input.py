@@ -61,14 +61,18 @@ def test_garbage_after_file_meta_is_refused(scp: Running, tmp_path: Path, seed: 
 
 
 def test_element_longer_than_the_object_is_cannot_understand(scp: Running, tmp_path: Path) -> None:
-    ds = cine("raw")
-    path = tmp_path / "overlong.dcm"
-    with open(path, "wb") as fh:
-        fh.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(fh, ds.file_meta)
-        fh.write(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100")
-        fh.write(b"\xe0\x7f\x10\x00OB\x00\x00\x00\x00\x10\x00" + b"\0" * 1000)  # claims 1 MiB
+    """A trailing element that claims 1 MiB but carries 100 bytes (a cut-off send)."""
+    path = save(cine("raw"), tmp_path / "overlong.dcm")
+    with open(path, "ab") as fh:
+        fh.write(b"\xfc\xff\xfc\xff" + b"OB\0\0" + (1 << 20).to_bytes(4, "little") + b"\0" * 100)
     assert send(scp.port, [path]) == [CANNOT_UNDERSTAND]
+    assert_nothing_kept(scp)
+
+
+def test_encapsulated_pixel_data_with_defined_length_is_cannot_understand(scp: Running) -> None:
+    ds = cine("jpeg")
+    ds["PixelData"].is_undefined_length = False  # illegal for a compressed transfer syntax
+    assert send(scp.port, [ds]) == [CANNOT_UNDERSTAND]
     assert_nothing_kept(scp)
 
 
@@ -79,7 +83,10 @@ def test_truncated_data_set_is_refused(scp: Running, tmp_path: Path, syntax: str
     data = path.read_bytes()
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(data[: len(data) - 3000])
-    assert send(scp.port, [cut]) == [CANNOT_UNDERSTAND]
+    # Native: the pixel value runs past the end (0xC000). Encapsulated: pydicom loses the data set
+    # structure without the sequence delimiter, so the UIDs go missing first (0xA900).
+    expected = CANNOT_UNDERSTAND if syntax == "raw" else DATA_SET_MISMATCH
+    assert send(scp.port, [cut]) == [expected]
     assert_nothing_kept(scp)
     assert_still_serving(scp, tmp_path)
 
@@ -94,12 +101,14 @@ def test_connection_dropped_mid_object_leaves_nothing(scp: Running, tmp_path: Pa
     assert_still_serving(scp, tmp_path)
 
 
-@pytest.mark.parametrize("missing", ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"])
+@pytest.mark.parametrize(
+    "missing", ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"]
+)
 def test_missing_uid_is_data_set_mismatch(scp: Running, tmp_path: Path, missing: str) -> None:
     ds = cine("raw")
     delattr(ds, missing)
     path = tmp_path / "missing.dcm"
-    ds.save_as(path, enforce_file_format=False)
+    save(ds, path, valid=False)
     assert send(scp.port, [path]) == [DATA_SET_MISMATCH]
     assert_nothing_kept(scp)
 
@@ -108,21 +117,20 @@ def test_invalid_uid_is_data_set_mismatch(scp: Running, tmp_path: Path) -> None:
     ds = cine("raw")
     ds.StudyInstanceUID = "1.2.3/../../etc"  # a hostile value: never becomes a path, and is refused
     path = tmp_path / "bad_uid.dcm"
-    ds.save_as(path, enforce_file_format=False)
+    save(ds, path, valid=False)
     assert send(scp.port, [path]) == [DATA_SET_MISMATCH]
     assert_nothing_kept(scp)
 
 
 def test_data_set_uids_must_match_the_request(scp: Running, tmp_path: Path) -> None:
     ds = cine("raw")
-    path = save(ds, tmp_path / "a.dcm")
     # Re-label the file meta (which the SCU puts into the C-STORE request) only.
     other = cine("raw")
     other.PixelData = ds.PixelData
     other.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.2.1143.999"
     other.SOPInstanceUID = ds.SOPInstanceUID
     bad = tmp_path / "mismatch.dcm"
-    other.save_as(bad, enforce_file_format=False)
+    save(other, bad, valid=False)
     assert send(scp.port, [bad]) == [DATA_SET_MISMATCH]
     assert_nothing_kept(scp)
 
@@ -200,7 +208,7 @@ def test_unsupported_sop_class_in_a_us_context_is_refused(scp: Running, tmp_path
     ds.PixelData = frames_array(1, 64, 80, rgb=False).tobytes()
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"
     path = tmp_path / "ct_as_us.dcm"
-    ds.save_as(path, enforce_file_format=False)
+    save(ds, path, valid=False)
     status = send(scp.port, [path])
     assert status in ([SOP_CLASS_NOT_SUPPORTED], [DATA_SET_MISMATCH])
     assert_nothing_kept(scp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,9 @@ def resolve_device(device: str) -> str:
 class Predictor:
     """Loads the network once; :meth:`predict` is safe to call for every cine of a worker."""
 
-    def __init__(self, weights: Path | None = None, device: str = "auto", backend: str = "auto", batch: int = 16):
+    def __init__(
+        self, weights: Path | None = None, device: str = "auto", backend: str = "auto", batch: int = 16
+    ):
         path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
         if path.is_dir():
             path = path / WEIGHTS_NAME
@@ -56,7 +59,9 @@ class Predictor:
     def grid_shape(self) -> GridShape:
         return self.shape
 
-    def predict(self, frames: np.ndarray, probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict(
+        self, frames: np.ndarray, probabilities: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """(labels uint8 (n, rows, cols), probabilities float16 (n, classes, rows, cols) or None)."""
         if frames.ndim != 3 or frames.shape[1:] != (self.shape.rows, self.shape.cols):
             raise ValueError(f"expected (n, {self.shape.rows}, {self.shape.cols}) frames, got {frames.shape}")
@@ -79,7 +84,7 @@ class Predictor:
             return self.model(t).float().cpu().numpy()
 
 
-def _ort_session(path: Path) -> object | None:
+def _ort_session(path: Path) -> Any:
     try:
         import onnxruntime as ort
     except ImportError:  # torch remains a complete fallback

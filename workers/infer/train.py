@@ -34,8 +34,8 @@ METRICS_NAME = "metrics.json"
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    epochs: int = 5
-    samples: int = 4000
+    epochs: int = 3
+    samples: int = 3000
     val_samples: int = 300
     batch: int = 16
     lr: float = 3e-3
@@ -99,7 +99,9 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, object]:
         x_tr, y_tr, _ = phantom_set(cfg.samples, cfg.seed, shape)
         x_va, y_va, _ = phantom_set(cfg.val_samples, cfg.seed + 1_000_003, shape)
         prog.update(task, completed=1, total=1)
-    log.info("generated %d + %d phantom frames in %.0f s", cfg.samples, cfg.val_samples, time.perf_counter() - t0)
+    log.info(
+        "generated %d + %d phantom frames in %.0f s", cfg.samples, cfg.val_samples, time.perf_counter() - t0
+    )
 
     model = AttentionUNet(cfg.base).to(device)
     weights = class_weights(y_tr).to(device)
@@ -192,4 +194,6 @@ def _predict(model: AttentionUNet, x: np.ndarray, device: torch.device, batch: i
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+    )

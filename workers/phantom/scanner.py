@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from PIL import Image
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
-from workers.phantom.scene import Scene, random_scene, render
+from workers.phantom.scene import random_scene, render
 from workers.preprocess.grid import Grid, GridShape, scan_convert
 from workers.preprocess.sector import Sector
 from workers.score.lus import ScoreConfig, frame_findings
@@ -36,6 +36,14 @@ class Chain:
     dynamic_range_db: float
     blur: float
     noise: float
+    #: Lateral beam/contact profile: real cine is brighter in the middle and darker at the edges
+    #: at every depth, so brightness alone must not make a scan line a B-line.
+    lateral_drop: float = 0.0
+    lateral_power: float = 2.0
+    lateral_shift: float = 0.0
+    lateral_noise: float = 0.0
+    lateral_bump: float = 0.0
+    lateral_seed: int = 0
 
 
 def random_chain(rng: np.random.Generator) -> Chain:
@@ -49,7 +57,24 @@ def random_chain(rng: np.random.Generator) -> Chain:
         dynamic_range_db=float(rng.uniform(35, 65)),
         blur=float(rng.uniform(0.0, 1.0)),
         noise=float(rng.uniform(0.0, 4.0)),
+        lateral_drop=float(rng.uniform(0.0, 0.85)),
+        lateral_power=float(rng.uniform(1.2, 4.0)),
+        lateral_shift=float(rng.uniform(-0.2, 0.2)),
+        lateral_noise=float(rng.uniform(0.0, 0.5)),
+        lateral_bump=float(rng.uniform(0.0, 1.5) if rng.random() < 0.35 else 0.0),
+        lateral_seed=int(rng.integers(0, 2**31)),
     )
+
+
+def lateral_profile(chain: Chain, cols: int) -> np.ndarray:
+    """(cols,) amplitude factor applied at every depth (chest wall and lung alike)."""
+    rng = np.random.default_rng(chain.lateral_seed)
+    u = np.abs(np.linspace(-1, 1, cols) - chain.lateral_shift)
+    prof = np.clip(1 - chain.lateral_drop * u**chain.lateral_power, 0.05, 1)
+    wobble = gaussian_filter1d(rng.normal(0, 1, cols), rng.uniform(4, 16))
+    prof = prof * np.exp(chain.lateral_noise * wobble / (wobble.std() + 1e-9))
+    centre, width = rng.uniform(0.1, 0.9) * cols, rng.uniform(3, 0.2 * cols)
+    return prof * (1 + chain.lateral_bump * np.exp(-0.5 * ((np.arange(cols) - centre) / width) ** 2))
 
 
 def random_sector(rng: np.random.Generator, rows: int, cols: int, kind: str | None = None) -> Sector:
@@ -78,7 +103,7 @@ def image(amp: np.ndarray, coherent: np.ndarray, chain: Chain, rng: np.random.Ge
     speckle = 1 + (speckle - 1) * (1 - 0.5 * np.clip(coherent, 0, 1))  # artefacts are smoother
     depth = np.arange(rows)[:, None] / rows
     att = np.exp(-chain.attenuation * depth * (1 - chain.tgc))
-    env = amp * speckle * att
+    env = amp * speckle * att * lateral_profile(chain, cols)[None, :]
     db = 20 * np.log10(np.maximum(env / np.quantile(env, 0.995), 1e-6))
     y = np.clip((db + chain.dynamic_range_db) / chain.dynamic_range_db, 1e-4, 1)
     # Gain and grey map: hit the drawn median and 99th percentile (real cine is mostly dark).
@@ -159,10 +184,14 @@ def _jitter(s: Sector, rng: np.random.Generator) -> Sector:
     """Small geometry errors, as sector detection on real images makes."""
     if s.kind == "linear":
         d = rng.normal(0, 2, 4)
-        return Sector("linear", s.x0 + d[0], s.x1 + d[1], s.y0 + d[2], s.y1 + d[3], mm_per_pixel=s.mm_per_pixel)
+        return Sector(
+            "linear", s.x0 + d[0], s.x1 + d[1], s.y0 + d[2], s.y1 + d[3], mm_per_pixel=s.mm_per_pixel
+        )
     dt = rng.normal(0, 0.015, 2)
-    return Sector.convex(s.apex_x + rng.normal(0, 2), s.apex_y + rng.normal(0, 4), s.r0 + rng.normal(0, 2),
-                         s.r1 + rng.normal(0, 3), s.theta0 + dt[0], s.theta1 + dt[1], s.mm_per_pixel)  # fmt: skip
+    ax, ay, r0, r1 = (rng.normal(0, sd) for sd in (2, 4, 2, 3))
+    return Sector.convex(
+        s.apex_x + ax, s.apex_y + ay, s.r0 + r0, s.r1 + r1, s.theta0 + dt[0], s.theta1 + dt[1], s.mm_per_pixel
+    )
 
 
 def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:

@@ -58,7 +58,11 @@ def random_scene(rng: np.random.Generator, rows: int, cols: int, scenario: str |
     tilt = rng.uniform(-0.06, 0.06) * (x - cols / 2)
     wave = gaussian_filter1d(rng.normal(0, 1, cols), 12) * rng.uniform(0, 6)
     irregular = scenario in {"confluent", "white_lung", "subpleural", "lobar"} and rng.random() < 0.8
-    rough = gaussian_filter1d(rng.normal(0, 1, cols), rng.uniform(1, 3)) * rng.uniform(1.0, 2.5) if irregular else 0
+    rough = (
+        gaussian_filter1d(rng.normal(0, 1, cols), rng.uniform(1, 3)) * rng.uniform(1.0, 2.5)
+        if irregular
+        else 0
+    )
     pleura_row = np.clip(p0 + curve + tilt + wave + rough, 4, rows * 0.45)
     thick = int(rng.integers(1, 3) + (2 if irregular and rng.random() < 0.5 else 0))
     drawn = np.ones(cols, dtype=bool)
@@ -96,11 +100,17 @@ def random_scene(rng: np.random.Generator, rows: int, cols: int, scenario: str |
             b_lines.append(_b_line(rng, cols, 2.0, 8.0))
         a_gain *= rng.uniform(0.0, 0.6)
     elif scenario == "lobar":
-        cons.append((rng.uniform(0.3, 0.7) * cols, rng.uniform(0.2, 0.45) * cols, rng.uniform(0.2, 0.5) * rows, 1.0))
+        cons.append(
+            (rng.uniform(0.3, 0.7) * cols, rng.uniform(0.2, 0.45) * cols, rng.uniform(0.2, 0.5) * rows, 1.0)
+        )
         a_gain = 0.0
-    if scenario in {"lobar", "subpleural", "white_lung"} and rng.random() < 0.35 or rng.random() < 0.04:
+    if (scenario in {"lobar", "subpleural", "white_lung"} and rng.random() < 0.35) or rng.random() < 0.04:
         first = rng.uniform(0.0, 0.4) * cols
-        effusion = (float(first), float(first + rng.uniform(0.3, 0.8) * cols), float(rng.uniform(4, 0.25 * rows)))
+        effusion = (
+            float(first),
+            float(first + rng.uniform(0.3, 0.8) * cols),
+            float(rng.uniform(4, 0.25 * rows)),
+        )
         a_gain = 0.0
     if scenario == "normal" and rng.random() < 0.15:
         a_gain *= 0.2  # normal lungs without visible A-lines exist (thick chest wall, low gain)
@@ -112,12 +122,18 @@ def random_scene(rng: np.random.Generator, rows: int, cols: int, scenario: str |
                  float(rng.uniform(0.06, 0.2)))  # fmt: skip
 
 
-def _b_line(rng: np.random.Generator, cols: int, wmin: float, wmax: float) -> tuple[float, float, float, float]:
-    return (float(rng.uniform(0.08, 0.92) * cols), float(rng.uniform(wmin, wmax)), float(rng.uniform(0.7, 1.8)),
-            float(rng.uniform(0.5, 1.0)))  # fmt: skip
+def _b_line(
+    rng: np.random.Generator, cols: int, wmin: float, wmax: float
+) -> tuple[float, float, float, float]:
+    centre = float(rng.uniform(0.08, 0.92) * cols)
+    width = float(rng.uniform(wmin, wmax))
+    gain = float(rng.uniform(0.7, 1.8))
+    return (centre, width, gain, float(rng.uniform(0.5, 1.0)))
 
 
-def render(scene: Scene, rng: np.random.Generator, slide: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render(
+    scene: Scene, rng: np.random.Generator, slide: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(amplitude, labels, coherent) for one frame; ``slide`` shifts the lung laterally (columns).
 
     ``coherent`` marks where artefacts (B-lines, A-lines, pleura) make speckle less grainy.
@@ -143,8 +159,8 @@ def render(scene: Scene, rng: np.random.Generator, slide: float = 0.0) -> tuple[
     a_mask = np.zeros((rows, cols), dtype=bool)
     if scene.a_line_gain > 0.05:
         for k in (2, 3, 4):
-            row = k * pr
-            band = (i >= row) & (i < row + t)
+            a_row = k * pr
+            band = (i >= a_row) & (i < a_row + t)
             gain = scene.a_line_gain * scene.pleura_gain * 0.75 ** (k - 1)
             amp += np.where(band, gain, 0.0)
             if gain > 0.35:
@@ -155,7 +171,11 @@ def render(scene: Scene, rng: np.random.Generator, slide: float = 0.0) -> tuple[
     b_label = np.zeros((rows, cols), dtype=bool)
     for cen, width, gain, fade in scene.b_lines:
         d = np.abs(j - cen - slide)
-        prof = np.clip(1.2 - d / max(width / 2, 0.5), 0, 1) ** 1.5 if width > 8 else np.exp(-0.5 * (d / (width / 2.5)) ** 2)
+        prof = (
+            np.clip(1.2 - d / max(width / 2, 0.5), 0, 1) ** 1.5
+            if width > 8
+            else np.exp(-0.5 * (d / (width / 2.5)) ** 2)
+        )
         depth = np.clip((i - pr) / (rows * fade), 0, None)
         shape = prof * np.exp(-1.2 * depth**2) * (i > pr)
         amp = amp * (1 - 0.9 * np.clip(shape * 1.5, 0, 1) * a_mask) + gain * scene.pleura_gain * 0.6 * shape
@@ -184,8 +204,8 @@ def render(scene: Scene, rng: np.random.Generator, slide: float = 0.0) -> tuple[
             n = int(inside.sum() / 40)
             ys, xs = np.nonzero(inside)
             if n and ys.size:
-                k = rng.integers(0, ys.size, n)
-                for y, x in zip(ys[k], xs[k], strict=True):
+                pick = rng.integers(0, ys.size, n)
+                for y, x in zip(ys[pick], xs[pick], strict=True):
                     ln = int(rng.integers(1, 4))
                     amp[y, max(x - ln, 0) : x + ln] = rng.uniform(1.0, 2.0)
         shred = (i >= pr_lung + border) & (i < pr_lung + border + 2) & (np.abs(rel) < 1)

@@ -70,11 +70,10 @@ def _decode_jpeg_pillow(ds: pydicom.Dataset, n: int, rows: int, cols: int) -> np
             raise InputError("more encapsulated frames than NumberOfFrames")
         img = Image.open(io.BytesIO(fragment))
         img.draft("L", (cols, rows))  # luminance only: skips chroma upsampling and colour conversion
-        if img.mode != "L":
-            img = img.convert("L")
-        if img.size != (cols, rows):
+        gray = img if img.mode == "L" else img.convert("L")
+        if gray.size != (cols, rows):
             raise InputError("frame size differs from Rows/Columns")
-        out[i] = np.asarray(img)
+        out[i] = np.asarray(gray)
     if i + 1 != n:
         raise InputError(f"{i + 1} encapsulated frames for NumberOfFrames {n}")
     return out

@@ -35,6 +35,9 @@ class Grid:
         self._map_x = gx.astype(np.float32)
         self._map_y = gy.astype(np.float32)
         self._inverse = _source_to_grid_index(sector, shape, src_shape)
+        inv = self._inverse.reshape(src_shape)
+        self._inv_x = np.where(inv >= 0, inv % shape.cols, -1).astype(np.float32)
+        self._inv_y = np.where(inv >= 0, inv // shape.cols, -1).astype(np.float32)
 
     def spacing(self) -> GridSpacing:
         """Physical size of grid cells, so scores are in millimetres whatever the probe."""
@@ -59,6 +62,11 @@ class Grid:
     def to_source(self, grid_maps: np.ndarray) -> np.ndarray:
         """``(n, grid rows, grid cols)`` class maps -> source pixel grid; outside the sector is 0."""
         n = grid_maps.shape[0]
+        if grid_maps.dtype == np.uint8:  # class maps: cv2's nearest lookup is ~5x faster than numpy
+            out8 = np.empty((n, *self.src_shape), np.uint8)
+            for k, g in enumerate(grid_maps):
+                out8[k] = cv2.remap(g, self._inv_x, self._inv_y, cv2.INTER_NEAREST, borderValue=0)
+            return out8
         flat = grid_maps.reshape(n, -1)
         idx = self._inverse
         out = np.where(idx >= 0, flat[:, np.maximum(idx, 0)], 0).astype(grid_maps.dtype)

@@ -60,11 +60,10 @@ class Sector:
 
 def detect_sector(frames: np.ndarray, ds: pydicom.Dataset | None = None) -> Sector:
     """Sector of ``frames`` ``(n, rows, cols)`` uint8; raises :class:`InputError` if none is found."""
-    n, rows, cols = frames.shape
+    _, rows, cols = frames.shape
     mm, box = _region_info(ds, rows, cols)
     mask = _sector_mask(frames, box)
-    ys, xs = np.nonzero(mask)
-    if ys.size < 0.05 * rows * cols:
+    if mask.sum() < 0.05 * rows * cols:
         raise InputError("no imaging sector found")
     sector = _fit_geometry(mask, mm)
     log.debug("sector %s", sector)
@@ -120,7 +119,7 @@ def _sector_mask(frames: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarr
 
 def _fit_geometry(mask: np.ndarray, mm: float) -> Sector:
     """Straight side edges meeting above the image make a convex fan, parallel ones a rectangle."""
-    rows, cols = mask.shape
+    cols = mask.shape[1]
     ys = np.nonzero(mask.any(axis=1))[0]
     xs = np.nonzero(mask.any(axis=0))[0]
     top, bottom = int(ys[0]), int(ys[-1])

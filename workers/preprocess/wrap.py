@@ -8,7 +8,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
 
 
-def frames_to_dataset(frames: np.ndarray, mm_per_pixel: float | None = None, uid: str | None = None) -> Dataset:
+def frames_to_dataset(
+    frames: np.ndarray, mm_per_pixel: float | None = None, uid: str | None = None
+) -> Dataset:
     """An uncompressed MONOCHROME2 US Multi-frame Image of ``(n, rows, cols)`` uint8 frames."""
     n, rows, cols = frames.shape
     ds = Dataset()

@@ -7,6 +7,7 @@ Pure numpy, no I/O: the Celery task, the CLI and the evaluation all call the sam
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +91,7 @@ def frame_findings(
     bl = (labels == C.B_LINE) & below
     span = np.maximum(below.sum(axis=0), 1)
     b_cols = extent & (bl.sum(axis=0) >= cfg.b_line_column_fill * span)
-    runs = _runs(_close_gaps(b_cols, int(round(cfg.b_line_merge_mm / col_mm))))
+    runs = _runs(_close_gaps(b_cols, round(cfg.b_line_merge_mm / col_mm)))
     widths_mm = [(e - s) * col_mm for s, e in runs]
     confluent = any(w >= cfg.confluent_min_mm for w in widths_mm)
     b_fraction = float(b_cols.sum() / max(n_pleura, 1))
@@ -215,7 +216,7 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 def _close_gaps(mask: np.ndarray, gap: int) -> np.ndarray:
     out = mask.copy()
     runs = _runs(mask)
-    for (_, e), (s, _) in zip(runs, runs[1:], strict=False):
+    for (_, e), (s, _) in itertools.pairwise(runs):
         if s - e <= gap:
             out[e:s] = True
     return out

@@ -7,6 +7,7 @@ General/Enhanced General Equipment modules (C.7.5.1, C.7.5.2).
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ def copy_patient_study(source: Dataset, ds: Dataset) -> None:
         ds.SpecificCharacterSet = source.SpecificCharacterSet
     for kw in PATIENT_STUDY_KEYWORDS:
         if kw in source:
-            ds[kw] = source[kw]
+            ds[kw] = copy.deepcopy(source[kw])  # never share elements: edits must not leak back
     for kw in _TYPE2:
         if kw not in ds:
             setattr(ds, kw, None)
@@ -146,15 +147,40 @@ def referenced_series(source: Dataset) -> list[Dataset]:
     return [series]
 
 
+def lossy_history(source: Dataset, ds: Dataset, extra: tuple[str, str] | None = None) -> None:
+    """Lossy Image Compression attributes (C.7.6.1.1.5): once "01" an image's derivatives stay
+    "01", with the source's ratios/methods followed by ``extra`` (ratio, method) if re-encoded."""
+    ratios = [str(v) for v in _as_list(source.get("LossyImageCompressionRatio"))]
+    methods = [str(v) for v in _as_list(source.get("LossyImageCompressionMethod"))]
+    lossy = str(source.get("LossyImageCompression", "00")) == "01"
+    if extra is not None:
+        lossy = True
+        ratios.append(extra[0])
+        methods.append(extra[1])
+    ds.LossyImageCompression = "01" if lossy else "00"
+    if lossy and ratios:
+        ds.LossyImageCompressionRatio = ratios
+    if lossy and methods:
+        ds.LossyImageCompressionMethod = methods
+
+
+def _as_list(value: object) -> list[object]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str | int | float):
+        return [value]
+    return list(value)  # type: ignore[call-overload]
+
+
 def metadata_copy(source: Dataset) -> Dataset:
     """The source without pixel data, for highdicom evidence and image-library entries."""
     meta = Dataset()
     for elem in source:
         if elem.tag.group == 0x7FE0:
             continue
-        meta.add(elem)
+        meta.add(copy.deepcopy(elem))
     if hasattr(source, "file_meta"):
-        meta.file_meta = source.file_meta
+        meta.file_meta = copy.deepcopy(source.file_meta)
     return meta
 
 

@@ -29,6 +29,7 @@ from workers.write_dicom.common import (
     SeriesInfo,
     copy_patient_study,
     file_meta,
+    lossy_history,
     set_series_and_equipment,
     source_image_item,
 )
@@ -46,15 +47,18 @@ class OverlayOptions:
 
 
 def blend(frames_rgb: np.ndarray, labels: np.ndarray, alpha: float) -> np.ndarray:
-    """Alpha-blend the class colours of ``labels`` (F, R, C) over ``frames_rgb`` (F, R, C, 3)."""
+    """Alpha-blend the class colours of ``labels`` (F, R, C) over ``frames_rgb`` (F, R, C, 3).
+
+    Only labelled pixels are computed: cines are large and mostly background.
+    """
     lut = np.zeros((256, 3), dtype=np.float32)
     for cls in SEGMENT_CLASSES:
         lut[int(cls)] = codes.SEGMENT_RGB[cls]
-    colour = lut[labels]
-    mask = (labels > 0)[..., None] & np.isin(labels, [int(c) for c in SEGMENT_CLASSES])[..., None]
-    out = frames_rgb.astype(np.float32)
-    out = np.where(mask, (1.0 - alpha) * out + alpha * colour, out)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    mask = np.isin(labels, [int(c) for c in SEGMENT_CLASSES])
+    out = frames_rgb.copy()
+    mixed = (1.0 - alpha) * frames_rgb[mask].astype(np.float32) + alpha * lut[labels[mask]]
+    out[mask] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    return out
 
 
 def legend_strip(width: int, analysis: Analysis) -> np.ndarray:
@@ -97,7 +101,7 @@ def render(frames_rgb: np.ndarray, analysis: Analysis, alpha: float) -> np.ndarr
 def _cine(source: Dataset, ds: Dataset) -> None:
     """Cine (C.7.6.5) and Frame Increment Pointer, from the source's timing when it has one."""
     if "FrameTimeVector" in source and "FrameTime" not in source:
-        ds.FrameTimeVector = source.FrameTimeVector
+        ds.FrameTimeVector = list(source.FrameTimeVector)
         ds.FrameIncrementPointer = 0x00181065
         return
     frame_time = source.get("FrameTime")
@@ -129,7 +133,7 @@ def build_overlay(
     ds.DerivationDescription = f"Segmentation overlay by {analysis.model.name} {analysis.model.version}"
     ds.SourceImageSequence = [source_image_item(source)]
     if "PatientOrientation" in source:
-        ds.PatientOrientation = source.PatientOrientation
+        ds.PatientOrientation = list(source.PatientOrientation)
     else:
         ds.PatientOrientation = None
     if "ImageLaterality" in source:
@@ -141,10 +145,9 @@ def build_overlay(
     ds.PlanarConfiguration = 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     _cine(source, ds)
-    codes.declare_private_scheme(ds)
     if options.jpeg_quality is None:
         ds.PhotometricInterpretation = "RGB"
-        ds.LossyImageCompression = "00"
+        lossy_history(source, ds)
         ds.PixelData = pixels.tobytes()
         ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian)
         return ds
@@ -154,9 +157,7 @@ def build_overlay(
         Image.fromarray(frame, "RGB").save(buf, format="JPEG", quality=options.jpeg_quality, subsampling=1)
         encoded.append(buf.getvalue())
     ds.PhotometricInterpretation = "YBR_FULL_422"
-    ds.LossyImageCompression = "01"
-    ds.LossyImageCompressionRatio = f"{pixels.nbytes / sum(len(e) for e in encoded):.2f}"
-    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    lossy_history(source, ds, (f"{pixels.nbytes / sum(len(e) for e in encoded):.2f}", "ISO_10918_1"))
     ds.PixelData = encapsulate(encoded)
     ds["PixelData"].VR = "OB"
     ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, JPEGBaseline8Bit)

@@ -31,7 +31,6 @@ from typing import Literal
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import pack_bits
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SegmentationStorage
 
@@ -41,6 +40,7 @@ from workers.write_dicom.common import (
     SeriesInfo,
     copy_patient_study,
     file_meta,
+    lossy_history,
     referenced_series,
     series_laterality,
     set_series_and_equipment,
@@ -82,6 +82,13 @@ def selected_source_frames(n_frames: int, n_segments: int, max_frames: int | Non
         raise ValueError(f"max_frames={max_frames} cannot hold one frame of {n_segments} segments")
     per_segment = max_frames // n_segments
     return list(range(0, n_frames, math.ceil(n_frames / per_segment)))
+
+
+def pack_frames(pixels: np.ndarray) -> bytes:
+    """1-bit pixel data: frames back to back, least significant bit first, padded to even length
+    only at the end (PS3.5 8.1.1, 8.2)."""
+    packed = np.packbits(pixels.ravel(), bitorder="little").tobytes()
+    return packed + b"\0" if len(packed) % 2 else packed
 
 
 def segment_description(
@@ -220,7 +227,7 @@ def build_seg(
     ds.SegmentsOverlap = "NO"
     ds.ReferencedSeriesSequence = referenced_series(source)
     if "PatientOrientation" in source:
-        ds.PatientOrientation = source.PatientOrientation
+        ds.PatientOrientation = list(source.PatientOrientation)
 
     dim_uid = derive_uid(uid_root, series.sop_instance_uid, "dimension-organization")
     org = Dataset()
@@ -231,14 +238,13 @@ def build_seg(
 
     groups: list[Dataset] = []
     if binary:
-        planes = []
-        for cls in present:
-            for t, f in enumerate(frames, start=1):
-                groups.append(_frame_group(source, f, t, int(cls)))
-                planes.append(labels[f] == cls)
-        pixels = np.stack(planes)
+        selected = labels[frames]
+        pixels = np.empty((len(present) * len(frames), *selected.shape[1:]), dtype=bool)
+        for i, cls in enumerate(present):
+            pixels[i * len(frames) : (i + 1) * len(frames)] = selected == cls
+            groups.extend(_frame_group(source, f, t, int(cls)) for t, f in enumerate(frames, start=1))
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
-        ds.PixelData = pack_bits(pixels.astype(np.uint8))
+        ds.PixelData = pack_frames(pixels)
     else:
         groups = [_frame_group(source, f, t, None) for t, f in enumerate(frames, start=1)]
         pixels = labels[frames].astype(np.uint8)
@@ -250,7 +256,7 @@ def build_seg(
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.PixelRepresentation = 0
-    ds.LossyImageCompression = "00"
+    lossy_history(source, ds)
     codes.declare_private_scheme(ds)
 
     ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian)

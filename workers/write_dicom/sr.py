@@ -228,6 +228,14 @@ def segment_numbers_with_frames(seg: Dataset) -> set[int]:
     }
 
 
+def instance_identity(ds: Dataset) -> Dataset:
+    """The UIDs highdicom needs to list ``ds`` as evidence (copying a whole SEG is slow)."""
+    ident = Dataset()
+    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
+        setattr(ident, kw, ds[kw].value)
+    return ident
+
+
 def build_sr(
     source: Dataset,
     analysis: Analysis,
@@ -257,7 +265,7 @@ def build_sr(
         ),
         referenced_images=[source_meta],
     )
-    evidence = [source_meta] if seg is None else [source_meta, metadata_copy(seg)]
+    evidence = [source_meta] if seg is None else [source_meta, instance_identity(seg)]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,

@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 
 from workers.write_dicom.codes import PRIVATE_SCHEME
 from workers.write_dicom.common import file_meta, metadata_copy
+from workers.write_dicom.seg import LABEL_MAP_SEGMENTATION_STORAGE
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ def _run(args: list[str]) -> str:
 
 
 def _subject(ds: Dataset) -> str:
+    if ds.SOPClassUID == LABEL_MAP_SEGMENTATION_STORAGE:  # newer than pydicom 3.0's UID table
+        return "LabelMapSegmentationStorage"
     return pydicom.uid.UID(ds.SOPClassUID).keyword or str(ds.SOPClassUID)
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.api.deps import get_session, read_scope, write_scope
+from service.api.deps import DbSession, read_scope, write_scope
 from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate, sort_pattern
 from service.api.problems import ProblemError, not_found, responses
 from service.api.schemas import UID_PATTERN, DeliveryOut, DestinationOut, Page
@@ -36,7 +36,7 @@ def _out(d: Delivery) -> DeliveryOut:
     responses=responses(400),
 )
 def list_deliveries(
-    session: Session = Depends(get_session),
+    session: DbSession,
     state: DeliveryState | None = None,
     destination: Annotated[str | None, Query(max_length=128, description="AET@host:port")] = None,
     sop_instance_uid: Annotated[
@@ -73,18 +73,19 @@ def list_deliveries(
     dependencies=[Depends(read_scope)],
     responses=responses(),
 )
-def destinations(session: Session = Depends(get_session)) -> list[DestinationOut]:
-    out: dict[str, DestinationOut] = {}
+def destinations(session: DbSession) -> list[DestinationOut]:
+    counts: dict[str, dict[str, int]] = {}
+    last_at: dict[str, datetime] = {}
     for dest, state, n, last in session.execute(
         select(Delivery.destination, Delivery.state, func.count(), func.max(Delivery.delivered_at)).group_by(
             Delivery.destination, Delivery.state
         )
-    ).tuples():
-        d = out.setdefault(dest, DestinationOut(destination=dest, counts={}, last_delivered_at=None))
-        d.counts[state.value] = n
-        if last is not None and (d.last_delivered_at is None or last > d.last_delivered_at):
-            d.last_delivered_at = last
-    return sorted(out.values(), key=lambda d: d.destination)
+    ):
+        counts.setdefault(dest, {})[state.value] = n
+        if last is not None and (dest not in last_at or last > last_at[dest]):
+            last_at[dest] = last
+    ordered = sorted(counts.items())
+    return [DestinationOut(destination=d, counts=c, last_delivered_at=last_at.get(d)) for d, c in ordered]
 
 
 def _get(session: Session, delivery_id: int) -> Delivery:
@@ -101,7 +102,7 @@ def _get(session: Session, delivery_id: int) -> Delivery:
     dependencies=[Depends(read_scope)],
     responses=responses(404),
 )
-def get_delivery(delivery_id: DeliveryId, session: Session = Depends(get_session)) -> DeliveryOut:
+def get_delivery(delivery_id: DeliveryId, session: DbSession) -> DeliveryOut:
     return _out(_get(session, delivery_id))
 
 
@@ -113,7 +114,7 @@ def get_delivery(delivery_id: DeliveryId, session: Session = Depends(get_session
     dependencies=[Depends(write_scope)],
     responses=responses(404, 409),
 )
-def resend(delivery_id: DeliveryId, session: Session = Depends(get_session)) -> DeliveryOut:
+def resend(delivery_id: DeliveryId, session: DbSession) -> DeliveryOut:
     d = _get(session, delivery_id)
     if d.state == DeliveryState.SENDING:
         raise ProblemError(409, "delivery-in-progress", "the object is being sent right now")

@@ -40,7 +40,11 @@ def _model() -> None:
         raise ModuleNotFoundError("workers.infer")
 
 
-@router.get("/health", summary="Liveness and readiness (database, broker, storage, model)")
+@router.get(
+    "/health",
+    summary="Liveness and readiness (database, broker, storage, model)",
+    responses={503: {"description": "Not ready: at least one check failed (same body)"}},
+)
 async def health(response: Response) -> dict[str, Any]:
     checks = {
         "database": await asyncio.to_thread(_check, ping),

@@ -11,13 +11,14 @@ from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.api.deps import api_state, get_session, read_scope, write_scope
+from service.api.deps import DbSession, api_state, read_scope, write_scope
 from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate, sort_pattern
-from service.api.problems import ProblemError, not_found, responses
-from service.api.queries import instance_by_uid, job_out, latest_result, result_out
+from service.api.problems import ProblemError, responses
+from service.api.queries import instance_by_uid, job_out, latest_result_by_uid, result_out, utc
 from service.api.schemas import (
     UID_PATTERN,
     InstanceOut,
+    IsoDateTime,
     JobOut,
     JobSummary,
     Page,
@@ -73,7 +74,7 @@ def _jobs_and_scores(session: Session, ids: list[int]) -> tuple[dict[int, Job], 
             jobs[j.instance_id] = j
         for iid, score in session.execute(
             select(Result.instance_id, Result.score).where(Result.instance_id.in_(ids)).order_by(Result.id)
-        ).tuples():
+        ):
             scores[iid] = score
     return jobs, scores
 
@@ -86,15 +87,15 @@ def _jobs_and_scores(session: Session, ids: list[int]) -> tuple[dict[int, Job], 
     responses=responses(400),
 )
 def list_instances(
-    session: Session = Depends(get_session),
+    session: DbSession,
     study_instance_uid: Annotated[str | None, Query(pattern=UID_PATTERN, max_length=64)] = None,
     series_instance_uid: Annotated[str | None, Query(pattern=UID_PATTERN, max_length=64)] = None,
     patient_id: Annotated[str | None, Query(max_length=64)] = None,
     accession_number: Annotated[str | None, Query(max_length=64)] = None,
     calling_ae: Annotated[str | None, Query(max_length=16)] = None,
     state: InstanceState | None = None,
-    received_from: Annotated[datetime | None, Query(description="Received at or after (ISO 8601).")] = None,
-    received_to: Annotated[datetime | None, Query(description="Received before (ISO 8601).")] = None,
+    received_from: Annotated[IsoDateTime | None, Query(description="Received at or after (ISO 8601)")] = None,
+    received_to: Annotated[IsoDateTime | None, Query(description="Received before (ISO 8601).")] = None,
     sort: Annotated[str, Query(pattern=sort_pattern(list(_SORTS)))] = "-received_at",
     cursor: Annotated[str | None, Query(max_length=512)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
@@ -118,9 +119,9 @@ def list_instances(
     if state is not None:
         filters.append(Instance.state == state)
     if received_from is not None:
-        filters.append(Instance.received_at >= received_from)
+        filters.append(Instance.received_at >= utc(received_from))
     if received_to is not None:
-        filters.append(Instance.received_at < received_to)
+        filters.append(Instance.received_at < utc(received_to))
     stmt, _, _ = paginate(
         stmt.where(*filters), sort=sort, keys=_SORTS, id_col=Instance.id, cursor=cursor, limit=limit
     )
@@ -151,9 +152,7 @@ def _uids(session: Session, inst: Instance) -> tuple[str, str]:
     dependencies=[Depends(read_scope)],
     responses=responses(404),
 )
-def get_instance(
-    sop_instance_uid: Uid, version: Version = None, session: Session = Depends(get_session)
-) -> InstanceOut:
+def get_instance(session: DbSession, sop_instance_uid: Uid, version: Version = None) -> InstanceOut:
     inst = instance_by_uid(session, sop_instance_uid, version)
     jobs, scores = _jobs_and_scores(session, [inst.id])
     return _instance_out(inst, *_uids(session, inst), jobs.get(inst.id), scores.get(inst.id))
@@ -167,16 +166,12 @@ def get_instance(
     responses=responses(404),
 )
 def instance_result(
+    session: DbSession,
     sop_instance_uid: Uid,
     version: Version = None,
     model_version: Annotated[str | None, Query(max_length=64)] = None,
-    session: Session = Depends(get_session),
 ) -> ResultOut:
-    inst = instance_by_uid(session, sop_instance_uid, version)
-    r = latest_result(session, inst.id, model_version)
-    if r is None:
-        raise not_found("result of this instance")
-    return result_out(session, r)
+    return result_out(latest_result_by_uid(session, sop_instance_uid, version, model_version))
 
 
 @router.post(
@@ -188,9 +183,9 @@ def instance_result(
     responses=responses(404, 409),
 )
 def rerun(
+    session: DbSession,
     sop_instance_uid: Uid,
     body: Annotated[RerunRequest | None, Body()] = None,
-    session: Session = Depends(get_session),
 ) -> JobOut:
     body = body or RerunRequest()
     inst = instance_by_uid(session, sop_instance_uid, body.version)

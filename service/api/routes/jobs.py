@@ -9,11 +9,11 @@ from fastapi import APIRouter, Depends, Path, Query
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.api.deps import get_session, read_scope, write_scope
+from service.api.deps import DbSession, read_scope, write_scope
 from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate, sort_pattern
 from service.api.problems import ProblemError, not_found, responses
-from service.api.queries import job_out, job_result_ids
-from service.api.schemas import UID_PATTERN, JobOut, Page
+from service.api.queries import job_out, job_result_ids, utc
+from service.api.schemas import UID_PATTERN, IsoDateTime, JobOut, Page
 from service.store.models import Instance, Job, JobState
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
@@ -30,12 +30,12 @@ CANCELLABLE = (JobState.QUEUED, JobState.RETRYING, JobState.RUNNING)
     responses=responses(400),
 )
 def list_jobs(
-    session: Session = Depends(get_session),
+    session: DbSession,
     state: JobState | None = None,
     sop_instance_uid: Annotated[str | None, Query(pattern=UID_PATTERN, max_length=64)] = None,
     model_version: Annotated[str | None, Query(max_length=64)] = None,
-    created_from: Annotated[datetime | None, Query(description="Created at or after (ISO 8601).")] = None,
-    created_to: Annotated[datetime | None, Query(description="Created before (ISO 8601).")] = None,
+    created_from: Annotated[IsoDateTime | None, Query(description="Created at or after (ISO 8601).")] = None,
+    created_to: Annotated[IsoDateTime | None, Query(description="Created before (ISO 8601).")] = None,
     sort: Annotated[str, Query(pattern=sort_pattern(list(_SORTS)))] = "-id",
     cursor: Annotated[str | None, Query(max_length=512)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
@@ -50,9 +50,9 @@ def list_jobs(
     if model_version is not None:
         stmt = stmt.where(Job.model_version == model_version)
     if created_from is not None:
-        stmt = stmt.where(Job.created_at >= created_from)
+        stmt = stmt.where(Job.created_at >= utc(created_from))
     if created_to is not None:
-        stmt = stmt.where(Job.created_at < created_to)
+        stmt = stmt.where(Job.created_at < utc(created_to))
     stmt, _, _ = paginate(stmt, sort=sort, keys=_SORTS, id_col=Job.id, cursor=cursor, limit=limit)
     rows = session.execute(stmt).all()
     page = rows[:limit]
@@ -76,7 +76,7 @@ def _load(session: Session, job_id: int) -> tuple[Job, Instance]:
     "/jobs/{job_id}", response_model=JobOut, summary="One job", dependencies=[Depends(read_scope)],
     responses=responses(404),
 )  # fmt: skip
-def get_job(job_id: JobId, session: Session = Depends(get_session)) -> JobOut:
+def get_job(job_id: JobId, session: DbSession) -> JobOut:
     job, inst = _load(session, job_id)
     return job_out(job, inst.sop_instance_uid, inst.version, job_result_ids(session, [job.id]).get(job.id))
 
@@ -89,7 +89,7 @@ def get_job(job_id: JobId, session: Session = Depends(get_session)) -> JobOut:
     dependencies=[Depends(write_scope)],
     responses=responses(404, 409),
 )
-def cancel_job(job_id: JobId, session: Session = Depends(get_session)) -> JobOut:
+def cancel_job(job_id: JobId, session: DbSession) -> JobOut:
     job, inst = _load(session, job_id)
     if job.state not in CANCELLABLE:
         raise ProblemError(409, "job-finished", f"the job is already {job.state.value}")

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
-from service.api.deps import api_state, get_session, read_scope
+from service.api.deps import DbSession, api_state, read_scope
 from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate, sort_pattern
 from service.api.problems import not_found, responses
 from service.api.schemas import (
@@ -55,9 +55,7 @@ def _study_counts(session: Session, ids: list[int]) -> tuple[dict[int, int], dic
     series = dict(
         session.execute(
             select(Series.study_id, func.count()).where(Series.study_id.in_(ids)).group_by(Series.study_id)
-        )
-        .tuples()
-        .all()
+        ).all()
     )
     inst = dict(
         session.execute(
@@ -65,9 +63,7 @@ def _study_counts(session: Session, ids: list[int]) -> tuple[dict[int, int], dic
             .join(Instance, Instance.series_id == Series.id)
             .where(Series.study_id.in_(ids))
             .group_by(Series.study_id)
-        )
-        .tuples()
-        .all()
+        ).all()
     )
     return series, inst
 
@@ -87,7 +83,7 @@ def _study_out(s: Study, series_n: int, inst_n: int) -> StudyOut:
 
 @router.get("/studies", response_model=Page[StudyOut], summary="List studies", responses=responses(400))
 def list_studies(
-    session: Session = Depends(get_session),
+    session: DbSession,
     patient_id: Annotated[str | None, Query(max_length=64)] = None,
     accession_number: Annotated[str | None, Query(max_length=64)] = None,
     date_from: Annotated[date | None, Query(description="Study date on or after (YYYY-MM-DD).")] = None,
@@ -176,9 +172,7 @@ def _instance_counts(session: Session, series_ids: list[int]) -> dict[int, int]:
             select(Instance.series_id, func.count())
             .where(Instance.series_id.in_(series_ids))
             .group_by(Instance.series_id)
-        )
-        .tuples()
-        .all()
+        ).all()
     )
 
 
@@ -188,9 +182,7 @@ def _instance_counts(session: Session, series_ids: list[int]) -> dict[int, int]:
     summary="Study with its series",
     responses=responses(404),
 )
-def get_study(
-    request: Request, study_instance_uid: Uid, session: Session = Depends(get_session)
-) -> StudyDetail:
+def get_study(request: Request, study_instance_uid: Uid, session: DbSession) -> StudyDetail:
     study = _get_study(session, study_instance_uid)
     rule: ZoneRule = request.app.state.zone_rule
     series = list(
@@ -217,9 +209,7 @@ def get_study(
     ),
     responses=responses(404),
 )
-def study_results(
-    request: Request, study_instance_uid: Uid, session: Session = Depends(get_session)
-) -> StudyResults:
+def study_results(request: Request, study_instance_uid: Uid, session: DbSession) -> StudyResults:
     study = _get_study(session, study_instance_uid)
     rule: ZoneRule = request.app.state.zone_rule
     expected = [z.upper() for z in api_state(request).settings.zones_expected]
@@ -276,7 +266,7 @@ def study_results(
 @router.get("/series", response_model=Page[SeriesOut], summary="List series", responses=responses(400))
 def list_series(
     request: Request,
-    session: Session = Depends(get_session),
+    session: DbSession,
     study_instance_uid: Annotated[str | None, Query(pattern=UID_PATTERN, max_length=64)] = None,
     modality: Annotated[str | None, Query(max_length=16)] = None,
     zone: Annotated[
@@ -316,9 +306,7 @@ def list_series(
 @router.get(
     "/series/{series_instance_uid}", response_model=SeriesOut, summary="One series", responses=responses(404)
 )
-def get_series(
-    request: Request, series_instance_uid: Uid, session: Session = Depends(get_session)
-) -> SeriesOut:
+def get_series(request: Request, series_instance_uid: Uid, session: DbSession) -> SeriesOut:
     row = session.execute(
         select(Series, Study.study_instance_uid)
         .join(Study, Series.study_id == Study.id)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.ndimage import binary_dilation
 
 from workers.domain import SegmentClass as C
 from workers.phantom import SCENARIOS, make_cine, make_sample, random_scene, render
-from workers.preprocess import GridShape
+from workers.preprocess import Grid, GridShape
 
 
 def test_same_seed_same_sample() -> None:
@@ -19,17 +20,21 @@ def test_same_seed_same_sample() -> None:
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_scene_labels_match_scenario(scenario: str) -> None:
     rng = np.random.default_rng(7)
-    scene = random_scene(rng, 128, 128, scenario)
-    amp, lab, _ = render(scene, rng)
-    assert amp.shape == lab.shape == (128, 128)
-    present = set(np.unique(lab).tolist())
-    assert C.PLEURAL_LINE in present
-    if scenario in {"b_lines", "confluent", "white_lung"}:
-        assert C.B_LINE in present
-    if scenario in {"subpleural", "lobar"}:
-        assert C.CONSOLIDATION in present
-    if scenario == "normal":
-        assert C.B_LINE not in present and C.CONSOLIDATION not in present
+    hits = []
+    for _ in range(10):
+        scene = random_scene(rng, 128, 128, scenario)
+        amp, lab, _ = render(scene, rng)
+        assert amp.shape == lab.shape == (128, 128)
+        present = set(np.unique(lab).tolist())
+        assert C.PLEURAL_LINE in present
+        if scenario == "normal":
+            assert C.B_LINE not in present and C.CONSOLIDATION not in present
+        want = {"b_lines": C.B_LINE, "confluent": C.B_LINE, "white_lung": C.B_LINE}.get(
+            scenario, C.CONSOLIDATION
+        )
+        hits.append(want in present if scenario != "normal" else C.A_LINE in present)
+    # Thin consolidations under a thick pleura, or faint A-lines, are legitimately not drawn.
+    assert np.mean(hits) >= 0.7
 
 
 def test_label_and_image_agree_on_structure() -> None:
@@ -61,4 +66,8 @@ def test_cine_slides_and_keeps_geometry() -> None:
     assert not np.array_equal(c.frames[0], c.frames[3])
     assert set(np.unique(c.labels).tolist()) <= {int(k) for k in C}
     # Outside the sector the image is black, as on a scanner.
-    assert (c.frames[:, c.labels[0] == 0] == 0).mean() > 0.1
+    grid = Grid(c.sector, (200, 240))
+    inside = grid.to_source(np.ones((1, *grid.shape.__dict__.values()), np.uint8))[0] == 1
+    outside = ~binary_dilation(inside, iterations=2)  # the edge is interpolated
+    assert outside.sum() > 1000
+    assert (c.frames[:, outside] == 0).mean() > 0.99

@@ -24,7 +24,6 @@ def _gray(n: int = 3, rows: int = 48, cols: int = 64) -> np.ndarray:
 
 
 def _colour_ds(frames_rgb: np.ndarray, photometric: str, planar: int = 0) -> pydicom.Dataset:
-    n, rows, cols, _ = frames_rgb.shape
     ds = frames_to_dataset(frames_rgb[..., 0])
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = photometric

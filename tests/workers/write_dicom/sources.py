@@ -1,10 +1,14 @@
-"""Synthetic multi-frame ultrasound sources and analyses for the DICOM writer tests."""
+"""Synthetic multi-frame ultrasound sources, analyses and helpers for the DICOM writer tests."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+import os
+from dataclasses import replace
 
 import numpy as np
+import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -16,6 +20,7 @@ from pydicom.uid import (
 )
 
 from workers.domain import Analysis, FrameFindings, ModelInfo, SegmentClass, VideoFindings
+from workers.write_dicom import OutputOptions, build_outputs
 
 MODEL = ModelInfo(name="lusai-unet", version="1.2.0", weights_sha256="ab" * 32)
 
@@ -166,3 +171,33 @@ def make_analysis(
         model=MODEL,
         timings_ms={"total": 1.0},
     )
+
+
+NOW = dt.datetime(2026, 1, 2, 3, 4, 5)
+N_FRAMES = 4
+
+#: (rows, cols, jpeg): BLUS-sized 350 x 350 (122500 px, not a multiple of 8) and 600 x 800.
+SOURCE_KINDS = [(350, 350, False), (600, 800, True), (350, 350, True), (600, 800, False)]
+
+
+def require_external(what: str, available: bool) -> None:
+    """Skip when an external tool is missing, unless LUSAI_REQUIRE_EXTERNAL=1 makes it a failure."""
+    if available:
+        return
+    if os.environ.get("LUSAI_REQUIRE_EXTERNAL") == "1":
+        pytest.fail(f"{what} is required (LUSAI_REQUIRE_EXTERNAL=1) but missing")
+    pytest.skip(f"{what} not available")
+
+
+def outputs_for(
+    source: Dataset,
+    analysis: Analysis,
+    options: OutputOptions | None = None,
+    *,
+    validate: bool = False,
+) -> dict[str, Dataset]:
+    """Build without validation (tests validate explicitly) and key the objects by Modality."""
+    opts = replace(options or OutputOptions(), validate=validate)
+    n, rows, cols = analysis.labels.shape
+    rgb = frames_rgb(n, rows, cols, seed=1)
+    return {ds.Modality: ds for ds in build_outputs(source, analysis, frames_rgb=rgb, options=opts, now=NOW)}

@@ -8,14 +8,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.workers.write_dicom.conftest import NOW
-from tests.workers.write_dicom.sources import frames_rgb, make_analysis, make_source
 from workers.domain import SegmentClass
 from workers.write_dicom import OutputOptions, OverlayOptions
 from workers.write_dicom.build import series_info
 from workers.write_dicom.codes import SEGMENT_RGB
 from workers.write_dicom.overlay import blend, build_overlay
 from workers.write_dicom.uids import OutputKind
+
+from .sources import NOW, frames_rgb, make_analysis, make_source
 
 
 def smooth_frames() -> np.ndarray:
@@ -32,7 +32,9 @@ def overlay(
     rgb = frames_rgb(3, 350, 350) if rgb is None else rgb
     frames = rgb[..., 0] if grey else rgb
     info = series_info(source, analysis, OutputKind.SC, OutputOptions())
-    ds = build_overlay(source, analysis, frames, info, options=OverlayOptions(jpeg_quality=jpeg_quality), now=NOW)
+    ds = build_overlay(
+        source, analysis, frames, info, options=OverlayOptions(jpeg_quality=jpeg_quality), now=NOW
+    )
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     buf.seek(0)
@@ -59,6 +61,7 @@ def test_uncompressed_overlay(grey: bool) -> None:
     assert ds.BurnedInAnnotation == "YES" and ds.SeriesDescription == "LUSAI overlay"
     assert ds.PatientOrientation == source.PatientOrientation and ds.Laterality == "R"
     assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert "CodingSchemeIdentificationSequence" not in ds  # uses no 99LUSAI codes
     assert float(ds.FrameTime) == pytest.approx(33.3)
     pixels = ds.pixel_array
     assert pixels.shape[0] == 3 and pixels.shape[1] > 350 and pixels.shape[2] == 350
@@ -78,6 +81,21 @@ def test_jpeg_overlay_decodes_close_to_uncompressed() -> None:
     decoded = ds.pixel_array  # pydicom converts YBR_FULL_422 to RGB
     error = np.abs(decoded.astype(int) - raw.pixel_array.astype(int)).mean()
     assert error < 2
+    assert ds.LossyImageCompressionMethod == "ISO_10918_1"
+    assert raw.LossyImageCompression == "00"
+
+
+def test_overlay_of_lossy_source_stays_lossy() -> None:
+    source = make_source(64, 64, 2, jpeg=True)
+    analysis = make_analysis(source)
+    info = series_info(source, analysis, OutputKind.SC, OutputOptions())
+    ds = build_overlay(source, analysis, frames_rgb(2, 64, 64), info, now=NOW)
+    assert (ds.LossyImageCompression, ds.LossyImageCompressionMethod) == ("01", "ISO_10918_1")
+    jpeg = build_overlay(
+        source, analysis, frames_rgb(2, 64, 64), info, options=OverlayOptions(jpeg_quality=80), now=NOW
+    )
+    assert list(jpeg.LossyImageCompressionMethod) == ["ISO_10918_1", "ISO_10918_1"]
+    assert len(jpeg.LossyImageCompressionRatio) == 2
 
 
 def test_rejects_frames_that_do_not_match() -> None:

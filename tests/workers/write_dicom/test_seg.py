@@ -9,13 +9,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.workers.write_dicom.conftest import NOW, N_FRAMES, outputs_for
-from tests.workers.write_dicom.sources import make_analysis, make_source
 from workers.domain import SEGMENT_CLASSES, Analysis, SegmentClass
 from workers.write_dicom import OutputOptions, SegOptions
 from workers.write_dicom.build import series_info
 from workers.write_dicom.seg import WEASIS_MAX_FRAMES, build_seg, selected_source_frames
 from workers.write_dicom.uids import OutputKind
+
+from .sources import N_FRAMES, NOW, make_analysis, make_source, outputs_for
 
 
 def roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
@@ -25,7 +25,9 @@ def roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
     return pydicom.dcmread(buf)
 
 
-def seg_of(source: pydicom.Dataset, analysis: Analysis, options: SegOptions = SegOptions()) -> pydicom.Dataset:
+def seg_of(
+    source: pydicom.Dataset, analysis: Analysis, options: SegOptions = SegOptions()
+) -> pydicom.Dataset:
     opts = OutputOptions()
     info = series_info(source, analysis, OutputKind.SEG, opts)
     return roundtrip(build_seg(source, analysis, info, options=options, uid_root=opts.uid_root, now=NOW))
@@ -57,8 +59,13 @@ def test_segments_frames_and_references(case: tuple[pydicom.Dataset, Analysis]) 
     assert ds.SOPClassUID == pydicom.uid.SegmentationStorage
     assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
     assert ds.SeriesInstanceUID != source.SeriesInstanceUID and ds.SeriesDescription == "LUSAI SEG"
-    assert (ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions) == ("lusai", "lusai-unet", "1.2.0")
+    assert (ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions) == (
+        "lusai",
+        "lusai-unet",
+        "1.2.0",
+    )
     assert ds.PatientOrientation == source.PatientOrientation
+    assert ds.LossyImageCompression == source.LossyImageCompression  # "01" stays "01" (C.7.6.1.1.5)
     assert ds.NumberOfFrames == len(present) * N_FRAMES
     assert [int(s.SegmentNumber) for s in ds.SegmentSequence] == [int(c) for c in SEGMENT_CLASSES]
     for item in ds.SegmentSequence:
@@ -112,7 +119,10 @@ def test_labelmap_rle_roundtrip() -> None:
     np.testing.assert_array_equal(ds.pixel_array, analysis.labels)
     seg = hd.seg.Segmentation.from_dataset(ds)
     arr = seg.get_pixels_by_source_frame(
-        source.SOPInstanceUID, source_frame_numbers=[1, 2, 3, 4], segment_numbers=[1, 5], combine_segments=True
+        source.SOPInstanceUID,
+        source_frame_numbers=[1, 2, 3, 4],
+        segment_numbers=[1, 5],
+        combine_segments=True,
     )
     expected = np.where(np.isin(analysis.labels, [1, 5]), analysis.labels, 0)
     np.testing.assert_array_equal(arr, expected)
@@ -164,3 +174,19 @@ def test_outputs_are_deterministic(case: tuple[pydicom.Dataset, Analysis]) -> No
         assert first[kind].SeriesInstanceUID == second[kind].SeriesInstanceUID
     uids = {ds.SOPInstanceUID for ds in first.values()} | {ds.SeriesInstanceUID for ds in first.values()}
     assert len(uids) == 6
+
+
+def test_outputs_share_no_elements_with_source() -> None:
+    """Editing an output (e.g. a coercing PACS gateway) must not alter the source dataset."""
+    source = make_source(64, 64, 2, jpeg=False)
+    before = {
+        kw: source[kw].value for kw in ("PatientName", "PatientBirthDate", "PatientOrientation", "StudyID")
+    }
+    for ds in outputs_for(source, make_analysis(source)).values():
+        ds.PatientName = "Changed^Name"
+        ds.PatientBirthDate = "19000101"
+        ds.StudyID = "changed"
+        if "PatientOrientation" in ds:
+            ds.PatientOrientation[0] = "P"
+    after = {kw: source[kw].value for kw in before}
+    assert after == before

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
 
-from tests.workers.write_dicom.conftest import outputs_for
-from tests.workers.write_dicom.sources import make_analysis, make_source
 from workers.domain import SEGMENT_CLASSES, Analysis
 from workers.write_dicom import OutputOptions, SegOptions
 from workers.write_dicom import codes as c
+
+from .sources import make_analysis, make_source, outputs_for
+
+
+def report_of(ds: Dataset) -> hd.sr.MeasurementReport:
+    content = hd.sr.Comprehensive3DSR.from_dataset(ds).content
+    assert isinstance(content, hd.sr.MeasurementReport)
+    return content
 
 
 def content_items(ds: Dataset) -> Iterator[Dataset]:
@@ -30,7 +38,12 @@ def built() -> tuple[Dataset, Analysis, dict[str, Dataset]]:
     return source, analysis, outputs_for(source, analysis)
 
 
-def named(group: hd.sr.MeasurementsAndQualitativeEvaluations, code: pydicom.sr.coding.Code) -> float:
+def code_of(concept: Any) -> str:
+    assert concept is not None
+    return str(concept.value)
+
+
+def named(group: Any, code: Code) -> float:
     (m,) = group.get_measurements(name=code)
     return float(m.value)
 
@@ -64,10 +77,11 @@ def test_report_header_and_context(built: tuple[Dataset, Analysis, dict[str, Dat
 
 def test_key_frame_scoord_carries_the_score(built: tuple[Dataset, Analysis, dict[str, Dataset]]) -> None:
     source, analysis, out = built
-    report = hd.sr.Comprehensive3DSR.from_dataset(out["SR"]).content
+    report = report_of(out["SR"])
     (group,) = report.get_planar_roi_measurement_groups()
-    assert group.tracking_uid and group.finding_type.value == c.LUS_KEY_FRAME.value
+    assert group.tracking_uid and code_of(group.finding_type) == c.LUS_KEY_FRAME.value
     region = group.roi
+    assert isinstance(region, hd.sr.ImageRegion)
     assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
     ref = region.ContentSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
@@ -81,13 +95,13 @@ def test_key_frame_scoord_carries_the_score(built: tuple[Dataset, Analysis, dict
 
 def test_video_and_frame_groups(built: tuple[Dataset, Analysis, dict[str, Dataset]]) -> None:
     source, analysis, out = built
-    report = hd.sr.Comprehensive3DSR.from_dataset(out["SR"]).content
-    groups = {g.finding_type.value: g for g in report.get_image_measurement_groups()}
+    report = report_of(out["SR"])
+    groups = {code_of(g.finding_type): g for g in report.get_image_measurement_groups()}
     video = groups[c.LUS_VIDEO_FINDINGS.value]
     assert named(video, c.LUS_SCORE) == analysis.findings.score
     assert named(video, c.B_LINE_PLEURA_PERCENT) == pytest.approx(12.5)
     assert named(video, c.B_LINE_COUNT) == 3
-    evaluations = {e.name.value: e.value.value for e in video.get_qualitative_evaluations()}
+    evaluations = {code_of(e.name): code_of(e.value) for e in video.get_qualitative_evaluations()}
     assert evaluations[c.LUNG_CONSOLIDATION.value] == c.PRESENT.value
     assert evaluations[c.PLEURAL_EFFUSION.value] == c.ABSENT.value
     assert video.finding_sites[0].value.value == c.LUNG.value
@@ -102,15 +116,16 @@ def test_video_and_frame_groups(built: tuple[Dataset, Analysis, dict[str, Datase
 def test_segment_groups_reference_seg(built: tuple[Dataset, Analysis, dict[str, Dataset]]) -> None:
     _, analysis, out = built
     seg = out["SEG"]
-    report = hd.sr.Comprehensive3DSR.from_dataset(out["SR"]).content
+    report = report_of(out["SR"])
     groups = report.get_volumetric_roi_measurement_groups()
     present = [int(k) for k in SEGMENT_CLASSES if (analysis.labels == k).any()]
-    numbers = [g.referenced_segment.referenced_segment_numbers for g in groups]
+    refs = [g.referenced_segment for g in groups]
+    numbers = [list(r.referenced_segment_numbers or []) for r in refs if r is not None]
     assert numbers == [[n] for n in present]
-    for g, [number] in zip(groups, numbers, strict=True):
-        assert g.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    for g, ref, (number,) in zip(groups, refs, numbers, strict=True):
+        assert ref is not None and ref.referenced_sop_instance_uid == seg.SOPInstanceUID
         assert g.tracking_uid == seg.SegmentSequence[number - 1].TrackingUID
-    consolidation = next(g for g in groups if g.finding_type.value == c.LUNG_CONSOLIDATION.value)
+    consolidation = next(g for g in groups if code_of(g.finding_type) == c.LUNG_CONSOLIDATION.value)
     assert named(consolidation, c.AREA) == pytest.approx(12.5)
 
 
@@ -123,7 +138,9 @@ def test_ohif_safety_rules(built: tuple[Dataset, Analysis, dict[str, Dataset]]) 
     for num in nums:
         assert len(num.MeasuredValueSequence) == 1
         assert num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence
-    containers = [i for i in items if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "125007"]
+    containers = [
+        i for i in items if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "125007"
+    ]
     tracking = []
     for group in containers:
         uids = [i.UID for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112040"]
@@ -139,6 +156,6 @@ def test_labelmap_seg_is_not_referenced_by_segment() -> None:
     source = make_source(64, 64, 2, jpeg=False)
     analysis = make_analysis(source)
     out = outputs_for(source, analysis, OutputOptions(seg=SegOptions(segmentation_type="LABELMAP")))
-    report = hd.sr.Comprehensive3DSR.from_dataset(out["SR"]).content
+    report = report_of(out["SR"])
     assert report.get_volumetric_roi_measurement_groups() == []
     assert len(report.get_planar_roi_measurement_groups()) == 1

@@ -5,8 +5,9 @@ from dataclasses import replace
 import pytest
 from pydicom.uid import UID
 
-from tests.workers.write_dicom.sources import MODEL
 from workers.write_dicom.uids import OutputKind, device_uid, frame_of_reference_uid, output_uids
+
+from .sources import MODEL
 
 SOURCE = "1.2.3.4.5.6.7"
 
@@ -35,7 +36,12 @@ def test_any_input_change_gives_new_uids(source: str, model: object, kind: Outpu
 def test_series_and_instance_differ_and_are_valid() -> None:
     uids = output_uids(SOURCE, MODEL, OutputKind.SR)
     assert uids.series_instance_uid != uids.sop_instance_uid
-    for uid in (uids.series_instance_uid, uids.sop_instance_uid, device_uid(MODEL), frame_of_reference_uid(SOURCE)):
+    for uid in (
+        uids.series_instance_uid,
+        uids.sop_instance_uid,
+        device_uid(MODEL),
+        frame_of_reference_uid(SOURCE),
+    ):
         assert UID(uid).is_valid and len(uid) <= 64
 
 

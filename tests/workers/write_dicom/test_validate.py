@@ -5,11 +5,17 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from tests.workers.write_dicom.conftest import outputs_for
-from tests.workers.write_dicom.sources import frames_rgb, make_analysis, make_source
 from workers.domain import Analysis
-from workers.write_dicom import OutputOptions, OutputValidationError, OverlayOptions, SegOptions, build_outputs
+from workers.write_dicom import (
+    OutputOptions,
+    OutputValidationError,
+    OverlayOptions,
+    SegOptions,
+    build_outputs,
+)
 from workers.write_dicom.validate import parse_dicom3tools, validate_outputs
+
+from .sources import frames_rgb, make_analysis, make_source, outputs_for
 
 DCIODVFY_SAMPLE = """Segmentation
 Error - Missing attribute Type 1 Required Element=<SegmentLabel> Module=<SegmentationImage>
@@ -52,6 +58,8 @@ def test_options_validate() -> None:
     )
     outputs = build_outputs(source, analysis, frames_rgb=frames_rgb(3, 350, 350), options=options)
     assert [ds.Modality for ds in outputs] == ["SEG", "SR", "OT"]
+    results = validate_outputs(source, outputs)
+    assert ("dciodvfy", "LabelMapSegmentationStorage") in {(r.check, r.subject) for r in results}
 
 
 @pytest.mark.usefixtures("dicom3tools")

@@ -1,0 +1,85 @@
+"""Upload over HTTP takes the C-STORE ingest path: same validation, storage, rows and queueing."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from service.store.models import Instance, Job, JobState
+from tests.api.conftest import Api, make_api
+from tests.factories import us_cine
+
+
+def _cine_bytes(seed: int = 0, **kw: object) -> bytes:
+    rng = np.random.default_rng(seed)
+    ds = us_cine(rng.integers(0, 255, (3, 32, 40), dtype=np.uint8), **kw)  # type: ignore[arg-type]
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_upload_raw_and_multipart(api: Api) -> None:
+    data = _cine_bytes(1, series_description="LUS L2")
+    r = api.post("/api/v1/instances", content=data, headers={"Content-Type": "application/dicom"})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["outcome"] == "queued" and body["version"] == 1 and body["job_id"]
+    assert r.headers["location"] == f"/api/v1/instances/{body['sop_instance_uid']}?version=1"
+    inst = api.get(r.headers["location"]).json()
+    assert inst["latest_job"]["id"] == body["job_id"] and inst["latest_job"]["state"] == "queued"
+    with api.session() as s:
+        row = s.scalar(select(Instance).where(Instance.sop_instance_uid == body["sop_instance_uid"]))
+        assert row is not None and row.calling_ae is None
+        assert api.store.path(row.storage_key).read_bytes() == data
+        job = s.get(Job, body["job_id"])
+        assert job is not None and job.state == JobState.QUEUED
+    assert list((api.settings.broker_dir / "queue").glob("*")), "no message on the embedded broker"
+    dup = api.post("/api/v1/instances", content=data, headers={"Content-Type": "application/dicom"})
+    assert dup.status_code == 200 and dup.json()["outcome"] == "duplicate"
+    other = _cine_bytes(2)
+    r = api.post("/api/v1/instances", files={"file": ("clip.dcm", other, "application/dicom")})
+    assert r.status_code == 202 and r.json()["outcome"] == "queued"
+    assert api.get("/api/v1/studies", params={"patient_id": "PHANTOM-1"}).json()["items"]
+
+
+def test_upload_rejections(sqlite_api: Api) -> None:
+    api = sqlite_api
+    r = api.post("/api/v1/instances", content=b"hello", headers={"Content-Type": "application/dicom"})
+    assert r.status_code == 422 and r.json()["type"] == "urn:lusai:problem:rejected-object"
+    ct = api.post("/api/v1/instances", content=_cine_bytes(), headers={"Content-Type": "text/plain"})
+    assert ct.status_code == 415 and ct.headers["content-type"] == "application/problem+json"
+    empty = api.post("/api/v1/instances", content=b"", headers={"Content-Type": "application/dicom"})
+    assert empty.status_code == 400
+    nofile = api.post("/api/v1/instances", files={"other": ("x", b"abc")})
+    assert nofile.status_code == 400
+    sr = us_cine(np.zeros((1, 8, 8), np.uint8))
+    sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+    buf = io.BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    unsupported = api.post("/api/v1/instances", content=buf.getvalue(), headers={"Content-Type": "application/dicom"})
+    assert unsupported.status_code == 415 and "SOP class" in unsupported.json()["detail"]
+    ro = api.post(
+        "/api/v1/instances", scope="read", content=_cine_bytes(), headers={"Content-Type": "application/dicom"}
+    )
+    assert ro.status_code == 403
+    assert not list(api.store.tmp_dir.iterdir()), "temporary files left behind"
+
+
+def test_upload_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sqlite_template: Path) -> None:
+    db = tmp_path / "u.sqlite"
+    shutil.copy(sqlite_template, db)
+    gen = make_api(f"sqlite:///{db}", tmp_path, monkeypatch, max_object_bytes=2048)
+    api = next(gen)
+    big = _cine_bytes()
+    assert len(big) > 2048
+    for kw in ({"content": big, "headers": {"Content-Type": "application/dicom"}},
+               {"files": {"file": ("clip.dcm", big, "application/dicom")}}):  # fmt: skip
+        r = api.post("/api/v1/instances", **kw)  # type: ignore[arg-type]
+        assert r.status_code == 413 and r.json()["type"] == "urn:lusai:problem:content-too-large"
+    assert not list(api.store.tmp_dir.iterdir())
+    gen.close()

@@ -1,0 +1,31 @@
+"""Threshold calibration moves a cut-off only when that improves agreement with the experts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from workers.domain import SegmentClass as C
+from workers.infer.calibrate import Cached, search, video_scores
+from workers.infer.evaluate import LabelledItem
+from workers.score.lus import GridSpacing, ScoreConfig
+
+
+def _video(b_width: int) -> np.ndarray:
+    m = np.zeros((3, 64, 100), np.uint8)
+    m[:, 10, :] = C.PLEURAL_LINE
+    m[:, 11:, 20 : 20 + b_width] = C.B_LINE
+    return m
+
+
+def test_search_raises_score1_cutoff_when_experts_call_narrow_b_lines_normal() -> None:
+    sp = GridSpacing.uniform(64, 1.0, 1.0)
+    # Experts: 8-line-wide artefacts are normal (score 0); 15-wide are B-lines (score 1).
+    data = [Cached(LabelledItem(Path(f"{i}.dcm"), 0, str(i)), _video(8), sp) for i in range(4)]
+    data += [Cached(LabelledItem(Path(f"{i}.dcm"), 1, str(i)), _video(15), sp) for i in range(4, 8)]
+    default = ScoreConfig(confluent_min_mm=30.0)
+    assert list(video_scores(data, default)) == [1] * 8
+    tuned = search(data, default)
+    assert list(video_scores(data, tuned)) == [0] * 4 + [1] * 4
+    assert tuned.score1_fraction == 0.1

@@ -1,0 +1,42 @@
+"""The shipped weights load, ORT and torch agree, and the device is chosen safely."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from workers.infer.predict import DEFAULT_WEIGHTS, Predictor, resolve_device
+from workers.infer.train import sha256
+from workers.phantom import make_sample
+
+
+def test_shipped_weights_are_small_and_listed() -> None:
+    assert DEFAULT_WEIGHTS.stat().st_size < 10e6
+    assert DEFAULT_WEIGHTS.with_suffix(".onnx").stat().st_size < 10e6
+
+
+def test_onnxruntime_matches_torch() -> None:
+    rng = np.random.default_rng(0)
+    frames = np.stack([make_sample(rng).image for _ in range(3)])
+    ort = Predictor(device="cpu")
+    ref = Predictor(device="cpu", backend="torch")
+    assert ort.backend == "onnxruntime" and ref.backend == "torch"
+    la, pa = ort.predict(frames, probabilities=True)
+    lb, pb = ref.predict(frames, probabilities=True)
+    assert pa is not None and pb is not None
+    assert (la == lb).mean() > 0.999
+    assert np.abs(pa.astype(np.float32) - pb.astype(np.float32)).max() < 1e-2
+    assert np.allclose(pa.astype(np.float32).sum(1), 1.0, atol=1e-2)
+    assert ort.weights_sha256 == sha256(DEFAULT_WEIGHTS)
+
+
+def test_wrong_frame_shape_rejected() -> None:
+    with pytest.raises(ValueError):
+        Predictor(device="cpu").predict(np.zeros((1, 10, 10), np.uint8))
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in {"cpu", "cuda"}
+    with pytest.raises(ValueError):
+        resolve_device("tpu")
