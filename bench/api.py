@@ -83,7 +83,8 @@ def seed(url: str, n_results: int) -> dict[str, Any]:
             if url.startswith("postgresql"):
                 c.execute(
                     text(
-                        "TRUNCATE studies, series, instances, jobs, results, deliveries RESTART IDENTITY CASCADE"
+                        "TRUNCATE studies, series, instances, jobs, results, deliveries, audit_events"
+                        " RESTART IDENTITY CASCADE"
                     )
                 )
             else:
@@ -112,15 +113,18 @@ def seed(url: str, n_results: int) -> dict[str, Any]:
                     frames = [max(0, min(3, score + rng.choice([-1, 0, 0, 0]))) for _ in range(60)]
                     series.append({
                         "id": k, "series_instance_uid": f"1.2.826.0.1.3680043.10.999.2.{k}", "study_id": sid,
-                        "modality": "US", "series_number": k, "series_description": f"LUS {z}", "body_part": "CHEST",
+                        "modality": "US", "series_number": k, "series_description": f"LUS {z}",
+                        "body_part": "CHEST",
                         "created_at": day,
                     })  # fmt: skip
                     instances.append({
                         "id": k, "sop_instance_uid": f"1.2.826.0.1.3680043.10.999.3.{k}", "version": 1,
                         "series_id": k, "sop_class_uid": "1.2.840.10008.5.1.4.1.1.3.1",
-                        "transfer_syntax_uid": "1.2.840.10008.1.2.4.50", "frames": 60, "rows": 600, "columns": 800,
+                        "transfer_syntax_uid": "1.2.840.10008.1.2.4.50", "frames": 60, "rows": 600,
+                        "columns": 800,
                         "photometric": "YBR_FULL_422", "calling_ae": f"US{sid % 12:02d}", "received_at": day,
-                        "storage_key": f"objects/00/00/{k:064x}.dcm", "sha256": f"{k:064x}", "size_bytes": 4_000_000,
+                        "storage_key": f"objects/00/00/{k:064x}.dcm", "sha256": f"{k:064x}",
+                        "size_bytes": 4_000_000,
                         "state": InstanceState.ACCEPTED, "ignore_reason": None,
                     })  # fmt: skip
                     jobs.append({
@@ -132,9 +136,11 @@ def seed(url: str, n_results: int) -> dict[str, Any]:
                     results.append({
                         "id": k, "job_id": k, "instance_id": k, "score": score, "frame_scores": frames,
                         "key_frame": frames.index(max(frames)), "b_line_fraction": round(rng.random(), 3),
-                        "b_line_count": rng.randint(0, 8), "consolidation": score == 3, "effusion": rng.random() < 0.1,
+                        "b_line_count": rng.randint(0, 8), "consolidation": score == 3,
+                        "effusion": rng.random() < 0.1,
                         "measurements": {"bla_score": round(rng.random(), 3), "consolidation_area_mm2": 0.0,
-                                         "effusion_area_mm2": 0.0, "pleura_irregular": score >= 2, "frames": []},
+                                         "effusion_area_mm2": 0.0, "pleura_irregular": score >= 2,
+                                         "frames": []},
                         "model_name": "lusnet", "model_version": "1.0.0", "weights_sha256": "ab" * 32,
                         "seg_sop_instance_uid": f"1.2.826.0.1.3680043.10.999.4.{k}",
                         "seg_storage_key": f"objects/00/00/{k:064x}.dcm", "created_at": day,
@@ -151,7 +157,7 @@ def seed(url: str, n_results: int) -> dict[str, Any]:
                         text(f"SELECT setval(pg_get_serial_sequence('{t}', 'id'), (SELECT max(id) FROM {t}))")
                     )
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.execute(text("ANALYZE" if url.startswith("postgresql") else "ANALYZE"))
+            c.execute(text("ANALYZE"))
         print(f"seeded {n_results} results in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     with engine.connect() as c:
         n = c.scalar(select(func.count()).select_from(Result)) or 0
@@ -357,7 +363,8 @@ def main() -> None:
                 open_loop(host, port, token, mix, args.rate, 3.0)
             )  # warm-up: connections, plan caches
             report: dict[str, Any] = {
-                "machine": {"cpus": os.cpu_count(), "load_avg_before": os.getloadavg(), "python": platform.python_version()},
+                "machine": {"cpus": os.cpu_count(), "load_avg_before": os.getloadavg(),
+                            "python": platform.python_version()},
                 "database": args.db_url.split("://", 1)[0], "stored": counts, "api_workers": args.workers,
                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
             }  # fmt: skip

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
@@ -47,7 +48,7 @@ def audit_engine(url: str) -> Engine:
     return make_engine(url)
 
 
-def event_row(scope: dict[str, Any], principal: Principal, status: int, rid: str) -> dict[str, Any]:
+def event_row(scope: MutableMapping[str, Any], principal: Principal, status: int, rid: str) -> dict[str, Any]:
     """Who, what, when, outcome. The path, never the query string (filters may be patient IDs)."""
     route = scope.get("route")
     client = scope.get("client")

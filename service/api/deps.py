@@ -7,8 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.audit import AuditWriter
@@ -17,11 +16,6 @@ from service.api.problems import ProblemError
 from service.settings import Settings
 from service.store.files import ObjectStore
 
-api_key_header = APIKeyHeader(
-    name="X-API-Key", auto_error=False, description="API key from `lusai apikey create` (lusai_...)."
-)
-bearer = HTTPBearer(auto_error=False, description="OIDC access token (JWT), or an API key as bearer token.")
-
 
 @dataclass
 class ApiState:
@@ -29,6 +23,7 @@ class ApiState:
 
     settings: Settings
     sessions: sessionmaker[Session]
+    read_sessions: sessionmaker[Session]  # autocommit: no BEGIN/ROLLBACK round trips for GETs
     audit: AuditWriter
     store: ObjectStore
     keys: ApiKeyVerifier
@@ -48,7 +43,9 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
     Async so that FastAPI does not spend a threadpool hop on it: creating a session does no I/O,
     and closing one only returns its connection (the handler's thread already ended the transaction).
     """
-    session = api_state(request).sessions()
+    st = api_state(request)
+    # Reads need no transaction (PostgreSQL's READ COMMITTED snapshots each statement anyway).
+    session = st.read_sessions() if request.method in ("GET", "HEAD") else st.sessions()
     try:
         yield session
     finally:
@@ -59,40 +56,57 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 DbSession = Annotated[Session, Depends(get_session, scope="function")]
 
 _ANONYMOUS = Principal(name="anonymous", method="anonymous", scopes=expand_scopes(["read"]))
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="lusai"'}
+
+#: OpenAPI security schemes; ``create_app`` attaches them to every /api/ operation. Headers are read
+#: in :func:`authenticate` directly: one dependency per request instead of three.
+SECURITY_SCHEMES = {
+    "APIKeyHeader": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "API key from `lusai apikey create` (lusai_...).",
+    },
+    "HTTPBearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "OIDC access token (JWT), or an API key as bearer token.",
+    },
+}
 
 
-async def authenticate(
-    request: Request,
-    api_key: str | None = Security(api_key_header),
-    credentials: HTTPAuthorizationCredentials | None = Security(bearer),
-) -> Principal:
+async def authenticate(request: Request) -> Principal:
     """Resolve the caller from X-API-Key or Authorization: Bearer; 401 without valid credentials."""
     st = api_state(request)
-    token = api_key or (credentials.credentials if credentials is not None else None)
-    challenge = {"WWW-Authenticate": 'Bearer realm="lusai"'}
+    api_key = request.headers.get("x-api-key")
+    token = api_key
+    if not token:
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            token = credentials.strip()
     if not token:
         if not st.settings.api_keys_required:
-            principal = _ANONYMOUS
-        else:
-            raise ProblemError(
-                401, "unauthorized", "send an API key (X-API-Key) or a bearer token", headers=challenge
-            )
+            return _ANONYMOUS
+        raise ProblemError(
+            401, "unauthorized", "send an API key (X-API-Key) or a bearer token", headers=_CHALLENGE
+        )
+    if token.startswith("lusai_"):
+        found = st.keys.cached(token)
+        if found is None:  # a database look-up: off the event loop
+            found = await asyncio.to_thread(st.keys.verify, token)
+    elif st.oidc is not None and api_key is None:
+        found = st.oidc.verify(token)
     else:
-        if token.startswith("lusai_"):
-            found = st.keys.cached(token)
-            if found is None:  # a database look-up: off the event loop
-                found = await asyncio.to_thread(st.keys.verify, token)
-        elif st.oidc is not None and api_key is None:
-            found = st.oidc.verify(token)
-        else:
-            found = None
-        if found is None:
-            raise ProblemError(
-                401, "unauthorized", "invalid, expired or revoked credentials", headers=challenge
-            )
-        principal = found
-    request.state.principal = principal
-    allowed, retry_after, remaining, limit = st.limiter.take(principal.name, principal.rate_limit)
+        found = None
+    if found is None:
+        raise ProblemError(401, "unauthorized", "invalid, expired or revoked credentials", headers=_CHALLENGE)
+    return found
+
+
+def _rate_limit(request: Request, principal: Principal) -> None:
+    allowed, retry_after, remaining, limit = api_state(request).limiter.take(
+        principal.name, principal.rate_limit
+    )
     if limit:
         request.state.rate = (limit, remaining)
     if not allowed:
@@ -102,15 +116,26 @@ async def authenticate(
             f"more than {limit} requests per minute",
             headers={"Retry-After": str(max(1, round(retry_after + 0.5)))},
         )
-    return principal
+
+
+def _single_query_values(request: Request) -> None:
+    """No operation takes a list in the query: a repeated parameter is ambiguous, so it is a 400."""
+    keys = [k for k, _ in request.query_params.multi_items()]
+    if len(keys) != len(set(keys)):
+        raise ProblemError(400, "bad-request", "a query parameter is repeated")
 
 
 def require(scope: str) -> Callable[..., Awaitable[Principal]]:
-    """Dependency factory: the caller must hold ``scope`` (admin > write > read)."""
+    """Dependency factory: authenticate, rate-limit, then check the caller holds ``scope``
+    (admin > write > read). The principal is left in ``request.state`` for the audit log."""
 
-    async def _dep(principal: Principal = Depends(authenticate)) -> Principal:
+    async def _dep(request: Request) -> Principal:
+        principal = await authenticate(request)
+        request.state.principal = principal
+        _rate_limit(request, principal)
         if not principal.has(scope):
             raise ProblemError(403, "forbidden", f"this operation needs the '{scope}' scope")
+        _single_query_values(request)
         return principal
 
     _dep.__name__ = f"require_{scope}"
@@ -120,10 +145,3 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
 read_scope = require("read")
 write_scope = require("write")
 admin_scope = require("admin")
-
-
-async def single_query_values(request: Request) -> None:
-    """No operation takes a list in the query: a repeated parameter is ambiguous, so it is a 400."""
-    keys = [k for k, _ in request.query_params.multi_items()]
-    if len(keys) != len(set(keys)):
-        raise ProblemError(400, "bad-request", "a query parameter is repeated")

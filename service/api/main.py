@@ -7,30 +7,29 @@ import re
 import time
 import traceback
 import uuid
+from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from sqlalchemy import insert, text
+from sqlalchemy.orm import sessionmaker
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.api import problems
+from service.api.audit import AuditWriter, audit_engine, event_row
 from service.api.auth import ApiKeyVerifier, OidcVerifier, Principal, RateLimiter
-from service.api.deps import ApiState, single_query_values
+from service.api.deps import SECURITY_SCHEMES, ApiState
 from service.api.metrics import HTTP_LATENCY, HTTP_REQUESTS
-from service.api.routes import audit, deliveries, health, instances, jobs, results, studies
+from service.api.routes import audit as audit_routes
+from service.api.routes import deliveries, health, instances, jobs, results, studies
 from service.api.zones import ZoneRule
 from service.logs import ctx
 from service.settings import Settings, get_settings
-from service.store.db import get_sessionmaker
+from service.store.db import get_engine, get_sessionmaker
 from service.store.files import ObjectStore
-from service.store.models import AuditEvent
 
 log = logging.getLogger("lusai.api")
-#: PostgreSQL: commit without waiting for the WAL flush (LUSAI_AUDIT_DURABLE_COMMIT=1 waits).
-_ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
-_AUDIT_INSERT = insert(AuditEvent)
 _RID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 DESCRIPTION = """\
@@ -126,6 +125,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state = ApiState(
         settings=settings,
         sessions=get_sessionmaker(settings.db_url),
+        read_sessions=sessionmaker(
+            bind=get_engine(settings.db_url).execution_options(isolation_level="AUTOCOMMIT"),
+            expire_on_commit=False,
+        ),
         audit=AuditWriter(audit_engine(settings.db_url), durable=settings.audit_durable_commit),
         store=ObjectStore(settings.storage),
         keys=ApiKeyVerifier(get_sessionmaker(settings.db_url), settings.api_key_cache_seconds),
@@ -136,7 +139,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="lusai",
         version=__version__,
         description=DESCRIPTION,
-        dependencies=[Depends(single_query_values)],
         openapi_tags=[
             {"name": "studies", "description": "Studies and series received over DICOM or upload."},
             {"name": "instances", "description": "Received objects, upload and re-analysis."},
@@ -162,6 +164,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "RateLimit-Limit", "RateLimit-Remaining", "Retry-After", "ETag"],
         )
     app.include_router(health.router)
-    for module in (studies, instances, results, jobs, deliveries, audit):
+    for module in (studies, instances, results, jobs, deliveries, audit_routes):
         app.include_router(module.router)
+    _document_security(app)
     return app
+
+
+def _document_security(app: FastAPI) -> None:
+    """Declare the API key and bearer schemes on every /api/ operation of the OpenAPI document."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = build()
+            spec.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+            for path, ops in spec.get("paths", {}).items():
+                if path.startswith("/api/"):
+                    for op in ops.values():
+                        op["security"] = [{name: []} for name in SECURITY_SCHEMES]
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -9,7 +9,7 @@ from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from service.api.problems import not_found
-from service.api.schemas import JobOut, ModelOut, ResultLinks, ResultOut, ResultSummary
+from service.api.schemas import JobOut, ResultLinks, ResultOut
 from service.store.models import Instance, Job, Result, Series, Study
 
 API = "/api/v1"
@@ -69,7 +69,12 @@ _DETAIL_COLUMNS = (
 )  # fmt: skip
 
 
-def _summary_fields(r: Any) -> dict[str, Any]:
+def result_summary(r: Any) -> dict[str, Any]:
+    """A :class:`ResultSummary` as a dict, from a row of :data:`SUMMARY_COLUMNS`.
+
+    Plain rows and dicts: the response model validates the whole page in one pass in pydantic-core,
+    several times faster than building 50 model objects (or ORM objects) in Python.
+    """
     return {
         "id": r.id,
         "job_id": r.job_id,
@@ -81,14 +86,9 @@ def _summary_fields(r: Any) -> dict[str, Any]:
         "b_line_count": r.b_line_count,
         "consolidation": r.consolidation,
         "effusion": r.effusion,
-        "model": ModelOut(name=r.model_name, version=r.model_version, weights_sha256=r.weights_sha256),
+        "model": {"name": r.model_name, "version": r.model_version, "weights_sha256": r.weights_sha256},
         "created_at": r.created_at,
     }
-
-
-def result_summary(row: Any) -> ResultSummary:
-    """From a row of :data:`SUMMARY_COLUMNS` (plain rows, not ORM objects: lists stay cheap)."""
-    return ResultSummary(**_summary_fields(row))
 
 
 def _detail_query() -> Select[*tuple[Any, ...]]:
@@ -147,7 +147,7 @@ def result_out(r: Any) -> ResultOut:
     """From a row of the detail query."""
     base = f"{API}/results/{r.id}"
     return ResultOut(
-        **_summary_fields(r),
+        **result_summary(r),
         series_instance_uid=r.series_instance_uid,
         study_instance_uid=r.study_instance_uid,
         frame_scores=[int(s) for s in r.frame_scores or []],

@@ -16,14 +16,17 @@ from service.settings import get_settings
 apikey_app = typer.Typer(help="REST API keys.", no_args_is_help=True)
 app.add_typer(apikey_app, name="apikey")
 console = Console()
+if not console.is_terminal:  # pipes and logs: never truncate key ids
+    console = Console(width=200)
 
 
 @apikey_app.command("create")
 def create(
     name: Annotated[str, typer.Argument(help="Who or what uses the key (shown in the audit log).")],
-    scope: Annotated[list[str], typer.Option("--scope", "-s", help="read, write or admin (repeatable)")] = [
-        "read"
-    ],  # noqa: B006  (typer needs a literal default)
+    scope: Annotated[
+        list[str] | None,
+        typer.Option("--scope", "-s", help="read, write or admin (repeatable; default: read)"),
+    ] = None,
     rate_limit: Annotated[
         int | None, typer.Option(help="Requests/minute (0: unlimited; default LUSAI_API_RATE_LIMIT)")
     ] = None,
@@ -33,6 +36,7 @@ def create(
     from service.api.auth import create_api_key
     from service.store.db import session_scope
 
+    scope = scope or ["read"]
     if len(name) > 64:
         raise typer.BadParameter("at most 64 characters", param_hint="NAME")
     expires = datetime.now(UTC) + timedelta(days=expires_days) if expires_days else None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -125,12 +125,16 @@ def adopt_hashed(store: ObjectStore, tmp: Path, sha: str, size: int) -> tuple[st
     """
     key = store.key_for(sha)
     final = store.path(key)
+    new_dirs = not final.parent.is_dir()
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         tmp.unlink(missing_ok=True)
     else:
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+        if new_dirs:  # objects/ab/cd just created: their own entries must be durable too
+            _fsync_dir(final.parent.parent)
+            _fsync_dir(final.parent.parent.parent)
     return key, sha, size
 
 
@@ -249,8 +253,10 @@ def enqueue_job(job_id: int, settings: Settings) -> bool:
             "broker unavailable, job left for recovery", extra=ctx(job_id=job_id, error=type(exc).__name__)
         )
         return False
-    with session_scope(settings.db_url) as session:
-        job = session.get(Job, job_id)
-        if job is not None and job.enqueued_at is None:
-            job.enqueued_at = datetime.now(UTC)
+    with session_scope(settings.db_url) as session:  # one UPDATE, no ORM load: this runs per object
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.enqueued_at.is_(None))
+            .values(enqueued_at=datetime.now(UTC))
+        )
     return True

@@ -123,9 +123,7 @@ class Api:
         return session_scope(self.settings.db_url)
 
 
-def make_api(
-    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any
-) -> Iterator[Api]:
+def make_api(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any) -> Iterator[Api]:
     from service.api.auth import create_api_key
     from service.api.main import create_app
     from service.store.db import session_scope

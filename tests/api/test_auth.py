@@ -12,10 +12,9 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from service.api.auth import create_api_key, split_token
-from service.api.main import RequestContext
 from service.store.models import ApiKey, AuditEvent
 from tests.api.conftest import Api, make_api, seed_study
 
@@ -66,7 +65,9 @@ def test_revoked_and_expired_keys(sqlite_api: Api) -> None:
     with sqlite_api.session() as s:
         revoked, t1 = create_api_key(s, "old", ["read"])
         revoked.revoked_at = datetime.now(UTC)
-        _expired, t2 = create_api_key(s, "temp", ["read"], expires_at=datetime.now(UTC) - timedelta(minutes=1))
+        _expired, t2 = create_api_key(
+            s, "temp", ["read"], expires_at=datetime.now(UTC) - timedelta(minutes=1)
+        )
     for token in (t1, t2):
         _problem(sqlite_api.client.get("/api/v1/studies", headers={"X-API-Key": token}), 401, "unauthorized")
 
@@ -131,7 +132,9 @@ def test_request_ids(sqlite_api: Api) -> None:
 
 
 def test_audit_without_phi(sqlite_api: Api, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    seeded = seed_study(sqlite_api, tmp_path, zones=[("LUS R1", 2)], patient_id="SECRET-PAT-77", with_seg=False)
+    seeded = seed_study(
+        sqlite_api, tmp_path, zones=[("LUS R1", 2)], patient_id="SECRET-PAT-77", with_seg=False
+    )
     caplog.set_level(logging.DEBUG)
     r = sqlite_api.get("/api/v1/studies", params={"patient_id": "SECRET-PAT-77"})
     assert r.json()["items"][0]["patient_id"] == "SECRET-PAT-77"
@@ -149,9 +152,13 @@ def test_audit_without_phi(sqlite_api: Api, tmp_path: Path, caplog: pytest.LogCa
     assert first.auth_method == "api-key" and first.action == "GET" and first.query_keys == "patient_id"
     assert second.resource == f"/api/v1/studies/{seeded.study_uid}" and second.request_id == "req-1"
     assert first.at.replace(tzinfo=UTC) > datetime.now(UTC) - timedelta(minutes=1)
-    dumped = json.dumps([{c.name: str(getattr(e, c.name)) for c in AuditEvent.__table__.columns} for e in events])
+    dumped = json.dumps(
+        [{c.name: str(getattr(e, c.name)) for c in AuditEvent.__table__.columns} for e in events]
+    )
     assert "SECRET-PAT-77" not in dumped
-    server_log = "\n".join(r.getMessage() + str(getattr(r, "ctx", "")) for r in caplog.records if r.name != "httpx")
+    server_log = "\n".join(
+        r.getMessage() + str(getattr(r, "ctx", "")) for r in caplog.records if r.name != "httpx"
+    )
     assert "SECRET-PAT-77" not in server_log  # (httpx is the test client logging its own URLs)
     # health and failed authentication are not audited as data access
     sqlite_api.client.get("/health/live")
@@ -160,12 +167,38 @@ def test_audit_without_phi(sqlite_api: Api, tmp_path: Path, caplog: pytest.LogCa
         assert len(list(s.scalars(select(AuditEvent)))) == 3
 
 
-def test_audit_failure_withholds_data(sqlite_api: Api, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_audit_failure_withholds_data(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     seed_study(sqlite_api, tmp_path, zones=[("LUS R1", 2)], patient_id="SECRET-PAT-88", with_seg=False)
-    monkeypatch.setattr(RequestContext, "_audit", lambda *a: False)
+    with sqlite_api.session() as s:
+        s.execute(text("DROP TABLE audit_events"))  # the audit log cannot be written any more
     r = sqlite_api.get("/api/v1/studies")
     _problem(r, 503, "audit-unavailable")
     assert "SECRET-PAT-88" not in r.text
+    assert "lusai_audit_write_failures_total 1.0" in sqlite_api.client.get("/metrics").text
+
+
+def test_concurrent_requests_are_all_audited(api: Api, tmp_path: Path) -> None:
+    """Group commit: rows queued while a batch commits go in the next one, none is lost."""
+    import asyncio
+
+    import httpx
+
+    seed_study(api, tmp_path, zones=[("LUS R1", 2)], with_seg=False)
+
+    async def burst() -> list[int]:
+        transport = httpx.ASGITransport(app=api.client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=api.headers()) as c:
+            rs = await asyncio.gather(
+                *(c.get("/api/v1/results", headers={"X-Request-ID": f"b{i}"}) for i in range(40))
+            )
+        return [r.status_code for r in rs]
+
+    assert asyncio.run(burst()) == [200] * 40
+    with api.session() as s:
+        ids = set(s.scalars(select(AuditEvent.request_id)))
+    assert {f"b{i}" for i in range(40)} <= ids
 
 
 def test_unexpected_error_is_an_opaque_problem(
@@ -181,7 +214,9 @@ def test_unexpected_error_is_an_opaque_problem(
     r = sqlite_api.get("/api/v1/studies")
     body = _problem(r, 500, "internal-error")
     assert "SECRET" not in r.text and body["detail"]
-    server_log = "\n".join(r.getMessage() + str(getattr(r, "ctx", "")) for r in caplog.records if r.name != "httpx")
+    server_log = "\n".join(
+        r.getMessage() + str(getattr(r, "ctx", "")) for r in caplog.records if r.name != "httpx"
+    )
     assert "RuntimeError" in server_log and "SECRET-PAT-99" not in server_log
 
 

@@ -79,7 +79,11 @@ def test_study_detail_series_and_instances(api: Api, tmp_path: Path) -> None:
     future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     assert _all_pages(api, "/api/v1/instances", received_from=future) == []
     d = api.get(f"/api/v1/instances/{s.sop_uids[0]}").json()
-    assert d["version"] == 1 and d["frames"] == 4 and d["series_instance_uid"] == series[0]["series_instance_uid"]
+    assert (
+        d["version"] == 1
+        and d["frames"] == 4
+        and d["series_instance_uid"] == series[0]["series_instance_uid"]
+    )
     assert api.get(f"/api/v1/instances/{s.sop_uids[0]}", params={"version": 2}).status_code == 404
 
 
@@ -100,8 +104,11 @@ def test_study_zone_scores_and_total(api: Api, tmp_path: Path) -> None:
 
 
 def test_zone_rule() -> None:
-    rule = ZoneRule(r"(?i)\bLUS[\s_-]*(?P<side>[LR])[\s_-]*(?P<number>[1-6])\b", {"Lung anterior right": "R1"})
-    assert [rule.zone(d) for d in ("LUS L1", "lus_r3", "LUS R 2", "LUS L7", "CHEST", None, "lung ANTERIOR right")] == [
+    rule = ZoneRule(
+        r"(?i)\bLUS[\s_-]*(?P<side>[LR])[\s_-]*(?P<number>[1-6])\b", {"Lung anterior right": "R1"}
+    )
+    descriptions = ("LUS L1", "lus_r3", "LUS R 2", "LUS L7", "CHEST", None, "lung ANTERIOR right")
+    assert [rule.zone(d) for d in descriptions] == [
         "L1", "R3", "R2", None, None, None, "R1"
     ]  # fmt: skip
     with pytest.raises(ValueError):
@@ -140,7 +147,9 @@ def test_results_list_and_detail(api: Api, tmp_path: Path) -> None:
     assert detail["links"]["seg"] is None and detail["links"]["preview_png"].endswith("/preview.png")
     by_instance = api.get(f"/api/v1/instances/{s.sop_uids[3]}/result").json()
     assert by_instance == detail
-    assert api.get(f"/api/v1/instances/{s.sop_uids[3]}/result", params={"model_version": "2"}).status_code == 404
+    assert (
+        api.get(f"/api/v1/instances/{s.sop_uids[3]}/result", params={"model_version": "2"}).status_code == 404
+    )
     assert api.get("/api/v1/results/999999").status_code == 404
 
 
@@ -163,7 +172,9 @@ def test_jobs_rerun_and_cancel(api: Api, tmp_path: Path) -> None:
     assert conflict.status_code == 409 and conflict.json()["type"] == "urn:lusai:problem:job-active"
     assert api.post(f"/api/v1/instances/{uid}/jobs", json={"model_version": "../etc"}).status_code == 422
     assert api.post("/api/v1/instances/1.2.3.4/jobs", json={}).status_code == 404
-    assert [j["state"] for j in api.get("/api/v1/jobs", params={"state": "queued"}).json()["items"]] == ["queued"]
+    assert [j["state"] for j in api.get("/api/v1/jobs", params={"state": "queued"}).json()["items"]] == [
+        "queued"
+    ]
     cancelled = api.post(f"/api/v1/jobs/{job['id']}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     assert api.post(f"/api/v1/jobs/{job['id']}/cancel").status_code == 409
@@ -171,18 +182,21 @@ def test_jobs_rerun_and_cancel(api: Api, tmp_path: Path) -> None:
     assert api.get("/api/v1/jobs/424242").status_code == 404
 
 
+SEG, SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.33"
+
+
 def test_deliveries(api: Api, tmp_path: Path) -> None:
     s = seed_study(api, tmp_path, zones=[("LUS R1", 2)], with_seg=False)
     now = datetime.now(UTC)
     with api.session() as sess:
         rows = [
-            Delivery(result_id=s.result_ids[0], destination="PACS@10.0.0.5:104", sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+            Delivery(result_id=s.result_ids[0], destination="PACS@10.0.0.5:104", sop_class_uid=SEG,
                      sop_instance_uid="1.2.3.1", storage_key="k", state=DeliveryState.DELIVERED, attempts=1,
                      delivered_at=now),
-            Delivery(result_id=s.result_ids[0], destination="PACS@10.0.0.5:104", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.33",
+            Delivery(result_id=s.result_ids[0], destination="PACS@10.0.0.5:104", sop_class_uid=SR,
                      sop_instance_uid="1.2.3.2", storage_key="k", state=DeliveryState.DEAD, attempts=5,
                      last_error="association rejected"),
-            Delivery(result_id=s.result_ids[0], destination="VNA@10.0.0.9:11112", sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+            Delivery(result_id=s.result_ids[0], destination="VNA@10.0.0.9:11112", sop_class_uid=SEG,
                      sop_instance_uid="1.2.3.1", storage_key="k", state=DeliveryState.SENDING, attempts=1),
         ]  # fmt: skip
         sess.add_all(rows)

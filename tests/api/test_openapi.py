@@ -38,7 +38,10 @@ def test_spec_documents_auth_and_errors() -> None:
     assert set(upload) == {"application/dicom", "multipart/form-data"}
     seg = spec["paths"]["/api/v1/results/{result_id}/seg"]["get"]["responses"]["200"]["content"]
     assert list(seg) == ["application/dicom"]
-    assert "image/png" in spec["paths"]["/api/v1/results/{result_id}/preview.png"]["get"]["responses"]["200"]["content"]
+    assert (
+        "image/png"
+        in spec["paths"]["/api/v1/results/{result_id}/preview.png"]["get"]["responses"]["200"]["content"]
+    )
 
 
 # --- schemathesis -------------------------------------------------------------------------------

@@ -61,10 +61,15 @@ def test_upload_rejections(sqlite_api: Api) -> None:
     sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
     buf = io.BytesIO()
     sr.save_as(buf, enforce_file_format=True)
-    unsupported = api.post("/api/v1/instances", content=buf.getvalue(), headers={"Content-Type": "application/dicom"})
+    unsupported = api.post(
+        "/api/v1/instances", content=buf.getvalue(), headers={"Content-Type": "application/dicom"}
+    )
     assert unsupported.status_code == 415 and "SOP class" in unsupported.json()["detail"]
     ro = api.post(
-        "/api/v1/instances", scope="read", content=_cine_bytes(), headers={"Content-Type": "application/dicom"}
+        "/api/v1/instances",
+        scope="read",
+        content=_cine_bytes(),
+        headers={"Content-Type": "application/dicom"},
     )
     assert ro.status_code == 403
     assert not list(api.store.tmp_dir.iterdir()), "temporary files left behind"

@@ -30,6 +30,7 @@ import pydicom.config
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, dimse_messages
+from pynetdicom.transport import AssociationSocket
 from sqlalchemy import select
 
 from service import queue
@@ -157,6 +158,7 @@ def _keep_process_globals(mp: pytest.MonkeyPatch) -> None:
     ):
         mp.setattr(_config, name, getattr(_config, name))
     mp.setattr(dimse_messages, "NamedTemporaryFile", dimse_messages.NamedTemporaryFile)
+    mp.setattr(AssociationSocket, "recv", AssociationSocket.recv)
     mp.setattr(stream, "_target", stream._target)
     mp.setattr(
         pydicom.config.settings, "reading_validation_mode", pydicom.config.settings.reading_validation_mode

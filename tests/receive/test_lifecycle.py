@@ -108,7 +108,7 @@ def test_database_down_object_spooled_then_indexed_and_queued(tmp_path: Path) ->
         assert inst.sop_instance_uid == sent.SOPInstanceUID and inst.state == "accepted"
         assert scp.store.path(inst.storage_key) == stored
         [job] = scp.jobs()
-        assert scp.queued_job_ids() == [job.id]
+        assert scp.queued_job_ids() == [job.id] and job.enqueued_at is not None
         assert scp.spooled() == []
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 import subprocess
 import threading
@@ -135,3 +136,26 @@ def test_many_concurrent_associations(scp: Running) -> None:
         t.join(60)
     assert sorted(map(tuple, results)) == [(SUCCESS, SUCCESS)] * 8
     assert len(scp.instances()) == 16 and len(scp.queued_job_ids()) == 16
+
+
+def test_no_patient_data_or_uids_in_logs(
+    scp: Running, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """Accepted, refused and ignored objects alike: names, IDs and UIDs never reach a log record."""
+    caplog.set_level(logging.DEBUG)
+    good = cine("raw", frames=2)
+    bad = cine("raw", frames=2)
+    bad.NumberOfFrames = 3  # refused 0xA900
+    other = cine("raw", frames=2, modality="OT")  # ignored
+    assert send(scp.port, [good, bad, other]) == [SUCCESS, 0xA900, SUCCESS]
+    text = "\n".join(f"{r.getMessage()} {getattr(r, 'ctx', '')} {r.args}" for r in caplog.records)
+    assert "object received" in text and "object refused" in text  # the records were captured
+    for ds in (good, bad, other):
+        for value in (
+            ds.PatientID,
+            str(ds.PatientName),
+            ds.SOPInstanceUID,
+            ds.StudyInstanceUID,
+            ds.AccessionNumber,
+        ):
+            assert value not in text

@@ -31,6 +31,7 @@ def check_stored(scp: Running, sent: list[Path]) -> None:
     assert len(instances) == len(sent)
     assert sorted(j.instance_id for j in jobs) == sorted(i.id for i in instances.values())
     assert scp.queued_job_ids() == sorted(j.id for j in jobs)
+    assert all(j.state == "queued" and j.enqueued_at is not None for j in jobs)  # sent, and recorded as sent
     for path in sent:
         original = pydicom.dcmread(path)
         inst = instances[original.SOPInstanceUID]

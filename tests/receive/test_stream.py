@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,7 @@ def test_in_process_scp_restores_process_globals(tmp_path: Path) -> None:
 
     import pydicom.config
     from pynetdicom import _config, dimse_messages
+    from pynetdicom.transport import AssociationSocket
 
     from .conftest import inprocess_scp
 
@@ -63,6 +66,7 @@ def test_in_process_scp_restores_process_globals(tmp_path: Path) -> None:
             _config.STORE_RECV_CHUNKED_DATASET,
             _config.LOG_REQUEST_IDENTIFIERS,
             dimse_messages.NamedTemporaryFile,
+            AssociationSocket.recv,
             pydicom.config.settings.reading_validation_mode,
             logging.getLogger("pynetdicom").level,
             len(warnings.filters),
@@ -72,3 +76,30 @@ def test_in_process_scp_restores_process_globals(tmp_path: Path) -> None:
     with inprocess_scp(tmp_path / "d"):
         assert snapshot() != before  # make_server really changes them ...
     assert snapshot() == before  # ... and the fixture puts them back
+
+
+class _Holder:
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+
+def test_fast_recv_reads_exactly_and_stops_at_close() -> None:
+    from service.receive.scp import _recv_exact
+
+    a, b = socket.socketpair()
+    payload = os.urandom(300_000)
+
+    def feed() -> None:
+        for i in range(0, len(payload), 7000):  # many small segments, as a slow sender would
+            a.sendall(payload[i : i + 7000])
+        a.close()
+
+    t = threading.Thread(target=feed)
+    t.start()
+    holder = _Holder(b)
+    assert _recv_exact(holder, 131072) == payload[:131072]  # type: ignore[arg-type]
+    assert _recv_exact(holder, 131072) == payload[131072:262144]  # type: ignore[arg-type]
+    rest = _recv_exact(holder, 131072)  # type: ignore[arg-type]
+    assert rest == payload[262144:] and isinstance(rest, bytearray)  # closed early: what there was
+    t.join()
+    b.close()

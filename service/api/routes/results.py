@@ -48,7 +48,7 @@ def list_results(
     sort: Annotated[str, Query(pattern=sort_pattern(list(_SORTS)))] = "-id",
     cursor: Annotated[str | None, Query(max_length=512)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-) -> Page[ResultSummary]:
+) -> Any:
     # Plain columns, without per-frame scores and measurements: a third of the cost of ORM objects.
     stmt = select(*SUMMARY_COLUMNS).select_from(Result).join(Instance, Result.instance_id == Instance.id)
     if score_min is not None:
@@ -76,11 +76,11 @@ def list_results(
     stmt, _, _ = paginate(stmt, sort=sort, keys=_SORTS, id_col=Result.id, cursor=cursor, limit=limit)
     rows = session.execute(stmt).all()
     attr = sort.lstrip("-")
-    return Page[ResultSummary](
-        items=[result_summary(r) for r in rows[:limit]],
-        next_cursor=next_cursor(rows, limit, sort, lambda row: getattr(row, attr), lambda row: row.id),
-        limit=limit,
-    )
+    return {
+        "items": [result_summary(r) for r in rows[:limit]],
+        "next_cursor": next_cursor(rows, limit, sort, lambda row: getattr(row, attr), lambda row: row.id),
+        "limit": limit,
+    }
 
 
 def get_result(session: Session, result_id: int) -> Result:

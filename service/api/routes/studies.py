@@ -25,7 +25,7 @@ from service.api.schemas import (
     ZoneScore,
 )
 from service.api.zones import ZoneRule
-from service.store.models import Instance, Job, JobState, Result, Series, Study
+from service.store.models import Instance, InstanceState, Job, JobState, Result, Series, Study
 
 router = APIRouter(prefix="/api/v1", tags=["studies"], dependencies=[Depends(read_scope)])
 
@@ -210,40 +210,49 @@ def get_study(request: Request, study_instance_uid: Uid, session: DbSession) -> 
     responses=responses(404),
 )
 def study_results(request: Request, study_instance_uid: Uid, session: DbSession) -> StudyResults:
-    study = _get_study(session, study_instance_uid)
+    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid))
+    if study_id is None:
+        raise not_found("study")
     rule: ZoneRule = request.app.state.zone_rule
     expected = [z.upper() for z in api_state(request).settings.zones_expected]
     rows = session.execute(
-        select(Instance, Series.series_instance_uid, Series.series_description)
+        select(
+            Instance.id,
+            Instance.sop_instance_uid,
+            Instance.version,
+            Instance.state,
+            Series.series_instance_uid,
+            Series.series_description,
+        )
         .join(Series, Instance.series_id == Series.id)
-        .where(Series.study_id == study.id)
+        .where(Series.study_id == study_id)
     ).all()
-    latest: dict[str, tuple[Instance, str, str | None]] = {}
-    for inst, series_uid, desc in rows:
-        cur = latest.get(inst.sop_instance_uid)
-        if cur is None or inst.version > cur[0].version:
-            latest[inst.sop_instance_uid] = (inst, series_uid, desc)
-    inst_ids = [v[0].id for v in latest.values()]
-    results: dict[int, Result] = {}
-    if inst_ids:
-        for res in session.scalars(
-            select(Result).where(Result.instance_id.in_(inst_ids)).order_by(Result.id)
-        ):
+    latest: dict[str, Any] = {}  # sop uid -> row of its latest version
+    for row in rows:
+        cur = latest.get(row.sop_instance_uid)
+        if cur is None or row.version > cur.version:
+            latest[row.sop_instance_uid] = row
+    results: dict[int, Any] = {}  # instance id -> its latest result (id, score)
+    if latest:
+        ids = [row.id for row in latest.values()]
+        stmt = select(Result.id, Result.instance_id, Result.score).where(Result.instance_id.in_(ids))
+        for res in session.execute(stmt.order_by(Result.id)):
             results[res.instance_id] = res  # ascending id: the last one wins
     zones: dict[str, list[ZoneInstance]] = defaultdict(list)
     unzoned: list[UnzonedInstance] = []
     pending = 0
-    for uid, (inst, series_uid, desc) in sorted(latest.items()):
+    for uid, inst in sorted(latest.items()):
         r = results.get(inst.id)
         if r is None:
-            pending += inst.state.value == "accepted"
+            pending += inst.state == InstanceState.ACCEPTED
             continue
         item: dict[str, Any] = {
-            "sop_instance_uid": uid, "series_instance_uid": series_uid, "result_id": r.id, "score": r.score
+            "sop_instance_uid": uid, "series_instance_uid": inst.series_instance_uid, "result_id": r.id,
+            "score": r.score,
         }  # fmt: skip
-        zone = rule.zone(desc)
+        zone = rule.zone(inst.series_description)
         if zone is None:
-            unzoned.append(UnzonedInstance(**item, series_description=desc))
+            unzoned.append(UnzonedInstance(**item, series_description=inst.series_description))
         else:
             zones[zone].append(ZoneInstance(**item))
     zone_scores = [
@@ -252,7 +261,7 @@ def study_results(request: Request, study_instance_uid: Uid, session: DbSession)
     ]
     missing = [z for z in expected if z not in zones]
     return StudyResults(
-        study_instance_uid=study.study_instance_uid,
+        study_instance_uid=study_instance_uid,
         zones=zone_scores,
         total_score=sum(z.score for z in zone_scores),
         zones_expected=expected,
