@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import or_, select
 
 from service.logs import ctx
+from service.queue import enqueue_delivery
 from service.receive import spool
 from service.receive.ingest import enqueue_job, index_object, rules_from
 from service.receive.validate import RejectedObject, read_header
@@ -21,6 +22,7 @@ from service.settings import Settings
 from service.store.db import session_scope
 from service.store.files import ObjectStore
 from service.store.models import Job, JobState
+from service.store.outbox import lost_deliveries
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +112,22 @@ def remove_stale_temp_files(settings: Settings, store: ObjectStore, now: float |
     return removed
 
 
+def requeue_lost_deliveries(settings: Settings) -> int:
+    """Deliveries whose countdown message was lost (broker restart) are sent again."""
+    with session_scope(settings.db_url) as session:
+        ids = lost_deliveries(session)
+    for delivery_id in ids:
+        enqueue_delivery(delivery_id)
+    if ids:
+        log.info("re-queued deliveries", extra=ctx(count=len(ids)))
+    return len(ids)
+
+
 def sweep(settings: Settings, store: ObjectStore) -> None:
     try:
         drain_spool(settings, store)
         requeue_stale_jobs(settings)
+        requeue_lost_deliveries(settings)
         remove_stale_temp_files(settings, store)
     except Exception as exc:
         log.warning("recovery sweep failed; will retry", extra=ctx(error=type(exc).__name__))

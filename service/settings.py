@@ -135,7 +135,7 @@ class Settings(BaseSettings):
     )
     zone_map: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
-        description="Exact SeriesDescription to zone overrides, 'DESCRIPTION=ZONE,...' (checked before the regex).",
+        description="SeriesDescription to zone overrides, 'DESCRIPTION=ZONE,...' (before the regex).",
     )
     zones_expected: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["R1", "R2", "R3", "L1", "L2", "L3"],

@@ -117,7 +117,7 @@ _LATEST_BY_UID = (
 
 def result_by_id(session: Session, result_id: int) -> Any:
     """One query for the result and the UIDs around it (the hot path of dashboards)."""
-    row = session.execute(_BY_ID, {"result_id": result_id}).first()
+    row = session.connection().execute(_BY_ID, {"result_id": result_id}).first()
     if row is None:
         raise not_found("result")
     return row
@@ -126,7 +126,8 @@ def result_by_id(session: Session, result_id: int) -> Any:
 def latest_result_by_uid(session: Session, uid: str, version: int | None, model_version: str | None) -> Any:
     """The latest result of (the given or latest version of) a SOP instance, in one query."""
     if version is None and model_version is None:
-        row = session.execute(_LATEST_BY_UID, {"uid": uid}).first()
+        # Core execution: these are plain column rows, the ORM layer would only add overhead.
+        row = session.connection().execute(_LATEST_BY_UID, {"uid": uid}).first()
     else:
         inst = select(Instance.id).where(Instance.sop_instance_uid == uid)
         if version is not None:

@@ -98,7 +98,7 @@ def train(
         Path("workers/infer/weights"), help="Folder for weights, ONNX and metrics.json."
     ),
     seed: int = typer.Option(0),
-    epochs: int = typer.Option(3),
+    epochs: int = typer.Option(2),
     samples: int = typer.Option(3000, help="Phantom training frames."),
     val_samples: int = typer.Option(300, help="Held-out phantom frames for Dice."),
     batch: int = typer.Option(16),

@@ -136,3 +136,17 @@ def test_stale_temp_files_are_swept(tmp_path: Path) -> None:
         os.utime(old, (time.time() - 7200, time.time() - 7200))
         assert recovery.remove_stale_temp_files(scp.settings, scp.store) == 1
         assert not old.exists() and fresh.exists()
+
+
+@pytest.mark.network
+def test_broker_down_job_kept_and_sent_by_recovery(tmp_path: Path) -> None:
+    """Redis unreachable: Success, the job row waits unsent; the recovery sweep sends it later."""
+    data = tmp_path / "data"
+    with inprocess_scp(data, LUSAI_BROKER_URL="redis://127.0.0.1:1/0") as scp:
+        assert send(scp.port, [cine("raw", frames=2)]) == [SUCCESS]
+        [job] = scp.jobs()
+        assert job.state == "queued" and job.enqueued_at is None
+    with inprocess_scp(data) as scp:  # broker back (here: the embedded one)
+        assert recovery.requeue_stale_jobs(get_settings()) == 1
+        [job] = scp.jobs()
+        assert scp.queued_job_ids() == [job.id] and job.enqueued_at is not None

@@ -34,7 +34,7 @@ METRICS_NAME = "metrics.json"
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    epochs: int = 3
+    epochs: int = 2
     samples: int = 3000
     val_samples: int = 300
     batch: int = 16

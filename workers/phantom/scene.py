@@ -119,7 +119,7 @@ def random_scene(rng: np.random.Generator, rows: int, cols: int, scenario: str |
               for _ in range(int(rng.integers(2, 7)))]  # fmt: skip
     return Scene(rows, cols, scenario, pleura_row, thick, drawn, float(rng.uniform(1.2, 2.6)), ribs,
                  a_gain, b_lines, cons, effusion, layers, float(rng.uniform(0.25, 0.55)),
-                 float(rng.uniform(0.06, 0.2)))  # fmt: skip
+                 float(rng.uniform(0.12, 0.6)))  # fmt: skip
 
 
 def _b_line(
@@ -178,7 +178,7 @@ def render(
         )
         depth = np.clip((i - pr) / (rows * fade), 0, None)
         shape = prof * np.exp(-1.2 * depth**2) * (i > pr)
-        amp = amp * (1 - 0.9 * np.clip(shape * 1.5, 0, 1) * a_mask) + gain * scene.pleura_gain * 0.6 * shape
+        amp = amp * (1 - 0.9 * np.clip(shape * 1.5, 0, 1) * a_mask) + gain * 2.0 * scene.lung_gain * shape
         coherent = np.maximum(coherent, shape)
         b_label |= (prof >= 0.45) & (i > pr + t - 1) & (np.exp(-1.2 * depth**2) > 0.25)
     lab[b_label] = C.B_LINE

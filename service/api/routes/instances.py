@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.api.deps import DbSession, api_state, read_scope, write_scope
+from service.api.deps import DbSession, api_state, read_scope, run_db, write_scope
 from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate, sort_pattern
 from service.api.problems import ProblemError, responses
 from service.api.queries import instance_by_uid, job_out, latest_result_by_uid, result_out, utc
@@ -165,13 +165,14 @@ def get_instance(session: DbSession, sop_instance_uid: Uid, version: Version = N
     dependencies=[Depends(read_scope)],
     responses=responses(404),
 )
-def instance_result(
-    session: DbSession,
+async def instance_result(
+    request: Request,
     sop_instance_uid: Uid,
     version: Version = None,
     model_version: Annotated[str | None, Query(max_length=64)] = None,
 ) -> ResultOut:
-    return result_out(latest_result_by_uid(session, sop_instance_uid, version, model_version))
+    row = await run_db(request, lambda s: latest_result_by_uid(s, sop_instance_uid, version, model_version))
+    return result_out(row)
 
 
 @router.post(

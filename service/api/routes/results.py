@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.api import previews
-from service.api.deps import DbSession, api_state, read_scope
+from service.api.deps import DbSession, api_state, read_scope, run_db
 from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate, sort_pattern
 from service.api.problems import ProblemError, not_found, responses
 from service.api.queries import SUMMARY_COLUMNS, result_by_id, result_out, result_summary, utc
@@ -34,8 +34,8 @@ _render_guard = threading.Lock()
     summary="List results (the polling endpoint of dashboards and exports)",
     responses=responses(400),
 )
-def list_results(
-    session: DbSession,
+async def list_results(
+    request: Request,
     score_min: Annotated[int | None, Query(ge=0, le=3)] = None,
     score_max: Annotated[int | None, Query(ge=0, le=3)] = None,
     model_version: Annotated[str | None, Query(max_length=64)] = None,
@@ -74,7 +74,7 @@ def list_results(
             .where(Study.study_instance_uid == study_instance_uid)
         )
     stmt, _, _ = paginate(stmt, sort=sort, keys=_SORTS, id_col=Result.id, cursor=cursor, limit=limit)
-    rows = session.execute(stmt).all()
+    rows = await run_db(request, lambda s: s.connection().execute(stmt).all())
     attr = sort.lstrip("-")
     return {
         "items": [result_summary(r) for r in rows[:limit]],
@@ -93,8 +93,8 @@ def get_result(session: Session, result_id: int) -> Result:
 @router.get(
     "/results/{result_id}", response_model=ResultOut, summary="One result in full", responses=responses(404)
 )
-def get_result_detail(result_id: ResultId, session: DbSession) -> ResultOut:
-    return result_out(result_by_id(session, result_id))
+async def get_result_detail(request: Request, result_id: ResultId) -> ResultOut:
+    return result_out(await run_db(request, lambda s: result_by_id(s, result_id)))
 
 
 def _dicom_file(request: Request, key: str | None, what: str, uid: str | None) -> FileResponse:

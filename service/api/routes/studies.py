@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
-from service.api.deps import DbSession, api_state, read_scope
+from service.api.deps import DbSession, api_state, read_scope, run_db
 from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate, sort_pattern
 from service.api.problems import not_found, responses
 from service.api.schemas import (
@@ -198,23 +198,11 @@ def get_study(request: Request, study_instance_uid: Uid, session: DbSession) -> 
     )
 
 
-@router.get(
-    "/studies/{study_instance_uid}/results",
-    response_model=StudyResults,
-    summary="Zone scores and the patient total of a study",
-    description=(
-        "Each clip's score is the latest result of its latest version. A zone's score is the maximum over its"
-        " clips; the total is the sum of the zone scores. Zones come from the series description"
-        " (LUSAI_ZONE_MAP, then LUSAI_ZONE_PATTERN; default 'LUS R1'..'LUS L3')."
-    ),
-    responses=responses(404),
-)
-def study_results(request: Request, study_instance_uid: Uid, session: DbSession) -> StudyResults:
-    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid))
+def _study_clips(session: Session, study_uid: str) -> tuple[dict[str, Any], dict[int, Any]]:
+    """(sop uid -> row of its latest version, instance id -> its latest result row)."""
+    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
     if study_id is None:
         raise not_found("study")
-    rule: ZoneRule = request.app.state.zone_rule
-    expected = [z.upper() for z in api_state(request).settings.zones_expected]
     rows = session.execute(
         select(
             Instance.id,
@@ -238,6 +226,24 @@ def study_results(request: Request, study_instance_uid: Uid, session: DbSession)
         stmt = select(Result.id, Result.instance_id, Result.score).where(Result.instance_id.in_(ids))
         for res in session.execute(stmt.order_by(Result.id)):
             results[res.instance_id] = res  # ascending id: the last one wins
+    return latest, results
+
+
+@router.get(
+    "/studies/{study_instance_uid}/results",
+    response_model=StudyResults,
+    summary="Zone scores and the patient total of a study",
+    description=(
+        "Each clip's score is the latest result of its latest version. A zone's score is the maximum over its"
+        " clips; the total is the sum of the zone scores. Zones come from the series description"
+        " (LUSAI_ZONE_MAP, then LUSAI_ZONE_PATTERN; default 'LUS R1'..'LUS L3')."
+    ),
+    responses=responses(404),
+)
+async def study_results(request: Request, study_instance_uid: Uid) -> StudyResults:
+    rule: ZoneRule = request.app.state.zone_rule
+    expected = [z.upper() for z in api_state(request).settings.zones_expected]
+    latest, results = await run_db(request, lambda s: _study_clips(s, study_instance_uid))
     zones: dict[str, list[ZoneInstance]] = defaultdict(list)
     unzoned: list[UnzonedInstance] = []
     pending = 0

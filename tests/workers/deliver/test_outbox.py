@@ -133,3 +133,23 @@ def test_resend_command_revives_dead_deliveries(env, storescp, tmp_path, monkeyp
 def test_backoff_is_capped() -> None:
     assert outbox.backoff(1) == outbox.BASE_DELAY_S
     assert outbox.backoff(50) == outbox.MAX_DELAY_S
+
+
+def test_recovery_resends_deliveries_whose_message_was_lost(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from service.recovery import requeue_lost_deliveries
+
+    settings, store = env
+    fresh, _ = _delivery(settings, store, tmp_path, "PACS@127.0.0.1:104", seed=5)
+    lost, _ = _delivery(settings, store, tmp_path, "PACS@127.0.0.1:104", seed=6)
+    with session_scope(settings.db_url) as s:
+        d = s.get(Delivery, lost)
+        assert d is not None
+        d.state = DeliveryState.RETRYING
+        d.next_attempt_at = datetime.now(UTC) - timedelta(minutes=30)  # its countdown message never came
+    queue = settings.broker_dir / "queue"
+    before = set(queue.iterdir()) if queue.exists() else set()
+    assert requeue_lost_deliveries(settings) == 1  # the fresh pending one is left alone
+    new = set(queue.iterdir()) - before
+    assert len(new) == 1 and f"[{lost}]" in new.pop().read_text()
