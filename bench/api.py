@@ -1,7 +1,7 @@
 """Load benchmark of the REST API's results queries with 100k stored results.
 
     /tmp/lusai-venv/bin/python bench/api.py [--results 100000] [--rate 200] [--duration 30]
-                                            [--db-url URL] [--workers 1] [--out bench-api.json]
+                                            [--db-url URL] [--workers 2] [--out bench-api.json]
 
 Seeds a PostgreSQL database (default ``lusai_bench`` on 127.0.0.1, reused when it already holds
 the requested number of results) with studies of five zone clips each, every clip analysed with
@@ -346,7 +346,7 @@ def main() -> None:
     ap.add_argument("--results", type=int, default=100_000)
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--duration", type=float, default=30.0)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (2 = the cores here)")
     ap.add_argument("--skip-closed", action="store_true", help="Skip the closed-loop throughput run.")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()

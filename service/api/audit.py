@@ -13,6 +13,7 @@ last fraction of a second of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -103,9 +104,11 @@ class AuditWriter:
                     break
             ok = self._commit([row for row, _, _ in batch])
             for _, loop, fut in batch:
-                loop.call_soon_threadsafe(_resolve, fut, ok)
+                with contextlib.suppress(RuntimeError):  # that request's loop is gone: nobody waits
+                    loop.call_soon_threadsafe(_resolve, fut, ok)
 
     def _commit(self, rows: list[dict[str, Any]]) -> bool:
+        """Never raises: the writer thread must outlive any database error."""
         error = "unknown"
         for attempt in (1, 2):  # a second try on a fresh connection after a database restart
             try:

@@ -293,3 +293,38 @@ def test_oidc_tokens(oidc: Any, tmp_path: Path) -> None:
     assert "oidc:nurse-7" in principals
     # a JWT is not accepted in X-API-Key (that header is for lusai keys only)
     _problem(c.get("/api/v1/studies", headers={"X-API-Key": token()}), 401, "unauthorized")
+
+
+def test_audit_log_endpoint(sqlite_api: Api, tmp_path: Path) -> None:
+    seeded = seed_study(sqlite_api, tmp_path, zones=[("LUS R1", 2)], with_seg=False)
+    sqlite_api.get(f"/api/v1/studies/{seeded.study_uid}")
+    sqlite_api.get("/api/v1/results", scope="write")
+    body = sqlite_api.get(
+        "/api/v1/audit", scope="admin", params={"resource_prefix": f"/api/v1/studies/{seeded.study_uid}"}
+    ).json()
+    assert [(e["action"], e["status"], e["principal"].endswith("test-read")) for e in body["items"]] == [
+        ("GET", 200, True)
+    ]
+    writer = sqlite_api.get("/api/v1/audit", scope="admin", params={"principal": "nobody"}).json()
+    assert writer["items"] == []
+    page = sqlite_api.get("/api/v1/audit", scope="admin", params={"limit": 1}).json()
+    assert len(page["items"]) == 1 and page["next_cursor"]
+    # the audit query itself is audited
+    assert page["items"][0]["route"] == "/api/v1/audit"
+
+
+def test_anonymous_read_when_keys_not_required(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sqlite_template: Path
+) -> None:
+    import shutil
+
+    db = tmp_path / "anon.sqlite"
+    shutil.copy(sqlite_template, db)
+    gen = make_api(f"sqlite:///{db}", tmp_path, monkeypatch, api_keys_required="false")
+    api = next(gen)
+    assert api.client.get("/api/v1/studies").status_code == 200
+    _problem(api.client.post("/api/v1/jobs/1/cancel"), 403, "forbidden")
+    _problem(api.client.get("/api/v1/studies", headers={"X-API-Key": "lusai_bad"}), 401, "unauthorized")
+    with api.session() as s:
+        assert {e.principal for e in s.scalars(select(AuditEvent))} == {"anonymous"}
+    gen.close()

@@ -157,11 +157,15 @@ def _preview(request: Request, session: Session, result_id: int, kind: previews.
     if not path.is_file():
         with _render_guard:
             lock = _render_locks.setdefault(path.name, threading.Lock())
-        with lock:  # one render per preview, concurrent requests wait for it
-            if not path.is_file():
-                data = _render(st, session, r, kind)
-                previews.write_atomic(path, data)
-                return Response(data, media_type=_MEDIA[kind], headers=headers)
+        try:
+            with lock:  # one render per preview, concurrent requests wait for it
+                if not path.is_file():
+                    data = _render(st, session, r, kind)
+                    previews.write_atomic(path, data)
+                    return Response(data, media_type=_MEDIA[kind], headers=headers)
+        finally:
+            with _render_guard:
+                _render_locks.pop(path.name, None)
     return FileResponse(path, media_type=_MEDIA[kind], headers=headers)
 
 
