@@ -199,6 +199,22 @@ def start_server(url: str, port: int, workers: int, data_dir: Path) -> subproces
     raise RuntimeError("API did not start")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """user+system CPU of a process and its children (the uvicorn workers), from /proc."""
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 class Mix:
     """Random requests in the documented proportions, over the seeded UIDs."""
 
@@ -368,7 +384,13 @@ def main() -> None:
                 "database": args.db_url.split("://", 1)[0], "stored": counts, "api_workers": args.workers,
                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
             }  # fmt: skip
+            cpu0 = tree_cpu_seconds(proc.pid)
             report["open_loop"] = asyncio.run(open_loop(host, port, token, mix, args.rate, args.duration))
+            served = report["open_loop"].get("requests", 0) + report["open_loop"].get("errors", 0)
+            # CPU of the API processes per request: less sensitive to the neighbours than latency
+            report["open_loop"]["api_cpu_ms_per_request"] = round(
+                (tree_cpu_seconds(proc.pid) - cpu0) * 1000 / max(served, 1), 2
+            )
             if not args.skip_closed:
                 report["closed_loop"] = asyncio.run(closed_loop(host, port, token, mix, 8, 10.0))
             report["machine"]["load_avg_after"] = os.getloadavg()

@@ -121,6 +121,7 @@ class RequestContext:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app on ``settings`` (default: the environment); tests pass their own."""
     settings = settings or get_settings()
     state = ApiState(
         settings=settings,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,15 +51,28 @@ EXAMPLES = 12
 EXCLUDED = [schemathesis.checks.positive_data_acceptance]
 
 
-@pytest.fixture(scope="module")
-def fuzz_api(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> Iterator[Api]:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def fuzz_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """Seeded app per backend: PostgreSQL is stricter about types and lengths than SQLite."""
     import shutil
 
+    from tests.api.conftest import PG_ADMIN_URL, REQUIRE_EXTERNAL, _truncate
+
     tmp = tmp_path_factory.mktemp("fuzz")
-    db = tmp / "fuzz.sqlite"
-    shutil.copy(sqlite_template, db)
+    if request.param == "sqlite":
+        db = tmp / "fuzz.sqlite"
+        shutil.copy(request.getfixturevalue("sqlite_template"), db)
+        url = f"sqlite:///{db}"
+    else:
+        pg = request.getfixturevalue("pg_database")
+        if pg is None:
+            if REQUIRE_EXTERNAL:
+                pytest.fail(f"required external component missing: PostgreSQL at {PG_ADMIN_URL}")
+            pytest.skip("PostgreSQL not available")
+        _truncate(pg)
+        url = pg
     mp = pytest.MonkeyPatch()
-    gen = make_api(f"sqlite:///{db}", tmp, mp)
+    gen = make_api(url, tmp, mp)
     api = next(gen)
     seed_study(api, tmp, zones=[("LUS R1", 2), ("LUS L1", 1)])
     yield api
