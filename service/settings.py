@@ -172,7 +172,8 @@ class Settings(BaseSettings):
         description="Destination AE titles that get the overlay SC (empty: every destination).",
     )
     uid_root: str = Field(
-        "1.2.826.0.1.3680043.8.498.", description="UID root for output objects (set your organisation's root)."
+        "1.2.826.0.1.3680043.8.498.",
+        description="UID root for output objects (set your organisation's root).",
     )
 
     # --- observability -----------------------------------------------------------------

@@ -46,8 +46,9 @@ class Procs:
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = open(self.tmp_path / f"{name}.log", "ab")  # noqa: SIM115  (the child keeps writing to it)
-        p = subprocess.Popen([sys.executable, "-m", "service", *args], env=env, stdout=log, stderr=log,
-                             start_new_session=True)  # fmt: skip
+        p = subprocess.Popen(
+            [sys.executable, "-m", "service", *args], env=env, stdout=log, stderr=log, start_new_session=True
+        )
         self.procs.append(p)
         return p
 
@@ -77,8 +78,12 @@ def _send(env: dict[str, str], path: Path) -> None:
     port = env["LUSAI_DICOM_PORT"]
     deadline = time.monotonic() + 30
     while True:
-        out = subprocess.run([storescu, "-R", "-xy", "-aec", "LUSAI", "-aet", "SCANNER", "127.0.0.1", port, str(path)],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        out = subprocess.run(
+            [storescu, "-R", "-xy", "-aec", "LUSAI", "-aet", "SCANNER", "127.0.0.1", port, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if out.returncode == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.5)  # SCP still starting
@@ -121,12 +126,20 @@ def test_cine_through_scp_and_redis_worker_into_postgres(
 
     engine = create_engine(url)
     with engine.connect() as c:
-        inst = c.execute(text("SELECT sop_instance_uid, frames, calling_ae, storage_key, sha256, state, "
-                              "transfer_syntax_uid FROM instances")).one()  # fmt: skip
+        inst = c.execute(
+            text(
+                "SELECT sop_instance_uid, frames, calling_ae, storage_key, sha256, state, "
+                "transfer_syntax_uid FROM instances"
+            )
+        ).one()
         study = c.execute(text("SELECT patient_id, accession_number, study_date FROM studies")).one()
         job = c.execute(text("SELECT model_version, timings_ms, started_at, finished_at FROM jobs")).one()
-        res = c.execute(text("SELECT score, frame_scores, model_name, weights_sha256, seg_sop_instance_uid, "
-                             "sr_sop_instance_uid, seg_storage_key FROM results")).one()  # fmt: skip
+        res = c.execute(
+            text(
+                "SELECT score, frame_scores, model_name, weights_sha256, seg_sop_instance_uid, "
+                "sr_sop_instance_uid, seg_storage_key FROM results"
+            )
+        ).one()
     engine.dispose()
     import hashlib
 

@@ -47,8 +47,13 @@ def served(tmp_path: Path) -> Iterator[dict[str, object]]:
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115  (the child keeps writing to it)
     proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=log, stderr=log)
     try:
-        yield {"proc": proc, "dicom_port": dicom_port, "api_port": api_port, "data": tmp_path / "data",
-               "log": tmp_path / "serve.log"}  # fmt: skip
+        yield {
+            "proc": proc,
+            "dicom_port": dicom_port,
+            "api_port": api_port,
+            "data": tmp_path / "data",
+            "log": tmp_path / "serve.log",
+        }
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -88,9 +93,22 @@ def test_serve_analyses_a_cine_end_to_end(served: dict[str, object], tmp_path: P
     _wait_ready(served, 20.0)
     cine = phantom_cine_file(tmp_path / "cine.dcm", frames=10, jpeg=True)
     out = subprocess.run(
-        [storescu, "-R", "-xy", "-aec", "LUSAI", "-aet", "SCANNER", "127.0.0.1", str(served["dicom_port"]), str(cine)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            storescu,
+            "-R",
+            "-xy",
+            "-aec",
+            "LUSAI",
+            "-aet",
+            "SCANNER",
+            "127.0.0.1",
+            str(served["dicom_port"]),
+            str(cine),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     engine = create_engine(f"sqlite:///{served['data']}/lusai.sqlite")
     state = None

@@ -35,7 +35,9 @@ def build_output_datasets(source: Dataset, analysis: Analysis, settings: Setting
         from workers.preprocess import decode_frames
 
         frames = decode_frames(source)
-    return build_outputs(source, analysis, frames_rgb=frames, options=OutputOptions(uid_root=settings.uid_root))
+    return build_outputs(
+        source, analysis, frames_rgb=frames, options=OutputOptions(uid_root=settings.uid_root)
+    )
 
 
 def save_result(
@@ -47,8 +49,8 @@ def save_result(
     f = analysis.findings
     with session_scope(settings.db_url) as session:
         job = session.get(Job, job_id)
-        if job is None:
-            return []
+        if job is None or job.state == JobState.CANCELLED:
+            return []  # cancelled while running: keep nothing, send nothing
         session.execute(delete(Result).where(Result.job_id == job_id))
         session.flush()
         result = Result(
@@ -80,8 +82,10 @@ def save_result(
         delivery_ids: list[int] = []
         if destination is not None:
             for ds, key in stored:
-                if _kind(ds) == "sc" and settings.overlay_sc_destinations and (
-                    destination.ae_title not in settings.overlay_sc_destinations
+                if (
+                    _kind(ds) == "sc"
+                    and settings.overlay_sc_destinations
+                    and (destination.ae_title not in settings.overlay_sc_destinations)
                 ):
                     continue
                 uid = str(ds.SOPInstanceUID)

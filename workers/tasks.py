@@ -42,8 +42,11 @@ def get_analyzer() -> Any:
     return _analyzer
 
 
-def _claim(job_id: int) -> tuple[str, str] | None:
-    """Mark the job running; None when there is nothing to do (done, cancelled, vanished)."""
+def _claim(job_id: int) -> tuple[str, str | None] | None:
+    """Mark the job running; None when there is nothing to do (done, cancelled, vanished).
+
+    Returns the storage key and the model version the job asked for (None: whatever is loaded).
+    """
     with session_scope() as session:
         job = session.get(Job, job_id)
         if job is None or job.state in (JobState.SUCCEEDED, JobState.CANCELLED, JobState.FAILED):
@@ -53,7 +56,7 @@ def _claim(job_id: int) -> tuple[str, str] | None:
         job.started_at = datetime.now(UTC)
         job.worker = f"{socket.gethostname()}:{os.getpid()}"[:128]
         job.error = None
-        return job.instance.storage_key, job.instance.sop_instance_uid
+        return job.instance.storage_key, job.model_version
 
 
 @app.task(name=ANALYZE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -62,13 +65,16 @@ def analyze(self: Task, job_id: int) -> str:
     claimed = _claim(job_id)
     if claimed is None:
         return "skipped"
-    storage_key, _uid = claimed
+    storage_key, wanted_version = claimed
     store = ObjectStore(settings.storage)
     t0 = time.perf_counter()
     try:
         from workers.pipeline import InputError
 
         analyzer = get_analyzer()
+        if wanted_version and wanted_version != analyzer.model.version:
+            loaded = analyzer.model.version
+            raise InputError(f"model version {wanted_version} is not on this worker (it runs {loaded})")
         source = pydicom.dcmread(store.path(storage_key))
         analysis = analyzer.analyze(source)
         delivery_ids = save_result(job_id, analysis, source, settings=settings, store=store)
@@ -95,7 +101,7 @@ def analyze(self: Task, job_id: int) -> str:
 def _finish_failed(job_id: int, error: str) -> None:
     with session_scope() as session:
         job = session.get(Job, job_id)
-        if job is not None:
+        if job is not None and job.state != JobState.CANCELLED:
             job.state = JobState.FAILED
             job.error = error
             job.finished_at = datetime.now(UTC)
@@ -105,7 +111,7 @@ def _fail_or_retry(task: Task, job_id: int, error: str, *, retry: bool) -> None:
     settings = get_settings()
     with session_scope() as session:
         job = session.get(Job, job_id)
-        if job is None:
+        if job is None or job.state == JobState.CANCELLED:
             return
         job.error = error
         if retry and job.attempts < settings.job_max_attempts:

@@ -19,7 +19,7 @@ class Role(StrEnum):
 
 def c_echo(host: str, port: int, called_ae: str, calling_ae: str = "LUSAI-CHECK") -> bool:
     from pynetdicom import AE
-    
+
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context("1.2.840.10008.1.1")  # Verification SOP Class
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5

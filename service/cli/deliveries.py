@@ -34,19 +34,25 @@ def list_(
         table = Table("id", "destination", "object", "state", "attempts", "next attempt", "last error")
         for d in rows:
             table.add_row(
-                str(d.id), d.destination, d.sop_instance_uid, d.state.value, str(d.attempts),
+                str(d.id),
+                d.destination,
+                d.sop_instance_uid,
+                d.state.value,
+                str(d.attempts),
                 d.next_attempt_at.isoformat(timespec="seconds") if d.next_attempt_at else "",
                 (d.last_error or "")[:60],
-            )  # fmt: skip
+            )
     console.print(table)
 
 
 @deliveries_app.command("resend")
 def resend(
-    ids: Annotated[list[int] | None, typer.Argument(help="Delivery IDs (default: all matching --state).")] = None,
-    state: Annotated[DeliveryState, typer.Option(help="Which deliveries to re-send when no IDs are given.")] = (
-        DeliveryState.DEAD
-    ),
+    ids: Annotated[
+        list[int] | None, typer.Argument(help="Delivery IDs (default: all matching --state).")
+    ] = None,
+    state: Annotated[
+        DeliveryState, typer.Option(help="Which deliveries to re-send when no IDs are given.")
+    ] = (DeliveryState.DEAD),
     destination: Annotated[str | None, typer.Option(help="Only this destination (AET@host:port).")] = None,
 ) -> None:
     """Reset deliveries to pending with a fresh attempt budget and queue them now."""

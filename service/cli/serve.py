@@ -99,11 +99,25 @@ def api() -> None:
 
 def worker_argv(s: Settings, queues: str) -> list[str]:
     argv = [
-        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-        "--loglevel", s.log_level, "--concurrency", str(s.worker_concurrency),
-        "--queues", queues, "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle",
-        "-n", f"lusai-{os.getpid()}@%h",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "--loglevel",
+        s.log_level,
+        "--concurrency",
+        str(s.worker_concurrency),
+        "--queues",
+        queues,
+        "--prefetch-multiplier",
+        "1",
+        "--without-gossip",
+        "--without-mingle",
+        "-n",
+        f"lusai-{os.getpid()}@%h",
+    ]
     if s.embedded_broker:
         argv.append("--without-heartbeat")
     return argv
@@ -141,9 +155,13 @@ def serve() -> None:
     scp_thread.start()
     log.info(
         "lusai serving",
-        extra=ctx(dicom_port=s.dicom_port, api_port=s.api_port, data_dir=str(s.data_dir), broker="embedded"
-                  if s.embedded_broker else "external"),
-    )  # fmt: skip
+        extra=ctx(
+            dicom_port=s.dicom_port,
+            api_port=s.api_port,
+            data_dir=str(s.data_dir),
+            broker="embedded" if s.embedded_broker else "external",
+        ),
+    )
     try:
         uvicorn.run(create_app(), host=s.api_host, port=s.api_port, log_config=None, access_log=False)
     finally:

@@ -23,7 +23,8 @@ def lost_deliveries(session: Session, now: datetime | None = None) -> list[int]:
                 or_(
                     (Delivery.state == DeliveryState.PENDING) & (Delivery.created_at < created_before),
                     (Delivery.state == DeliveryState.RETRYING) & (Delivery.next_attempt_at < created_before),
-                    (Delivery.state == DeliveryState.SENDING) & (Delivery.created_at < now - timedelta(hours=1)),
+                    (Delivery.state == DeliveryState.SENDING)
+                    & (Delivery.created_at < now - timedelta(hours=1)),
                 )
             )
         )

@@ -26,7 +26,9 @@ def test_eval_reports_dice_and_agreement(tmp_path: Path) -> None:
         w.writeheader()
         w.writerows(rows)
     out = tmp_path / "report.json"
-    res = CliRunner().invoke(app, ["eval", str(tmp_path), "--phantom", "4", "--device", "cpu", "--out", str(out)])
+    res = CliRunner().invoke(
+        app, ["eval", str(tmp_path), "--phantom", "4", "--device", "cpu", "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     assert set(report["phantom_dice"]) >= {"pleural_line", "b_line"}

@@ -23,8 +23,11 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     port = free_port()
     out = tmp_path / "received"
     out.mkdir()
-    proc = subprocess.Popen([which("storescp"), "-aet", "PACS", "+xa", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [which("storescp"), "-aet", "PACS", "+xa", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.5)
     yield port, out
     proc.terminate()

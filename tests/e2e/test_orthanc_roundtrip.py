@@ -115,9 +115,22 @@ def test_cine_pushed_to_orthanc_comes_back_with_seg_and_sr(
     src = pydicom.dcmread(cine, stop_before_pixels=True)
     t0 = time.monotonic()
     out = subprocess.run(
-        [which("storescu"), "-R", "-xy", "-aec", "ORTHANC", "-aet", "SCANNER", "127.0.0.1", str(orthanc["dicom_port"]), str(cine)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            which("storescu"),
+            "-R",
+            "-xy",
+            "-aec",
+            "ORTHANC",
+            "-aet",
+            "SCANNER",
+            "127.0.0.1",
+            str(orthanc["dicom_port"]),
+            str(cine),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     base = orthanc["base"]
     series: dict[str, list[str]] = {}

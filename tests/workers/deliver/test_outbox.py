@@ -29,8 +29,11 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     port = free_port()
     out = tmp_path / "received"
     out.mkdir()
-    proc = subprocess.Popen([which("storescp"), "-aet", "PACS", "+xa", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [which("storescp"), "-aet", "PACS", "+xa", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.5)
     yield port, out
     proc.terminate()
@@ -45,13 +48,20 @@ def env(data_dir: Path) -> tuple[Settings, ObjectStore]:
     return s, ObjectStore(s.storage)
 
 
-def _delivery(settings: Settings, store: ObjectStore, tmp: Path, destination: str, seed: int = 0) -> tuple[int, str]:
+def _delivery(
+    settings: Settings, store: ObjectStore, tmp: Path, destination: str, seed: int = 0
+) -> tuple[int, str]:
     f = noise_cine_file(tmp / f"obj{seed}.dcm", seed=seed, jpeg=bool(seed % 2))
     key, _, _ = store.put_file(f)
     ds = pydicom.dcmread(f, stop_before_pixels=True)
     with session_scope(settings.db_url) as s:
-        d = Delivery(destination=destination, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
-                     storage_key=key, state=DeliveryState.PENDING)  # fmt: skip
+        d = Delivery(
+            destination=destination,
+            sop_class_uid=ds.SOPClassUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            storage_key=key,
+            state=DeliveryState.PENDING,
+        )
         s.add(d)
         s.flush()
         return d.id, str(ds.SOPInstanceUID)
@@ -83,7 +93,9 @@ def test_delivered_byte_for_byte_in_its_own_transfer_syntax(env, storescp, tmp_p
     assert send_delivery(did, settings=settings, store=store) == ("skipped", None)
 
 
-def test_dead_peer_backs_off_then_dead_letters_without_blocking_others(env, storescp, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_dead_peer_backs_off_then_dead_letters_without_blocking_others(
+    env, storescp, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     settings, store = env
     port, received = storescp
     monkeypatch.setattr(outbox, "MAX_ATTEMPTS", 3)
@@ -141,7 +153,7 @@ def test_recovery_resends_deliveries_whose_message_was_lost(env, tmp_path: Path)
     from service.recovery import requeue_lost_deliveries
 
     settings, store = env
-    fresh, _ = _delivery(settings, store, tmp_path, "PACS@127.0.0.1:104", seed=5)
+    _delivery(settings, store, tmp_path, "PACS@127.0.0.1:104", seed=5)  # fresh: must be left alone
     lost, _ = _delivery(settings, store, tmp_path, "PACS@127.0.0.1:104", seed=6)
     with session_scope(settings.db_url) as s:
         d = s.get(Delivery, lost)
