@@ -68,6 +68,26 @@ def _reset_caches() -> None:
 
 
 @pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A real DCMTK storescp (AE PACS, every transfer syntax) writing into a folder: (port, folder)."""
+    import subprocess
+    import time
+
+    port = free_port()
+    out = tmp_path / "received"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [which("storescp"), "-aet", "PACS", "+xa", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    yield port, out
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
 def pg_url() -> Iterator[str]:
     """A throw-away PostgreSQL database on the machine's real server."""
     from sqlalchemy import create_engine, text

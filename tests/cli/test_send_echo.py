@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -12,26 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
-from tests.conftest import free_port, which
+from tests.conftest import free_port
 from tests.factories import noise_cine_file
 
 pytestmark = pytest.mark.network
-
-
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    port = free_port()
-    out = tmp_path / "received"
-    out.mkdir()
-    proc = subprocess.Popen(
-        [which("storescp"), "-aet", "PACS", "+xa", "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(0.5)
-    yield port, out
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def test_send_folder_recursively_keeps_transfer_syntax(storescp: tuple[int, Path], tmp_path: Path) -> None:

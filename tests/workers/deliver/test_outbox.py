@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,28 +13,12 @@ from service.store.db import session_scope
 from service.store.files import ObjectStore
 from service.store.migrate import upgrade
 from service.store.models import Delivery, DeliveryState
-from tests.conftest import free_port, which
+from tests.conftest import free_port
 from tests.factories import noise_cine_file
 from workers.deliver import outbox
 from workers.deliver.outbox import send_delivery
 
 pytestmark = pytest.mark.network
-
-
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    port = free_port()
-    out = tmp_path / "received"
-    out.mkdir()
-    proc = subprocess.Popen(
-        [which("storescp"), "-aet", "PACS", "+xa", "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(0.5)
-    yield port, out
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 @pytest.fixture
