@@ -1,17 +1,19 @@
 """Calibrate the scoring thresholds on labelled real cine (BLUS dev) without touching weights.
 
-The network runs once per video and its grid class maps are cached; then coordinate descent
-over a few clinically meaningful cut-offs (each with 2-4 candidate values) maximises the
-quadratic-weighted kappa of the video score. Patient-wise 2-fold cross-validation of the same
+The network runs once per video and its grid class maps are cached; frames are measured once
+(:func:`frame_findings` at the default measurement settings), then an exhaustive search over a
+few decision cut-offs of :func:`soldati` (each with 3-5 clinically plausible values) maximises
+the quadratic-weighted kappa of the video score. Patient-wise 2-fold cross-validation of the same
 search estimates how much of the gain is overfitting.
 
-    python -m workers.infer.calibrate /tmp/blus-dicom --cache /tmp/blus-cache
+    python -m workers.infer.calibrate /tmp/blus-dicom --cache /tmp/blus-cache --out calib.json
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -20,21 +22,18 @@ from pathlib import Path
 import numpy as np
 
 from workers.infer.evaluate import LabelledItem, agreement, labelled_items, read_mp4_gray
-from workers.score.lus import GridSpacing, ScoreConfig, aggregate, frame_findings
+from workers.score.lus import GridSpacing, ScoreConfig, frame_findings, soldati, video_findings, video_score
 
 log = logging.getLogger(__name__)
 
-#: Candidate values per threshold; the first pass starts from the defaults.
+#: Candidate values of the decision cut-offs (measurement settings stay at their defaults).
 SEARCH: dict[str, tuple[float, ...]] = {
-    "b_line_column_fill": (0.3, 0.5, 0.7),
-    "confluent_min_mm": (5.0, 10.0, 15.0, 20.0),
-    "score1_fraction": (0.0, 0.05, 0.1, 0.2),
-    "consolidation_min_mm2": (10.0, 30.0, 60.0, 120.0),
-    "consolidation_large_mm": (10.0, 15.0, 20.0),
-    "irregular_mm": (0.5, 0.8, 1.2, 2.0),
-    "break_min_mm": (2.0, 4.0, 8.0),
-    "persist_frames": (1, 3, 5),
+    "score1_fraction": (0.0, 0.1, 0.2, 0.3, 0.4),
     "score3_fraction": (0.5, 0.7, 0.9),
+    "consolidation_min_mm2": (10.0, 100.0, 300.0, 1000.0),
+    "consolidation_large_mm": (10.0, 20.0, 40.0, 60.0),
+    "irregular_mm": (0.8, 2.0, 5.0),
+    "persist_frames": (1, 3, 5),
 }
 
 
@@ -43,6 +42,15 @@ class Cached:
     item: LabelledItem
     labels: np.ndarray  # (n, rows, cols) uint8 grid class maps
     spacing: GridSpacing
+
+
+@dataclass
+class Measured:
+    """Per-frame measurements of one video as arrays, for fast re-scoring."""
+
+    expert: int
+    patient: str
+    features: dict[str, np.ndarray]
 
 
 def cache_segmentations(
@@ -76,35 +84,59 @@ def cache_segmentations(
     return out
 
 
-def video_scores(data: list[Cached], cfg: ScoreConfig, stride: int = 1) -> np.ndarray:
-    """Video scores; ``stride`` > 1 scores every n-th frame only (a faster proxy for the search)."""
+def video_scores(data: list[Cached], cfg: ScoreConfig) -> np.ndarray:
+    """Video scores exactly as the pipeline computes them."""
+    return np.array([video_findings(d.labels, d.spacing, cfg).score for d in data])
+
+
+def measure(data: list[Cached], base: ScoreConfig = ScoreConfig()) -> list[Measured]:
+    """Frame measurements with no size filter, so any consolidation cut-off can be applied later."""
+    cfg = dataclasses.replace(base, consolidation_min_mm2=0.0, effusion_min_mm2=0.0)
     out = []
     for d in data:
-        frames = tuple(frame_findings(m, d.spacing, i, cfg) for i, m in enumerate(d.labels[::stride]))
-        out.append(aggregate(frames, cfg).score)
+        fs = [frame_findings(m, d.spacing, i, cfg) for i, m in enumerate(d.labels)]
+        feats = {k: np.array([getattr(f, k) for f in fs]) for k in _FEATURES}
+        out.append(Measured(d.item.score, d.item.patient, feats))
+    return out
+
+
+_FEATURES = (
+    "b_line_fraction",
+    "confluent",
+    "b_line_count",
+    "pleura_breaks",
+    "pleura_irregularity",
+    "consolidation_area_mm2",
+    "consolidation_depth_mm",
+)
+
+
+def rescore(videos: list[Measured], cfg: ScoreConfig) -> np.ndarray:
+    """Video scores from cached measurements (same :func:`soldati` and 1% rule as the pipeline)."""
+    out = []
+    for v in videos:
+        f = v.features
+        frame_scores = soldati(
+            f["b_line_fraction"], f["confluent"], f["b_line_count"], f["pleura_breaks"],
+            f["pleura_irregularity"], f["consolidation_area_mm2"], f["consolidation_depth_mm"], cfg,
+        )  # fmt: skip
+        out.append(video_score(frame_scores, cfg)[0])
     return np.array(out)
 
 
-def search(
-    data: list[Cached], start: ScoreConfig = ScoreConfig(), passes: int = 2, stride: int = 1
-) -> ScoreConfig:
-    """Coordinate descent on Kqwc; ties keep the current (default-side) value."""
-    expert = np.array([d.item.score for d in data])
-    best = start
-    best_k = agreement(expert, video_scores(data, best, stride)).kappa_quadratic
-    for _ in range(passes):
-        improved = False
-        for name, values in SEARCH.items():
-            for v in values:
-                cand = dataclasses.replace(best, **{name: type(getattr(best, name))(v)})
-                if cand == best:
-                    continue
-                k = agreement(expert, video_scores(data, cand, stride)).kappa_quadratic
-                if k > best_k + 1e-4:
-                    best, best_k, improved = cand, k, True
-                    log.info("%s=%s -> kappa %.3f", name, v, k)
-        if not improved:
-            break
+def search(videos: list[Measured], start: ScoreConfig = ScoreConfig()) -> ScoreConfig:
+    """Exhaustive search of :data:`SEARCH`; ties keep the candidate met first (the defaults' side)."""
+    expert = np.array([v.expert for v in videos])
+    best, best_k = start, agreement(expert, rescore(videos, start)).kappa_quadratic
+    names = list(SEARCH)
+    for values in itertools.product(*(SEARCH[n] for n in names)):
+        cand = dataclasses.replace(
+            start, **{n: type(getattr(start, n))(v) for n, v in zip(names, values, strict=True)}
+        )
+        k = agreement(expert, rescore(videos, cand)).kappa_quadratic
+        if k > best_k + 1e-4:
+            best, best_k = cand, k
+    log.info("best kappa %.3f", best_k)
     return best
 
 
@@ -117,27 +149,27 @@ def main() -> None:
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     data = cache_segmentations(a.folder, a.cache, a.weights)
-    expert = np.array([d.item.score for d in data])
+    videos = measure(data)
+    expert = np.array([v.expert for v in videos])
     default = ScoreConfig()
     report: dict[str, object] = {
-        "videos": len(data),
-        "default": agreement(expert, video_scores(data, default)).__dict__,
+        "videos": len(videos),
+        "default": agreement(expert, rescore(videos, default)).__dict__,
     }
-    # Every 2nd frame during the search: with 50-100 frames the 1% rule still needs one frame.
-    tuned = search(data, default, stride=2)
+    tuned = search(videos, default)
     report["calibrated_config"] = {
         k: v for k, v in dataclasses.asdict(tuned).items() if v != getattr(default, k)
     }
-    report["calibrated_in_sample"] = agreement(expert, video_scores(data, tuned)).__dict__
+    report["calibrated_in_sample"] = agreement(expert, rescore(videos, tuned)).__dict__
     # Patient-wise 2-fold cross-validation of the whole search.
-    patients = sorted({d.item.patient for d in data})
+    patients = sorted({v.patient for v in videos})
     fold = {p: i % 2 for i, p in enumerate(patients)}
-    pred = np.zeros(len(data), int)
+    pred = np.zeros(len(videos), int)
     for k in (0, 1):
-        train = [d for d in data if fold[d.item.patient] != k]
-        cfg = search(train, default, passes=1, stride=2)
-        test_idx = [i for i, d in enumerate(data) if fold[d.item.patient] == k]
-        pred[test_idx] = video_scores([data[i] for i in test_idx], cfg)
+        cfg = search([v for v in videos if fold[v.patient] != k], default)
+        idx = [i for i, v in enumerate(videos) if fold[v.patient] == k]
+        pred[idx] = rescore([videos[i] for i in idx], cfg)
+        report[f"fold{k}_config"] = {n: getattr(cfg, n) for n in SEARCH}
     report["calibrated_patient_cv"] = agreement(expert, pred).__dict__
     text = json.dumps(report, indent=2)
     if a.out:

@@ -45,6 +45,9 @@ class Scene:
     wall_layers: list[tuple[float, float, float]] = field(default_factory=list)  # (row, width, gain)
     wall_gain: float = 0.4
     lung_gain: float = 0.12
+    #: Reverberation haze under a normal pleura fades with depth faster than tissue does, so
+    #: "bright just below the pleura, darker deeper" must not read as consolidation.
+    haze_decay: float = 0.0
 
 
 def random_scene(rng: np.random.Generator, rows: int, cols: int, scenario: str | None = None) -> Scene:
@@ -119,7 +122,7 @@ def random_scene(rng: np.random.Generator, rows: int, cols: int, scenario: str |
               for _ in range(int(rng.integers(2, 7)))]  # fmt: skip
     return Scene(rows, cols, scenario, pleura_row, thick, drawn, float(rng.uniform(1.2, 2.6)), ribs,
                  a_gain, b_lines, cons, effusion, layers, float(rng.uniform(0.25, 0.55)),
-                 float(rng.uniform(0.12, 0.6)))  # fmt: skip
+                 float(rng.uniform(0.12, 0.6)), float(rng.uniform(0.0, 5.0)))  # fmt: skip
 
 
 def _b_line(
@@ -152,7 +155,8 @@ def render(
         wall += gain * np.exp(-0.5 * ((i - row - 0.3 * (pr - pr.mean())) / width) ** 2)
     wall += 0.8 * np.exp(-0.5 * (i / 1.2) ** 2)  # skin line
     above = i < pr
-    amp[:] = np.where(above, wall, scene.lung_gain)
+    haze = scene.lung_gain * np.exp(-scene.haze_decay * np.clip(i - pr, 0, None) / rows)
+    amp[:] = np.where(above, wall, haze)
 
     # Lung: low-level haze, A-lines at multiples of the pleural depth.
     t = scene.pleura_thick

@@ -7,6 +7,7 @@ Pure numpy, no I/O: the Celery task, the CLI and the evaluation all call the sam
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -34,7 +35,8 @@ class GridSpacing:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """Every threshold of the scoring rule; defaults were calibrated on BLUS dev (model card).
+    """Every threshold of the scoring rule. Defaults are clinical cut-offs (Soldati): searching
+    them on BLUS dev did not give values that hold up in patient-wise cross-validation (model card).
 
     Fractions refer to pleural scan lines, sizes to millimetres at the pleura.
     """
@@ -109,18 +111,9 @@ def frame_findings(
     if eff_area < cfg.effusion_min_mm2:
         eff_area = 0.0
 
-    abnormal_pleura = breaks > 0 or irregularity > cfg.irregular_mm
-    if (confluent and b_fraction > cfg.score3_fraction) or cons_depth >= cfg.consolidation_large_mm:
-        score = 3
-    elif cons_area > 0 or (confluent and abnormal_pleura):
-        score = 2
-    elif b_fraction >= cfg.score1_fraction and runs:
-        score = 1
-    else:
-        score = 0
-    return FrameFindings(
+    f = FrameFindings(
         index=index,
-        score=score,
+        score=0,
         pleura_scanlines=n_pleura,
         b_line_scanlines=int(b_cols.sum()),
         b_line_fraction=round(b_fraction, 4),
@@ -133,6 +126,59 @@ def frame_findings(
         consolidation_depth_mm=round(cons_depth, 1),
         effusion_area_mm2=round(eff_area, 1),
     )
+    return dataclasses.replace(f, score=_frame_score(f, cfg))
+
+
+def soldati(
+    b_fraction: np.ndarray | float,
+    confluent: np.ndarray | bool,
+    b_count: np.ndarray | int,
+    breaks: np.ndarray | int,
+    irregularity: np.ndarray | float,
+    cons_area: np.ndarray | float,
+    cons_depth: np.ndarray | float,
+    cfg: ScoreConfig,
+) -> np.ndarray:
+    """The Soldati frame score from measurements; works on scalars and on arrays of frames.
+
+    3: confluent B-lines over more than half the pleura, or a large consolidation.
+    2: a consolidation, or confluent B-lines with a broken or irregular pleura.
+    1: B-lines. 0: none of these (A-line pattern or nothing seen).
+    """
+    cons = (np.asarray(cons_area) > 0) & (np.asarray(cons_area) >= cfg.consolidation_min_mm2)
+    conf = np.asarray(confluent, dtype=bool)
+    s3 = (conf & (np.asarray(b_fraction) > cfg.score3_fraction)) | (
+        cons & (np.asarray(cons_depth) >= cfg.consolidation_large_mm)
+    )
+    abnormal = (np.asarray(breaks) > 0) | (np.asarray(irregularity) > cfg.irregular_mm)
+    s2 = cons | (conf & abnormal)
+    s1 = (np.asarray(b_count) > 0) & (np.asarray(b_fraction) >= cfg.score1_fraction)
+    return np.where(s3, 3, np.where(s2, 2, np.where(s1, 1, 0)))
+
+
+def _frame_score(f: FrameFindings, cfg: ScoreConfig) -> int:
+    return int(
+        soldati(
+            f.b_line_fraction,
+            f.confluent,
+            f.b_line_count,
+            f.pleura_breaks,
+            f.pleura_irregularity,
+            f.consolidation_area_mm2,
+            f.consolidation_depth_mm,
+            cfg,
+        )
+    )
+
+
+def video_score(frame_scores: np.ndarray, cfg: ScoreConfig = ScoreConfig()) -> tuple[int, np.ndarray]:
+    """(video score, per-frame scores after the persistence filter): the 1% rule."""
+    persistent = _persistent(np.asarray(frame_scores), cfg.persist_frames)
+    need = max(1, int(np.ceil(cfg.min_frame_fraction * len(persistent))))
+    for s in (3, 2, 1):
+        if (persistent >= s).sum() >= need:
+            return s, persistent
+    return 0, persistent
 
 
 def video_findings(
@@ -148,13 +194,8 @@ def aggregate(frames: tuple[FrameFindings, ...], cfg: ScoreConfig = ScoreConfig(
     if not frames:
         raise ValueError("a video needs at least one frame")
     raw = np.array([f.score for f in frames])
-    persistent = _persistent(raw, cfg.persist_frames)
+    score, persistent = video_score(raw, cfg)
     need = max(1, int(np.ceil(cfg.min_frame_fraction * len(frames))))
-    score = 0
-    for s in (3, 2, 1):
-        if (persistent >= s).sum() >= need:
-            score = s
-            break
     candidates = [f for f, p in zip(frames, persistent, strict=True) if p == score] or list(frames)
     key = max(candidates, key=lambda f: (f.b_line_fraction, f.consolidation_area_mm2, -f.index))
     frac = np.array([f.b_line_fraction for f in frames])
@@ -193,12 +234,12 @@ def _empty(index: int, labels: np.ndarray, spacing: GridSpacing, cfg: ScoreConfi
     cons_area, cons_depth = _area_depth(labels == C.CONSOLIDATION, spacing)
     eff_area, _ = _area_depth(labels == C.EFFUSION, spacing)
     cons_area = cons_area if cons_area >= cfg.consolidation_min_mm2 else 0.0
-    score = 3 if cons_area and cons_depth >= cfg.consolidation_large_mm else 2 if cons_area else 0
-    return FrameFindings(
-        index, score, 0, 0, 0.0, 0, False, 0.0, 0, False,
+    f = FrameFindings(
+        index, 0, 0, 0, 0.0, 0, False, 0.0, 0, False,
         round(cons_area, 1), round(cons_depth if cons_area else 0.0, 1),
         round(eff_area if eff_area >= cfg.effusion_min_mm2 else 0.0, 1),
     )  # fmt: skip
+    return dataclasses.replace(f, score=_frame_score(f, cfg))
 
 
 def _fill_depth(depth: np.ndarray, has: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from workers.domain import SegmentClass as C
-from workers.infer.calibrate import Cached, search, video_scores
+from workers.infer.calibrate import Cached, measure, rescore, search, video_scores
 from workers.infer.evaluate import LabelledItem
 from workers.score.lus import GridSpacing, ScoreConfig
 
@@ -19,13 +19,23 @@ def _video(b_width: int) -> np.ndarray:
     return m
 
 
-def test_search_raises_score1_cutoff_when_experts_call_narrow_b_lines_normal() -> None:
+def _data() -> list[Cached]:
     sp = GridSpacing.uniform(64, 1.0, 1.0)
     # Experts: 8-line-wide artefacts are normal (score 0); 15-wide are B-lines (score 1).
     data = [Cached(LabelledItem(Path(f"{i}.dcm"), 0, str(i)), _video(8), sp) for i in range(4)]
-    data += [Cached(LabelledItem(Path(f"{i}.dcm"), 1, str(i)), _video(15), sp) for i in range(4, 8)]
+    return data + [Cached(LabelledItem(Path(f"{i}.dcm"), 1, str(i)), _video(15), sp) for i in range(4, 8)]
+
+
+def test_rescore_matches_the_pipeline() -> None:
+    data = _data()
+    cfg = ScoreConfig(confluent_min_mm=30.0, score1_fraction=0.1)
+    assert list(rescore(measure(data, cfg), cfg)) == list(video_scores(data, cfg)) == [0] * 4 + [1] * 4
+
+
+def test_search_raises_score1_cutoff_when_experts_call_narrow_b_lines_normal() -> None:
+    data = _data()
     default = ScoreConfig(confluent_min_mm=30.0)
     assert list(video_scores(data, default)) == [1] * 8
-    tuned = search(data, default)
+    tuned = search(measure(data, default), default)
     assert list(video_scores(data, tuned)) == [0] * 4 + [1] * 4
     assert tuned.score1_fraction == 0.1
