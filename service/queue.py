@@ -31,6 +31,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        "worker_proc_alive_timeout": 120,  # pool processes load the model at start (see celery_app)
         "task_time_limit": settings.task_time_limit,
         "task_soft_time_limit": max(settings.task_time_limit - 30, 5),
         "task_default_queue": ANALYZE_QUEUE,
@@ -51,6 +52,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "control_folder": str(d / "control"),
             "processed_folder": str(d / "processed"),
             "store_processed": False,
+            "polling_interval": 0.2,  # a directory listing is cheap; 1 s default adds latency per hop
         }
         conf["worker_enable_remote_control"] = False
     else:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from celery import Celery
+from celery.signals import worker_process_init
 
 from service.logs import configure_logging
 from service.queue import celery_config
@@ -18,3 +22,14 @@ def create_app() -> Celery:
 
 
 app = create_app()
+
+
+@worker_process_init.connect
+def _load_model(**_: Any) -> None:
+    """Load the network when a pool process starts, so the first cine does not pay for it."""
+    from workers.tasks import get_analyzer
+
+    try:
+        get_analyzer()
+    except Exception:  # the task will try again and fail the job with the reason
+        logging.getLogger(__name__).exception("model could not be loaded at worker start")
