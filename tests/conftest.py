@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -67,10 +68,32 @@ def _reset_caches() -> None:
     get_engine.cache_clear()
 
 
+def storescu(
+    port: int, path: Path, called_ae: str, calling_ae: str = "SCANNER"
+) -> subprocess.CompletedProcess[str]:
+    """C-STORE one file with DCMTK storescu, proposing JPEG 8-bit as well as uncompressed."""
+    return subprocess.run(
+        [
+            which("storescu"),
+            "-R",
+            "-xy",
+            "-aec",
+            called_ae,
+            "-aet",
+            calling_ae,
+            "127.0.0.1",
+            str(port),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """A real DCMTK storescp (AE PACS, every transfer syntax) writing into a folder: (port, folder)."""
-    import subprocess
     import time
 
     port = free_port()

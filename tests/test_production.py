@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import free_port, which
+from tests.conftest import free_port, storescu
 from tests.factories import phantom_cine_file
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.network, pytest.mark.slow]
@@ -74,16 +74,9 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
 
 
 def _send(env: dict[str, str], path: Path) -> None:
-    storescu = which("storescu")
-    port = env["LUSAI_DICOM_PORT"]
     deadline = time.monotonic() + 30
     while True:
-        out = subprocess.run(
-            [storescu, "-R", "-xy", "-aec", "LUSAI", "-aet", "SCANNER", "127.0.0.1", port, str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = storescu(int(env["LUSAI_DICOM_PORT"]), path, "LUSAI")
         if out.returncode == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.5)  # SCP still starting

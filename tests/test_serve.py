@@ -16,7 +16,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import create_engine, text
 
-from tests.conftest import free_port, which
+from tests.conftest import free_port, storescu
 from tests.factories import phantom_cine_file
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -89,26 +89,9 @@ def test_serve_answers_echo_and_health_within_20s(served: dict[str, object]) -> 
 
 def test_serve_analyses_a_cine_end_to_end(served: dict[str, object], tmp_path: Path) -> None:
     """C-STORE with DCMTK storescu -> rows -> real Celery worker on the embedded queue -> result."""
-    storescu = which("storescu")
     _wait_ready(served, 20.0)
     cine = phantom_cine_file(tmp_path / "cine.dcm", frames=10, jpeg=True)
-    out = subprocess.run(
-        [
-            storescu,
-            "-R",
-            "-xy",
-            "-aec",
-            "LUSAI",
-            "-aet",
-            "SCANNER",
-            "127.0.0.1",
-            str(served["dicom_port"]),
-            str(cine),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = storescu(int(str(served["dicom_port"])), cine, "LUSAI")
     assert out.returncode == 0, out.stderr
     engine = create_engine(f"sqlite:///{served['data']}/lusai.sqlite")
     state = None

@@ -20,7 +20,7 @@ import httpx
 import pydicom
 import pytest
 
-from tests.conftest import REPO, free_port, which
+from tests.conftest import REPO, free_port, storescu, which
 from tests.factories import phantom_cine_file
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -114,23 +114,7 @@ def test_cine_pushed_to_orthanc_comes_back_with_seg_and_sr(
     cine = phantom_cine_file(tmp_path / "cine.dcm", frames=frames, jpeg=True)
     src = pydicom.dcmread(cine, stop_before_pixels=True)
     t0 = time.monotonic()
-    out = subprocess.run(
-        [
-            which("storescu"),
-            "-R",
-            "-xy",
-            "-aec",
-            "ORTHANC",
-            "-aet",
-            "SCANNER",
-            "127.0.0.1",
-            str(orthanc["dicom_port"]),
-            str(cine),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = storescu(orthanc["dicom_port"], cine, "ORTHANC")
     assert out.returncode == 0, out.stderr
     base = orthanc["base"]
     series: dict[str, list[str]] = {}
