@@ -87,6 +87,30 @@ def test_serve_answers_echo_and_health_within_20s(served: dict[str, object]) -> 
     _wait_ready(served, 20.0)
 
 
+def test_stopping_serve_stops_its_worker(served: dict[str, object]) -> None:
+    """SIGTERM to `lusai serve` (systemd stop, docker stop) leaves no orphaned Celery worker."""
+    _wait_ready(served, 20.0)
+    proc = served["proc"]
+    assert isinstance(proc, subprocess.Popen)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "serve runs its worker as a child process"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    alive = children
+    while alive and time.monotonic() < deadline:
+        alive = [c for c in alive if Path(f"/proc/{c}").exists() and "Z" not in _state(c)]
+        time.sleep(0.2)
+    assert not alive, f"worker processes outlived serve: {alive}"
+
+
+def _state(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return "Z"
+
+
 def test_serve_analyses_a_cine_end_to_end(served: dict[str, object], tmp_path: Path) -> None:
     """C-STORE with DCMTK storescu -> rows -> real Celery worker on the embedded queue -> result."""
     _wait_ready(served, 20.0)

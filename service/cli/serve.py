@@ -136,7 +136,7 @@ def worker(
     from service.store.files import ObjectStore
 
     recovery.start_background(s, ObjectStore(s.storage), interval=s.recovery_interval)
-    proc = subprocess.Popen(worker_argv(s, queues))
+    proc = subprocess.Popen(worker_argv(s, queues), preexec_fn=_die_with_parent)
     _forward_signals(proc)
     sys.exit(proc.wait())
 
@@ -150,7 +150,9 @@ def serve() -> None:
 
     from service.api.main import create_app
 
-    worker_proc = subprocess.Popen(worker_argv(s, "analyze,deliver"))
+    # uvicorn re-raises SIGTERM after its shutdown, which ends this process before any `finally`
+    # runs: the kernel must stop the worker when we go, or it lives on as an orphan.
+    worker_proc = subprocess.Popen(worker_argv(s, "analyze,deliver"), preexec_fn=_die_with_parent)
     scp_thread = threading.Thread(target=run_scp, args=(s,), name="lusai-scp", daemon=True)
     scp_thread.start()
     log.info(
@@ -170,6 +172,15 @@ def serve() -> None:
             worker_proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             worker_proc.kill()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGTERM when the parent exits (PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
 def _install_term_handler() -> None:
