@@ -53,3 +53,14 @@ def test_dockerfile_is_multistage_non_root_with_healthcheck() -> None:
     assert {"slim", "gpu"} <= set(stages) and stages[-1] == "slim"  # default target is the slim image
     assert "USER lusai" in text and "HEALTHCHECK" in text
     assert "torch==2.13.*" in text
+
+
+def test_env_template_names_only_real_settings() -> None:
+    import re
+
+    from service.settings import Settings
+
+    known = {f"LUSAI_{n.upper()}" for n in Settings.model_fields}
+    text = (REPO / "deploy" / "env" / "production.env.example").read_text()
+    used = set(re.findall(r"^#?(LUSAI_[A-Z0-9_]+)=", text, flags=re.M))
+    assert used and used <= known, f"unknown settings in the template: {used - known}"
