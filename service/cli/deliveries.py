@@ -14,6 +14,7 @@ from service.queue import enqueue_delivery
 from service.settings import get_settings
 from service.store.db import session_scope
 from service.store.models import Delivery, DeliveryState
+from service.store.outbox import reset_for_resend
 
 deliveries_app = typer.Typer(help="Result deliveries to PACS (the outbox).", no_args_is_help=True)
 app.add_typer(deliveries_app, name="deliveries")
@@ -63,7 +64,7 @@ def resend(
             q = q.where(Delivery.destination == destination)
         rows = s.scalars(q).all()
         for d in rows:
-            d.state, d.attempts, d.next_attempt_at, d.last_error = DeliveryState.PENDING, 0, None, None
+            reset_for_resend(d)
         chosen = [d.id for d in rows]
     for delivery_id in chosen:
         enqueue_delivery(delivery_id)

@@ -13,6 +13,14 @@ from service.store.models import Delivery, DeliveryState
 LOST_AFTER = timedelta(minutes=5)
 
 
+def reset_for_resend(delivery: Delivery, now: datetime | None = None) -> None:
+    """A fresh attempt budget, due now: what the CLI and the API mean by "re-send"."""
+    delivery.state = DeliveryState.PENDING
+    delivery.attempts = 0
+    delivery.next_attempt_at = now or datetime.now(UTC)
+    delivery.last_error = None
+
+
 def lost_deliveries(session: Session, now: datetime | None = None) -> list[int]:
     """Pending/retrying deliveries that should have been attempted by now but were not."""
     now = now or datetime.now(UTC)

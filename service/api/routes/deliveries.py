@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -17,6 +17,7 @@ from service.api.schemas import UID_PATTERN, DeliveryOut, DestinationOut, Page
 from service.logs import ctx
 from service.queue import enqueue_delivery
 from service.store.models import Delivery, DeliveryState
+from service.store.outbox import reset_for_resend
 
 log = logging.getLogger("lusai.api")
 router = APIRouter(prefix="/api/v1", tags=["deliveries"])
@@ -118,10 +119,7 @@ def resend(delivery_id: DeliveryId, session: DbSession) -> DeliveryOut:
     d = _get(session, delivery_id)
     if d.state == DeliveryState.SENDING:
         raise ProblemError(409, "delivery-in-progress", "the object is being sent right now")
-    d.state = DeliveryState.PENDING
-    d.attempts = 0
-    d.next_attempt_at = datetime.now(UTC)
-    d.last_error = None
+    reset_for_resend(d)
     session.commit()
     try:
         enqueue_delivery(d.id)
