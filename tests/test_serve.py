@@ -12,26 +12,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 from sqlalchemy import create_engine, text
 
+from service.cli.check import c_echo
 from tests.conftest import free_port, storescu
 from tests.factories import phantom_cine_file
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
-
-
-def _echo(port: int) -> bool:
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = 2
-    assoc = ae.associate("127.0.0.1", port, ae_title="LUSAI")
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return bool(status) and status.Status == 0
 
 
 @pytest.fixture
@@ -70,7 +57,8 @@ def _wait_ready(served: dict[str, object], deadline_s: float) -> float:
         proc = served["proc"]
         assert isinstance(proc, subprocess.Popen)
         assert proc.poll() is None, Path(str(served["log"])).read_text()[-3000:]
-        echo_ok = echo_ok or _echo(int(str(served["dicom_port"])))
+        port = int(str(served["dicom_port"]))
+        echo_ok = echo_ok or c_echo("127.0.0.1", port, "LUSAI", calling_ae="TESTSCU")
         if not health_ok:
             try:
                 r = httpx.get(f"http://127.0.0.1:{served['api_port']}/health", timeout=2)
