@@ -147,6 +147,8 @@ def redis_url() -> Iterator[str]:
             missing(f"Redis at {REDIS_URL} ({type(exc).__name__})")
     else:
         pytest.fail("no free Redis database index for the test")
-    client.flushdb()
+    for key in client.scan_iter():  # empty it, but keep our claim on the index until teardown
+        if key != b"lusai-test-lock":
+            client.delete(key)
     yield f"{REDIS_URL}/{db}"
     client.flushdb()
