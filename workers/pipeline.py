@@ -20,15 +20,18 @@ from pydicom.uid import UID
 
 from workers.domain import Analysis, ModelInfo
 from workers.infer.predict import Predictor
+from workers.infer.refine import RefineConfig, refine
 from workers.preprocess import Grid, InputError, decode_frames, detect_sector
-from workers.score.lus import ScoreConfig, video_findings
+from workers.score.lus import ScoreConfig, load_score_config, video_findings
 
 __all__ = ["MODEL_NAME", "MODEL_VERSION", "Analyzer", "InputError", "Segmentation"]
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "lusai-lus-attention-unet"
-MODEL_VERSION = "0.1.0"
+MODEL_VERSION = "0.2.0"
+#: Score thresholds calibrated for the weights beside it (``python -m workers.infer.calibrate``).
+SCORE_CONFIG_NAME = "score_config.json"
 
 #: Ultrasound Image, Ultrasound Multi-frame Image and their retired predecessors.
 ACCEPTED_SOP_CLASSES = frozenset(
@@ -49,11 +52,13 @@ class Analyzer:
         self,
         weights: Path | None = None,
         device: str = "auto",
-        score_config: ScoreConfig = ScoreConfig(),
+        score_config: ScoreConfig | None = None,
         keep_probabilities: bool = False,
+        refine_config: RefineConfig = RefineConfig(),
     ):
         self.predictor = Predictor(weights, device)
-        self.score_config = score_config
+        self.score_config = score_config or operating_point(self.predictor.weights_path)
+        self.refine_config = refine_config
         self.keep_probabilities = keep_probabilities
         self.model = ModelInfo(MODEL_NAME, MODEL_VERSION, self.predictor.weights_sha256)
 
@@ -99,7 +104,15 @@ class Analyzer:
             grid_frames = grid.to_grid(frames)
         with _timed(timings, "infer"):
             grid_labels, probs = self.predictor.predict(grid_frames, probabilities=self.keep_probabilities)
+        with _timed(timings, "refine"):
+            grid_labels = refine(grid_frames, grid_labels, self.refine_config)
         return Segmentation(grid, grid_frames, grid_labels, probs, timings)
+
+
+def operating_point(weights_path: Path) -> ScoreConfig:
+    """The score thresholds calibrated for these weights, or the clinical defaults if none ship."""
+    path = weights_path.with_name(SCORE_CONFIG_NAME)
+    return load_score_config(path) if path.exists() else ScoreConfig()
 
 
 @dataclass

@@ -98,8 +98,8 @@ def train(
         Path("workers/infer/weights"), help="Folder for weights, ONNX and metrics.json."
     ),
     seed: int = typer.Option(0),
-    epochs: int = typer.Option(2),
-    samples: int = typer.Option(3000, help="Phantom training frames."),
+    epochs: int = typer.Option(3),
+    samples: int = typer.Option(5000, help="Phantom training frames."),
     val_samples: int = typer.Option(300, help="Held-out phantom frames for Dice."),
     batch: int = typer.Option(16),
     device: str = typer.Option("cpu", help="cpu or cuda."),
@@ -138,7 +138,7 @@ def evaluate(
     from workers.infer.evaluate import agreement
     from workers.infer.predict import Predictor
     from workers.infer.train import dice_per_class, phantom_set
-    from workers.score.lus import ScoreConfig
+    from workers.pipeline import operating_point
 
     report: dict[str, Any] = {}
     predictor = Predictor(weights, device)
@@ -150,7 +150,7 @@ def evaluate(
         with tempfile.TemporaryDirectory() as tmp:
             data = cache_segmentations(folder, cache or Path(tmp), weights, device)
         expert = np.array([d.item.score for d in data])
-        model = video_scores(data, ScoreConfig())
+        model = video_scores(data, operating_point(predictor.weights_path))
         report["video_agreement"] = agreement(expert, model).__dict__
         report["videos"] = [
             {"file": d.item.path.name, "expert": int(e), "model": int(m)}

@@ -83,3 +83,21 @@ def test_refuses_unusable_input(analyzer: Analyzer, tmp_path: Path) -> None:
     junk.write_bytes(b"not dicom at all")
     with pytest.raises(InputError):
         analyzer.analyze_file(junk)
+
+
+def test_shipped_operating_point_and_refine_stage(analyzer: Analyzer, tmp_path: Path) -> None:
+    """The thresholds calibrated for the weights ship beside them and are the ones used."""
+    from workers.infer.predict import DEFAULT_WEIGHTS
+    from workers.pipeline import SCORE_CONFIG_NAME
+    from workers.score.lus import ScoreConfig, load_score_config
+
+    shipped = DEFAULT_WEIGHTS.with_name(SCORE_CONFIG_NAME)
+    assert shipped.exists()
+    assert analyzer.score_config == load_score_config(shipped)
+    # Weights without a calibration fall back to the clinical cut-offs.
+    for name in ("lus_unet.pt", "lus_unet.onnx"):
+        (tmp_path / name).write_bytes(DEFAULT_WEIGHTS.with_name(name).read_bytes())
+    bare = Analyzer(tmp_path, device="cpu")
+    assert bare.score_config == ScoreConfig()
+    ds, _ = _ds("b_lines", n=3)
+    assert "refine" in analyzer.analyze(ds).timings_ms

@@ -1,12 +1,15 @@
 """Calibrate the scoring thresholds on labelled real cine (BLUS dev) without touching weights.
 
-The network runs once per video and its grid class maps are cached; frames are measured once
-(:func:`frame_findings` at the default measurement settings), then an exhaustive search over a
+The network runs once per video and its refined grid class maps are cached; frames are measured
+once (:func:`frame_findings` at the default measurement settings), then an exhaustive search over a
 few decision cut-offs of :func:`soldati` (each with 3-5 clinically plausible values) maximises
 the quadratic-weighted kappa of the video score. Patient-wise 2-fold cross-validation of the same
-search estimates how much of the gain is overfitting.
+search, over several random patient splits, estimates what the gain is worth on new patients.
+``--write-config`` stores the in-sample operating point beside the weights, where the pipeline
+loads it.
 
-    python -m workers.infer.calibrate /tmp/blus-dicom --cache /tmp/blus-cache --out calib.json
+    python -m workers.infer.calibrate ../shared/datasets/blus-dev --cache /tmp/blus-cache \
+        --out calibration.json --write-config workers/infer/weights/score_config.json
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ log = logging.getLogger(__name__)
 SEARCH: dict[str, tuple[float, ...]] = {
     "score1_fraction": (0.0, 0.1, 0.2, 0.3, 0.4),
     "score3_fraction": (0.5, 0.7, 0.9),
-    "consolidation_min_mm2": (10.0, 100.0, 300.0, 1000.0),
-    "consolidation_large_mm": (10.0, 20.0, 40.0, 60.0),
+    "consolidation_min_mm2": (10.0, 100.0, 1000.0),
+    "consolidation_large_mm": (10.0, 20.0, 40.0),
     "irregular_mm": (0.8, 2.0, 5.0),
-    "persist_frames": (1, 3, 5),
+    "persist_frames": (1, 5, 10),
 }
+#: Random patient-wise 2-fold splits for the cross-validated estimate.
+CV_SPLITS = 3
 
 
 @dataclass
@@ -140,12 +145,37 @@ def search(videos: list[Measured], start: ScoreConfig = ScoreConfig()) -> ScoreC
     return best
 
 
+def cross_validate(videos: list[Measured], report: dict[str, object] | None = None) -> dict[str, object]:
+    """Patient-wise 2-fold CV of :func:`search` over :data:`CV_SPLITS` random patient splits."""
+    expert = np.array([v.expert for v in videos])
+    patients = sorted({v.patient for v in videos})
+    splits = []
+    for seed in range(CV_SPLITS):
+        perm = np.random.default_rng(seed).permutation(len(patients))
+        fold = {patients[i]: int(perm[i] % 2) for i in range(len(patients))}
+        pred = np.zeros(len(videos), int)
+        for k in (0, 1):
+            cfg = search([v for v in videos if fold[v.patient] != k])
+            idx = [i for i, v in enumerate(videos) if fold[v.patient] == k]
+            pred[idx] = rescore([videos[i] for i in idx], cfg)
+            if report is not None:
+                report[f"split{seed}_fold{k}_config"] = {n: getattr(cfg, n) for n in SEARCH}
+        splits.append(agreement(expert, pred).__dict__)
+    return {
+        "splits": splits,
+        "mean_kappa_quadratic": round(float(np.mean([s["kappa_quadratic"] for s in splits])), 4),
+        "mean_exact": round(float(np.mean([s["exact"] for s in splits])), 4),
+        "mean_within_one": round(float(np.mean([s["within_one"] for s in splits])), 4),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("folder", type=Path)
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--weights", type=Path)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--write-config", type=Path, help="Write the calibrated operating point (JSON) here.")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     data = cache_segmentations(a.folder, a.cache, a.weights)
@@ -161,16 +191,9 @@ def main() -> None:
         k: v for k, v in dataclasses.asdict(tuned).items() if v != getattr(default, k)
     }
     report["calibrated_in_sample"] = agreement(expert, rescore(videos, tuned)).__dict__
-    # Patient-wise 2-fold cross-validation of the whole search.
-    patients = sorted({v.patient for v in videos})
-    fold = {p: i % 2 for i, p in enumerate(patients)}
-    pred = np.zeros(len(videos), int)
-    for k in (0, 1):
-        cfg = search([v for v in videos if fold[v.patient] != k], default)
-        idx = [i for i, v in enumerate(videos) if fold[v.patient] == k]
-        pred[idx] = rescore([videos[i] for i in idx], cfg)
-        report[f"fold{k}_config"] = {n: getattr(cfg, n) for n in SEARCH}
-    report["calibrated_patient_cv"] = agreement(expert, pred).__dict__
+    report["calibrated_patient_cv"] = cross_validate(videos, report)
+    if a.write_config:
+        a.write_config.write_text(json.dumps({n: getattr(tuned, n) for n in SEARCH}, indent=2) + "\n")
     text = json.dumps(report, indent=2)
     if a.out:
         a.out.write_text(text)

@@ -34,8 +34,8 @@ METRICS_NAME = "metrics.json"
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    epochs: int = 2
-    samples: int = 3000
+    epochs: int = 3
+    samples: int = 5000
     val_samples: int = 300
     batch: int = 16
     lr: float = 3e-3

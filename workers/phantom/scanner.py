@@ -44,12 +44,18 @@ class Chain:
     lateral_noise: float = 0.0
     lateral_bump: float = 0.0
     lateral_seed: int = 0
+    #: Scanner speckle reduction (0 = raw Rayleigh speckle, 1 = none left). Real cine is often
+    #: heavily smoothed, so smooth texture must not by itself mean "artefact".
+    speckle_reduction: float = 0.0
+    #: How much smoother artefacts (B-lines, A-lines, pleura) are than tissue, 0 to 1.
+    artefact_smoothing: float = 0.5
 
 
 def random_chain(rng: np.random.Generator) -> Chain:
     return Chain(
-        speckle_lateral=float(rng.uniform(0.8, 3.0)),
-        speckle_axial=float(rng.uniform(0.3, 1.0)),
+        speckle_lateral=float(rng.uniform(0.8, 4.0)),
+        # Up to vertical streaks: sparse scan lines interpolated in depth look like that in the grid.
+        speckle_axial=float(rng.uniform(0.3, 1.0) if rng.random() < 0.6 else rng.uniform(1.0, 4.0)),
         attenuation=float(rng.uniform(0.5, 3.0)),
         tgc=float(rng.uniform(0.3, 1.0)),
         median=float(rng.uniform(0.03, 0.25)),
@@ -63,6 +69,8 @@ def random_chain(rng: np.random.Generator) -> Chain:
         lateral_noise=float(rng.uniform(0.0, 0.5)),
         lateral_bump=float(rng.uniform(0.0, 1.5) if rng.random() < 0.35 else 0.0),
         lateral_seed=int(rng.integers(0, 2**31)),
+        speckle_reduction=float(rng.uniform(0.0, 0.8)),
+        artefact_smoothing=float(rng.uniform(0.0, 0.6)),
     )
 
 
@@ -100,7 +108,8 @@ def image(amp: np.ndarray, coherent: np.ndarray, chain: Chain, rng: np.random.Ge
     im = gaussian_filter(rng.normal(size=(rows, cols)), (chain.speckle_axial, chain.speckle_lateral))
     speckle = np.hypot(re, im)
     speckle /= speckle.mean() + 1e-9
-    speckle = 1 + (speckle - 1) * (1 - 0.5 * np.clip(coherent, 0, 1))  # artefacts are smoother
+    smooth = chain.speckle_reduction + chain.artefact_smoothing * np.clip(coherent, 0, 1)
+    speckle = 1 + (speckle - 1) * (1 - np.clip(smooth, 0, 0.9))
     depth = np.arange(rows)[:, None] / rows
     att = np.exp(-chain.attenuation * depth * (1 - chain.tgc))
     env = amp * speckle * att * lateral_profile(chain, cols)[None, :]

@@ -48,6 +48,13 @@ class Scene:
     #: Reverberation haze under a normal pleura fades with depth faster than tissue does, so
     #: "bright just below the pleura, darker deeper" must not read as consolidation.
     haze_decay: float = 0.0
+    #: Muscle striations: short thin bright streaks in the chest wall, (row, first col, last col, gain).
+    #: Real walls are textured tissue; without it the network calls textured wall "consolidation".
+    wall_streaks: list[tuple[float, float, float, float]] = field(default_factory=list)
+    #: Broad soft reverberation haze in the lung, (centre col, half width, gain, decay depth fraction).
+    #: It is brightest under the pleura and fades with depth, A-lines show through it, and it is
+    #: background: on real scanners this is what a phantom-trained network mistook for B-lines.
+    haze_bands: list[tuple[float, float, float, float]] = field(default_factory=list)
 
 
 def random_scene(rng: np.random.Generator, rows: int, cols: int, scenario: str | None = None) -> Scene:
@@ -67,7 +74,7 @@ def random_scene(rng: np.random.Generator, rows: int, cols: int, scenario: str |
         else 0
     )
     pleura_row = np.clip(p0 + curve + tilt + wave + rough, 4, rows * 0.45)
-    thick = int(rng.integers(1, 3) + (2 if irregular and rng.random() < 0.5 else 0))
+    thick = int(rng.integers(1, 5) + (2 if irregular and rng.random() < 0.5 else 0))
     drawn = np.ones(cols, dtype=bool)
     if irregular or rng.random() < 0.1:
         for _ in range(int(rng.integers(1, 5))):
@@ -85,7 +92,7 @@ def random_scene(rng: np.random.Generator, rows: int, cols: int, scenario: str |
     a_gain = float(rng.uniform(0.4, 1.0))
     if scenario == "b_lines":
         for _ in range(int(rng.integers(1, 4))):
-            b_lines.append(_b_line(rng, cols, 2.0, 8.0))
+            b_lines.append(_b_line(rng, cols, 3.0, 16.0))
         a_gain *= rng.uniform(0.3, 1.0)
     elif scenario == "confluent":
         b_lines.append(_b_line(rng, cols, 0.12 * cols, 0.4 * cols))
@@ -118,11 +125,17 @@ def random_scene(rng: np.random.Generator, rows: int, cols: int, scenario: str |
     if scenario == "normal" and rng.random() < 0.15:
         a_gain *= 0.2  # normal lungs without visible A-lines exist (thick chest wall, low gain)
 
+    streaks = [(float(rng.uniform(0.05, 0.97) * p0), float(rng.uniform(-0.1, 0.9) * cols),
+                float(rng.uniform(0.08, 0.5) * cols), float(rng.uniform(0.2, 1.0)))
+               for _ in range(int(rng.integers(0, 25)))]  # fmt: skip
+    bands = [(float(rng.uniform(0.1, 0.9) * cols), float(rng.uniform(0.08, 0.3) * cols),
+              float(rng.uniform(0.5, 2.5)), float(rng.uniform(0.1, 0.45)))
+             for _ in range(int(rng.choice([0, 1, 2, 3], p=[0.35, 0.35, 0.2, 0.1])))]  # fmt: skip
     layers = [(float(rng.uniform(0.1, 0.95) * p0), float(rng.uniform(0.5, 2.0)), float(rng.uniform(0.3, 1.2)))
               for _ in range(int(rng.integers(2, 7)))]  # fmt: skip
     return Scene(rows, cols, scenario, pleura_row, thick, drawn, float(rng.uniform(1.2, 2.6)), ribs,
                  a_gain, b_lines, cons, effusion, layers, float(rng.uniform(0.25, 0.55)),
-                 float(rng.uniform(0.12, 0.6)), float(rng.uniform(0.0, 5.0)))  # fmt: skip
+                 float(rng.uniform(0.12, 0.9)), float(rng.uniform(0.0, 5.0)), streaks, bands)  # fmt: skip
 
 
 def _b_line(
@@ -130,8 +143,8 @@ def _b_line(
 ) -> tuple[float, float, float, float]:
     centre = float(rng.uniform(0.08, 0.92) * cols)
     width = float(rng.uniform(wmin, wmax))
-    gain = float(rng.uniform(0.7, 1.8))
-    return (centre, width, gain, float(rng.uniform(0.5, 1.0)))
+    gain = float(rng.uniform(0.4, 1.8))  # faint B-lines too: brightness alone must not decide
+    return (centre, width, gain, float(rng.uniform(0.7, 1.6)))
 
 
 def render(
@@ -153,9 +166,15 @@ def render(
     wall = np.full((rows, cols), scene.wall_gain)
     for row, width, gain in scene.wall_layers:
         wall += gain * np.exp(-0.5 * ((i - row - 0.3 * (pr - pr.mean())) / width) ** 2)
+    for row, first, length, gain in scene.wall_streaks:
+        ends = np.clip(np.minimum(j - first, first + length - j) / 4.0, 0, 1)
+        wall += gain * ends * np.exp(-0.5 * ((i - row - 0.3 * (pr - pr.mean())) / 0.7) ** 2)
     wall += 0.8 * np.exp(-0.5 * (i / 1.2) ** 2)  # skin line
     above = i < pr
     haze = scene.lung_gain * np.exp(-scene.haze_decay * np.clip(i - pr, 0, None) / rows)
+    for cen, half, gain, decay in scene.haze_bands:
+        lateral = np.exp(-0.5 * ((j - cen) / half) ** 2)
+        haze = haze + gain * scene.lung_gain * lateral * np.exp(-np.clip(i - pr, 0, None) / (decay * rows))
     amp[:] = np.where(above, wall, haze)
 
     # Lung: low-level haze, A-lines at multiples of the pleural depth.

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -35,8 +37,9 @@ class GridSpacing:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """Every threshold of the scoring rule. Defaults are clinical cut-offs (Soldati): searching
-    them on BLUS dev did not give values that hold up in patient-wise cross-validation (model card).
+    """Every threshold of the scoring rule. Defaults are the clinical cut-offs (Soldati), used to
+    score phantom ground truth; a model ships its own operating point, calibrated on labelled real
+    cine (``score_config.json`` beside the weights, see :func:`load_score_config`).
 
     Fractions refer to pleural scan lines, sizes to millimetres at the pleura.
     """
@@ -67,6 +70,17 @@ class ScoreConfig:
     persist_frames: int = 1
     #: Minimum pleural scan lines for a frame to be scored at all.
     min_pleura_columns: int = 4
+
+
+def load_score_config(path: Path) -> ScoreConfig:
+    """A :class:`ScoreConfig` from JSON (unknown keys are an error, missing keys keep defaults)."""
+    values = json.loads(path.read_text())
+    fields = {f.name: f.type for f in dataclasses.fields(ScoreConfig)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"{path.name}: unknown score settings {sorted(unknown)}")
+    defaults = ScoreConfig()
+    return dataclasses.replace(defaults, **{k: type(getattr(defaults, k))(v) for k, v in values.items()})
 
 
 def frame_findings(

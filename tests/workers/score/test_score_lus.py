@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from workers.domain import SegmentClass as C
-from workers.score.lus import GridSpacing, ScoreConfig, aggregate, frame_findings, video_findings
+from workers.score.lus import (
+    GridSpacing,
+    ScoreConfig,
+    aggregate,
+    frame_findings,
+    load_score_config,
+    video_findings,
+)
 
 ROWS, COLS, PLEURA = 64, 100, 10
 SP = GridSpacing.uniform(ROWS, 1.0, 1.0)  # 1 mm cells
@@ -149,3 +159,14 @@ def test_video_flags_and_bla() -> None:
     assert v.effusion and not v.consolidation
     assert v.bla_score == pytest.approx(10.0)
     assert v.to_dict()["frame_scores"] == list(v.frame_scores)
+
+
+def test_operating_point_file(tmp_path: Path) -> None:
+    f = tmp_path / "score_config.json"
+    f.write_text(json.dumps({"score1_fraction": 0.4, "persist_frames": 10}))
+    cfg = load_score_config(f)
+    assert cfg.score1_fraction == 0.4 and cfg.persist_frames == 10 and isinstance(cfg.persist_frames, int)
+    assert cfg.score3_fraction == ScoreConfig().score3_fraction  # missing keys keep the clinical default
+    f.write_text(json.dumps({"score1_fraktion": 0.4}))
+    with pytest.raises(ValueError, match="score1_fraktion"):
+        load_score_config(f)
