@@ -42,10 +42,10 @@ def test_search_raises_score1_cutoff_when_experts_call_narrow_b_lines_normal() -
 
 
 def test_cross_validation_is_patient_wise_and_reports_each_split() -> None:
-    from workers.infer.calibrate import CV_SPLITS, cross_validate
+    from workers.infer.calibrate import CV_SPLITS, cross_validate, measure_all
 
     report: dict[str, object] = {}
-    cv = cross_validate(measure(_data(), ScoreConfig(confluent_min_mm=30.0)), report)
+    cv = cross_validate(measure_all(_data()), report)
     assert len(cv["splits"]) == CV_SPLITS  # type: ignore[arg-type]
     assert all(s["n"] == 8 for s in cv["splits"])  # type: ignore[attr-defined]
     assert f"split{CV_SPLITS - 1}_fold1_config" in report
