@@ -21,7 +21,7 @@ from pydicom.uid import UID
 from workers.domain import Analysis, ModelInfo
 from workers.infer.predict import Predictor
 from workers.infer.refine import RefineConfig, refine
-from workers.preprocess import Grid, InputError, decode_frames, detect_sector
+from workers.preprocess import Grid, InputError, decode_frames, detect_sector, frame_rate
 from workers.score.lus import ScoreConfig, load_score_config, video_findings
 
 __all__ = ["MODEL_NAME", "MODEL_VERSION", "Analyzer", "InputError", "Segmentation"]
@@ -74,7 +74,7 @@ class Analyzer:
         seg = self.segment(ds)
         timings = seg.timings_ms
         with _timed(timings, "score"):
-            findings = video_findings(seg.grid_labels, seg.grid.spacing(), self.score_config)
+            findings = video_findings(seg.grid_labels, seg.grid.spacing(), self.score_config, seg.frame_rate)
         with _timed(timings, "labels"):
             labels = seg.grid.to_source(seg.grid_labels)
             probs = _probs_to_source(seg.grid, seg.probabilities) if seg.probabilities is not None else None
@@ -106,7 +106,7 @@ class Analyzer:
             grid_labels, probs = self.predictor.predict(grid_frames, probabilities=self.keep_probabilities)
         with _timed(timings, "refine"):
             grid_labels = refine(grid_frames, grid_labels, self.refine_config)
-        return Segmentation(grid, grid_frames, grid_labels, probs, timings)
+        return Segmentation(grid, grid_frames, grid_labels, probs, timings, frame_rate(ds))
 
 
 def operating_point(weights_path: Path) -> ScoreConfig:
@@ -122,6 +122,7 @@ class Segmentation:
     grid_labels: np.ndarray  # (n, rows, cols) uint8 class maps
     probabilities: np.ndarray | None  # (n, classes, rows, cols) float16 in the grid
     timings_ms: dict[str, float]
+    frame_rate: float | None = None  # frames/s stated by the source, for the persistence rule
 
 
 def _probs_to_source(grid: Grid, probs: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ SEARCH: dict[str, tuple[float, ...]] = {
     "consolidation_min_mm2": (10.0, 100.0, 1000.0),
     "consolidation_large_mm": (10.0, 20.0, 40.0),
     "irregular_mm": (0.8, 2.0, 5.0),
-    "persist_frames": (1, 5, 10),
+    "persist_s": (0.0, 0.2, 0.4),
 }
 #: Measurement settings tried too (each needs one more pass over the frames); defaults first.
 MEASURE_SEARCH: dict[str, tuple[float, ...]] = {
@@ -53,6 +53,7 @@ class Cached:
     item: LabelledItem
     labels: np.ndarray  # (n, rows, cols) uint8 grid class maps
     spacing: GridSpacing
+    frame_rate: float | None = None
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Measured:
     expert: int
     patient: str
     features: dict[str, np.ndarray]
+    frame_rate: float | None = None
 
 
 def cache_segmentations(
@@ -89,15 +91,18 @@ def cache_segmentations(
                 log.warning("%s skipped: %s", it.path.name, exc)
                 continue
             sp = seg.grid.spacing()
-            np.savez_compressed(f, labels=seg.grid_labels, row_mm=sp.row_mm, col_mm=sp.col_mm)
+            np.savez_compressed(
+                f, labels=seg.grid_labels, row_mm=sp.row_mm, col_mm=sp.col_mm, fps=seg.frame_rate or 0.0
+            )
         z = np.load(f)
-        out.append(Cached(it, z["labels"], GridSpacing(float(z["row_mm"]), z["col_mm"])))
+        fps = float(z["fps"]) if "fps" in z else 0.0
+        out.append(Cached(it, z["labels"], GridSpacing(float(z["row_mm"]), z["col_mm"]), fps or None))
     return out
 
 
 def video_scores(data: list[Cached], cfg: ScoreConfig) -> np.ndarray:
     """Video scores exactly as the pipeline computes them."""
-    return np.array([video_findings(d.labels, d.spacing, cfg).score for d in data])
+    return np.array([video_findings(d.labels, d.spacing, cfg, d.frame_rate).score for d in data])
 
 
 def measure(data: list[Cached], base: ScoreConfig = ScoreConfig()) -> list[Measured]:
@@ -107,7 +112,7 @@ def measure(data: list[Cached], base: ScoreConfig = ScoreConfig()) -> list[Measu
     for d in data:
         fs = [frame_findings(m, d.spacing, i, cfg) for i, m in enumerate(d.labels)]
         feats = {k: np.array([getattr(f, k) for f in fs]) for k in _FEATURES}
-        out.append(Measured(d.item.score, d.item.patient, feats))
+        out.append(Measured(d.item.score, d.item.patient, feats, d.frame_rate))
     return out
 
 
@@ -131,7 +136,7 @@ def rescore(videos: list[Measured], cfg: ScoreConfig) -> np.ndarray:
             f["b_line_fraction"], f["confluent"], f["b_line_count"], f["pleura_breaks"],
             f["pleura_irregularity"], f["consolidation_area_mm2"], f["consolidation_depth_mm"], cfg,
         )  # fmt: skip
-        out.append(video_score(frame_scores, cfg)[0])
+        out.append(video_score(frame_scores, cfg, v.frame_rate)[0])
     return np.array(out)
 
 

@@ -32,6 +32,21 @@ _PILLOW_SYNTAXES = {JPEGBaseline8Bit, JPEGExtended12Bit}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
+def frame_rate(ds: pydicom.Dataset) -> float | None:
+    """Acquisition frame rate (frames/s) from FrameTime, CineRate or FrameTimeVector, if stated."""
+    try:
+        if "FrameTime" in ds and float(ds.FrameTime) > 0:
+            return 1000.0 / float(ds.FrameTime)
+        if "CineRate" in ds and float(ds.CineRate) > 0:
+            return float(ds.CineRate)
+        vector = [float(t) for t in ds.get("FrameTimeVector", [])[1:]]
+        if vector and min(vector) > 0:
+            return 1000.0 / float(np.median(vector))
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
 def decode_frames(ds: pydicom.Dataset) -> np.ndarray:
     """All frames as ``(frames, rows, cols)`` uint8 luminance; raises :class:`InputError`."""
     if "PixelData" not in ds:

@@ -35,6 +35,10 @@ class GridSpacing:
         return GridSpacing(row_mm, np.full(rows, col_mm, dtype=np.float64))
 
 
+#: Frame rate assumed for cine without FrameTime/CineRate (typical LUS cine, and BLUS).
+DEFAULT_FRAME_RATE = 25.0
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     """Every threshold of the scoring rule. Defaults are the clinical cut-offs (Soldati), used to
@@ -66,8 +70,9 @@ class ScoreConfig:
     irregular_mm: float = 0.8
     #: Frames needed with a score for the video to take it (the 1% rule).
     min_frame_fraction: float = 0.01
-    #: A frame score counts only when it persists in this many consecutive frames (1 = off).
-    persist_frames: int = 1
+    #: A frame score counts only when it persists this long (seconds of consecutive frames, 0 = off):
+    #: real B-lines last through the breathing cycle, a noisy frame does not.
+    persist_s: float = 0.0
     #: Minimum pleural scan lines for a frame to be scored at all.
     min_pleura_columns: int = 4
 
@@ -75,8 +80,7 @@ class ScoreConfig:
 def load_score_config(path: Path) -> ScoreConfig:
     """A :class:`ScoreConfig` from JSON (unknown keys are an error, missing keys keep defaults)."""
     values = json.loads(path.read_text())
-    fields = {f.name: f.type for f in dataclasses.fields(ScoreConfig)}
-    unknown = set(values) - set(fields)
+    unknown = set(values) - {f.name for f in dataclasses.fields(ScoreConfig)}
     if unknown:
         raise ValueError(f"{path.name}: unknown score settings {sorted(unknown)}")
     defaults = ScoreConfig()
@@ -185,9 +189,16 @@ def _frame_score(f: FrameFindings, cfg: ScoreConfig) -> int:
     )
 
 
-def video_score(frame_scores: np.ndarray, cfg: ScoreConfig = ScoreConfig()) -> tuple[int, np.ndarray]:
-    """(video score, per-frame scores after the persistence filter): the 1% rule."""
-    persistent = _persistent(np.asarray(frame_scores), cfg.persist_frames)
+def video_score(
+    frame_scores: np.ndarray, cfg: ScoreConfig = ScoreConfig(), frame_rate: float | None = None
+) -> tuple[int, np.ndarray]:
+    """(video score, per-frame scores after the persistence filter): the 1% rule.
+
+    ``frame_rate`` (frames/s) turns :attr:`ScoreConfig.persist_s` into frames; cine that does not
+    state its timing is taken at :data:`DEFAULT_FRAME_RATE`.
+    """
+    rate = frame_rate if frame_rate and frame_rate > 0 else DEFAULT_FRAME_RATE
+    persistent = _persistent(np.asarray(frame_scores), max(1, round(cfg.persist_s * rate)))
     need = max(1, int(np.ceil(cfg.min_frame_fraction * len(persistent))))
     for s in (3, 2, 1):
         if (persistent >= s).sum() >= need:
@@ -196,19 +207,24 @@ def video_score(frame_scores: np.ndarray, cfg: ScoreConfig = ScoreConfig()) -> t
 
 
 def video_findings(
-    labels: np.ndarray, spacing: GridSpacing, cfg: ScoreConfig = ScoreConfig()
+    labels: np.ndarray,
+    spacing: GridSpacing,
+    cfg: ScoreConfig = ScoreConfig(),
+    frame_rate: float | None = None,
 ) -> VideoFindings:
     """Score a cine ``(frames, rows, cols)``: the highest score held by >= 1% of its frames."""
     frames = tuple(frame_findings(m, spacing, i, cfg) for i, m in enumerate(labels))
-    return aggregate(frames, cfg)
+    return aggregate(frames, cfg, frame_rate)
 
 
-def aggregate(frames: tuple[FrameFindings, ...], cfg: ScoreConfig = ScoreConfig()) -> VideoFindings:
+def aggregate(
+    frames: tuple[FrameFindings, ...], cfg: ScoreConfig = ScoreConfig(), frame_rate: float | None = None
+) -> VideoFindings:
     """Video findings from frame findings (separate so thresholds can be re-tuned without masks)."""
     if not frames:
         raise ValueError("a video needs at least one frame")
     raw = np.array([f.score for f in frames])
-    score, persistent = video_score(raw, cfg)
+    score, persistent = video_score(raw, cfg, frame_rate)
     need = max(1, int(np.ceil(cfg.min_frame_fraction * len(frames))))
     candidates = [f for f, p in zip(frames, persistent, strict=True) if p == score] or list(frames)
     key = max(candidates, key=lambda f: (f.b_line_fraction, f.consolidation_area_mm2, -f.index))

@@ -138,3 +138,20 @@ def test_zero_frames() -> None:
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     with pytest.raises(InputError):
         decode_frames(ds)
+
+
+def test_frame_rate_from_the_cine_timing_attributes() -> None:
+    from pydicom import Dataset
+
+    from workers.preprocess import frame_rate
+
+    ds = Dataset()
+    assert frame_rate(ds) is None
+    ds.FrameTimeVector = [0, 20, 20, 20]
+    assert frame_rate(ds) == pytest.approx(50.0)
+    ds.CineRate = 30
+    assert frame_rate(ds) == pytest.approx(30.0)
+    ds.FrameTime = 40.0
+    assert frame_rate(ds) == pytest.approx(25.0)
+    ds.FrameTime = 0.0  # nonsense: the next attribute is used
+    assert frame_rate(ds) == pytest.approx(30.0)

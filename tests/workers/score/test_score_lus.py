@@ -148,8 +148,13 @@ def test_one_percent_rule_and_key_frame() -> None:
 def test_persistence_option() -> None:
     white = b_line(lung(False), 10, 60)
     frames = video_findings(_video(20, {3: white, 9: white, 10: white}), SP).frames
-    assert aggregate(frames, ScoreConfig(persist_frames=3)).score == 0
-    assert aggregate(frames, ScoreConfig(persist_frames=2)).score == 3
+    # 10 frames/s: 0.3 s is 3 frames (frames 9-10 are only 2), 0.2 s is 2 frames.
+    assert aggregate(frames, ScoreConfig(persist_s=0.3), frame_rate=10.0).score == 0
+    assert aggregate(frames, ScoreConfig(persist_s=0.2), frame_rate=10.0).score == 3
+    # The same 0.2 s at 25 frames/s is 5 frames: a 2-frame run no longer counts.
+    assert aggregate(frames, ScoreConfig(persist_s=0.2), frame_rate=25.0).score == 0
+    # Without a stated rate the default (25/s) applies.
+    assert aggregate(frames, ScoreConfig(persist_s=0.2)).score == 0
 
 
 def test_video_flags_and_bla() -> None:
@@ -163,9 +168,10 @@ def test_video_flags_and_bla() -> None:
 
 def test_operating_point_file(tmp_path: Path) -> None:
     f = tmp_path / "score_config.json"
-    f.write_text(json.dumps({"score1_fraction": 0.4, "persist_frames": 10}))
+    f.write_text(json.dumps({"score1_fraction": 0.4, "b_line_merge_mm": 2}))
     cfg = load_score_config(f)
-    assert cfg.score1_fraction == 0.4 and cfg.persist_frames == 10 and isinstance(cfg.persist_frames, int)
+    assert cfg.score1_fraction == 0.4 and cfg.b_line_merge_mm == 2.0
+    assert isinstance(cfg.b_line_merge_mm, float)
     assert cfg.score3_fraction == ScoreConfig().score3_fraction  # missing keys keep the clinical default
     f.write_text(json.dumps({"score1_fraktion": 0.4}))
     with pytest.raises(ValueError, match="score1_fraktion"):
