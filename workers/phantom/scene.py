@@ -48,7 +48,7 @@ class Scene:
     #: Reverberation haze under a normal pleura fades with depth faster than tissue does, so
     #: "bright just below the pleura, darker deeper" must not read as consolidation.
     haze_decay: float = 0.0
-    #: Muscle striations: short thin bright streaks in the chest wall, (row, first col, last col, gain).
+    #: Muscle striations: short thin bright streaks in the chest wall, (row, first col, length, gain).
     #: Real walls are textured tissue; without it the network calls textured wall "consolidation".
     wall_streaks: list[tuple[float, float, float, float]] = field(default_factory=list)
     #: Broad soft reverberation haze in the lung, (centre col, half width, gain, decay depth fraction).
