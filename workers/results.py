@@ -42,15 +42,16 @@ def build_output_datasets(source: Dataset, analysis: Analysis, settings: Setting
 
 def save_result(
     job_id: int, analysis: Analysis, source: Dataset, *, settings: Settings, store: ObjectStore
-) -> list[int]:
-    """Write outputs and rows; returns the IDs of deliveries to send now."""
+) -> list[int] | None:
+    """Write outputs and rows; returns the IDs of deliveries to send now, None if the job was
+    cancelled (or deleted) while it ran and nothing was kept."""
     outputs = build_output_datasets(source, analysis, settings)
     stored = [(ds, _store_dataset(ds, store)) for ds in outputs]
     f = analysis.findings
     with session_scope(settings.db_url) as session:
         job = session.get(Job, job_id)
         if job is None or job.state == JobState.CANCELLED:
-            return []  # cancelled while running: keep nothing, send nothing
+            return None  # cancelled while running: keep nothing, send nothing
         session.execute(delete(Result).where(Result.job_id == job_id))
         session.flush()
         result = Result(

@@ -89,6 +89,9 @@ def analyze(self: Task, job_id: int) -> str:
         log.exception("job error", extra=ctx(job_id=job_id))
         _fail_or_retry(self, job_id, f"{type(exc).__name__}: {exc}"[:2000], retry=True)
         return "error"
+    if delivery_ids is None:
+        log.info("job cancelled while running: result discarded", extra=ctx(job_id=job_id))
+        return "cancelled"
     for delivery_id in delivery_ids:
         enqueue_delivery(delivery_id)
     log.info(
