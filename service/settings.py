@@ -153,7 +153,9 @@ class Settings(BaseSettings):
 
     # --- workers / model ---------------------------------------------------------------
     model_path: Path | None = Field(
-        None, description="Model weights; default the weights shipped in the package."
+        None,
+        description="Model weights (lus_unet.pt, or its folder); default the weights shipped in the "
+        "package. A score_config.json beside them sets the score thresholds (clinical cut-offs if absent).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device.")
     worker_concurrency: int = Field(1, ge=1, le=64, description="Celery worker processes.")
