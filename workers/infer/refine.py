@@ -23,6 +23,7 @@ import numpy as np
 from scipy.ndimage import binary_dilation, gaussian_filter1d, label, uniform_filter1d
 
 from workers.domain import SegmentClass as C
+from workers.score.lus import fill_depth
 
 _LUNG_CLASSES = (C.A_LINE, C.B_LINE, C.CONSOLIDATION, C.EFFUSION)
 
@@ -67,8 +68,7 @@ def pleura_depth(labels: np.ndarray, min_columns: int = 4) -> np.ndarray | None:
     has = pleura.any(axis=0)
     if has.sum() < min_columns:
         return None
-    idx = np.nonzero(has)[0]
-    return np.interp(np.arange(labels.shape[1]), idx, np.argmax(pleura, axis=0)[idx])
+    return fill_depth(np.argmax(pleura, axis=0), has)
 
 
 def horizontal_structure(

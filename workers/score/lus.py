@@ -107,7 +107,8 @@ def frame_findings(
     col_mm = float(spacing.col_mm[min(ref_row, rows - 1)])
 
     # B-lines: columns whose below-pleura part is mostly B-line.
-    below = np.arange(rows)[:, None] > np.maximum(_fill_depth(pleura_depth, has_pleura), 0)[None, :]
+    filled = np.maximum(fill_depth(pleura_depth, has_pleura).astype(np.int64), 0)
+    below = np.arange(rows)[:, None] > filled[None, :]
     bl = (labels == C.B_LINE) & below
     span = np.maximum(below.sum(axis=0), 1)
     b_cols = extent & (bl.sum(axis=0) >= cfg.b_line_column_fill * span)
@@ -272,10 +273,10 @@ def _empty(index: int, labels: np.ndarray, spacing: GridSpacing, cfg: ScoreConfi
     return dataclasses.replace(f, score=_frame_score(f, cfg))
 
 
-def _fill_depth(depth: np.ndarray, has: np.ndarray) -> np.ndarray:
-    """Pleural depth for every column, interpolated across gaps."""
+def fill_depth(depth: np.ndarray, has: np.ndarray) -> np.ndarray:
+    """Pleural depth (float rows) for every scan line, interpolated across the gaps in ``has``."""
     idx = np.nonzero(has)[0]
-    return np.interp(np.arange(depth.size), idx, depth[idx]).astype(np.int64)
+    return np.interp(np.arange(depth.size), idx, depth[idx])
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
