@@ -9,7 +9,6 @@ MONOCHROME2 and once JPEG Baseline YBR_FULL_422 as most scanners export cine.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -18,26 +17,15 @@ import time
 import numpy as np
 import pydicom
 import torch
-from PIL import Image
 from pydicom.dataset import FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit
 
 
 def _jpeg_dataset(ds: pydicom.Dataset, frames: np.ndarray) -> pydicom.Dataset:
+    from workers.preprocess.wrap import encode_jpeg_ybr422
+
     out = ds.copy()
-    data = []
-    for f in frames:
-        buf = io.BytesIO()
-        Image.fromarray(np.stack([f] * 3, -1), "RGB").save(buf, format="JPEG", quality=90, subsampling=1)
-        data.append(buf.getvalue())
-    out.SamplesPerPixel = 3
-    out.PhotometricInterpretation = "YBR_FULL_422"
-    out.PlanarConfiguration = 0
-    out.PixelData = encapsulate(data)
-    out["PixelData"].VR = "OB"
     out.file_meta = FileMetaDataset(ds.file_meta)
-    out.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    encode_jpeg_ybr422(out, frames, quality=90)
     return out
 
 

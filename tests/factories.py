@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
 from pydicom.uid import (
     ExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
     UltrasoundMultiFrameImageStorage,
     generate_uid,
 )
+
+from workers.preprocess.wrap import encode_jpeg_ybr422
 
 
 def us_cine(
@@ -68,28 +66,16 @@ def us_cine(
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta = meta
     if jpeg:
-        ds.SamplesPerPixel = 3
-        ds.PhotometricInterpretation = "YBR_FULL_422"
-        ds.PlanarConfiguration = 0
         ds.LossyImageCompression = "01"
         ds.LossyImageCompressionMethod = "ISO_10918_1"
-        out = []
-        for f in frames:
-            buf = io.BytesIO()
-            Image.fromarray(np.stack([f] * 3, axis=-1), "RGB").save(
-                buf, format="JPEG", quality=90, subsampling=1
-            )
-            out.append(buf.getvalue())
-        ds.PixelData = encapsulate(out)
-        ds["PixelData"].VR = "OB"
-        meta.TransferSyntaxUID = JPEGBaseline8Bit
+        encode_jpeg_ybr422(ds, frames, quality=90)
     else:
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.PixelData = frames.astype(np.uint8).tobytes()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
     return ds
 
 

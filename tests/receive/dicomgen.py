@@ -18,10 +18,11 @@ from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
-    JPEGBaseline8Bit,
     RLELossless,
     generate_uid,
 )
+
+from workers.preprocess.wrap import encode_jpeg_ybr422
 
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -110,17 +111,8 @@ def cine(
             ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1.99")
         return ds
     if syntax == "jpeg":
-        out = []
-        for f in arr:
-            buf = io.BytesIO()
-            Image.fromarray(f, "RGB").save(buf, "JPEG", quality=90, subsampling=1)  # 4:2:2
-            out.append(buf.getvalue())
-        ds.PixelData = encapsulate(out)
-        ds.PhotometricInterpretation = "YBR_FULL_422"
-        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        encode_jpeg_ybr422(ds, arr, quality=90)
         ds.LossyImageCompression = "01"
-        ds["PixelData"].VR = "OB"
-        ds["PixelData"].is_undefined_length = True  # encapsulated: PS3.5 A.4
         return ds
     if syntax == "j2k":
         out = []

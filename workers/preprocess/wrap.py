@@ -1,11 +1,21 @@
-"""Wrap grayscale frames in a DICOM US Multi-frame dataset (phantom cine, mp4 evaluation input)."""
+"""Wrap grayscale frames in a DICOM US Multi-frame dataset (phantom cine, mp4 evaluation input),
+and re-encode a dataset's frames the way most scanners export cine (JPEG Baseline YBR_FULL_422)."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    UltrasoundMultiFrameImageStorage,
+    generate_uid,
+)
 
 
 def frames_to_dataset(
@@ -42,3 +52,27 @@ def frames_to_dataset(
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     pydicom.dataset.validate_file_meta(ds.file_meta, enforce_standard=False)
     return ds
+
+
+def encode_jpeg_ybr422(ds: Dataset, frames: np.ndarray, quality: int = 90) -> None:
+    """Set ``ds``'s pixel data to JPEG Baseline YBR_FULL_422 (4:2:2) frames, in place.
+
+    ``frames`` is ``(n, rows, cols)`` grey or ``(n, rows, cols, 3)`` RGB uint8. Pillow converts
+    RGB to YCbCr as the JPEG file interchange format defines, which is what YBR_FULL_422 means.
+    """
+    rgb = frames if frames.ndim == 4 else np.stack([frames] * 3, axis=-1)
+    encoded = []
+    for frame in rgb:
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(frame, np.uint8), "RGB").save(
+            buf, format="JPEG", quality=quality, subsampling=1
+        )
+        encoded.append(buf.getvalue())
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PlanarConfiguration = 0
+    ds.PixelData = encapsulate(encoded)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True  # encapsulated: PS3.5 A.4
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit

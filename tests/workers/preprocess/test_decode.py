@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 
 from workers.preprocess import InputError, decode_frames
-from workers.preprocess.wrap import frames_to_dataset
+from workers.preprocess.wrap import encode_jpeg_ybr422, frames_to_dataset
 
 
 def _gray(n: int = 3, rows: int = 48, cols: int = 64) -> np.ndarray:
@@ -62,17 +59,7 @@ def test_ybr_full_raw_gives_y() -> None:
 
 def _jpeg_ybr422(g: np.ndarray) -> pydicom.Dataset:
     ds = frames_to_dataset(g)
-    out = []
-    for f in g:
-        buf = io.BytesIO()
-        Image.fromarray(np.stack([f] * 3, axis=-1), "RGB").save(buf, format="JPEG", quality=95, subsampling=1)
-        out.append(buf.getvalue())
-    ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "YBR_FULL_422"
-    ds.PlanarConfiguration = 0
-    ds.PixelData = encapsulate(out)
-    ds["PixelData"].VR = "OB"
-    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    encode_jpeg_ybr422(ds, g, quality=95)
     return ds
 
 

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
 import os
 from dataclasses import replace
 
 import numpy as np
 import pytest
-from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
@@ -20,6 +17,7 @@ from pydicom.uid import (
 )
 
 from workers.domain import Analysis, FrameFindings, ModelInfo, SegmentClass, VideoFindings
+from workers.preprocess.wrap import encode_jpeg_ybr422
 from workers.write_dicom import OutputOptions, build_outputs
 
 MODEL = ModelInfo(name="lusai-unet", version="1.2.0", weights_sha256="ab" * 32)
@@ -84,16 +82,7 @@ def make_source(rows: int, cols: int, n_frames: int, *, jpeg: bool, uid: str | N
     ds.SequenceOfUltrasoundRegions = [_region(rows, cols)]
     rgb = frames_rgb(n_frames, rows, cols)
     if jpeg:
-        ds.SamplesPerPixel = 3
-        ds.PhotometricInterpretation = "YBR_FULL_422"
-        ds.PlanarConfiguration = 0
-        encoded = []
-        for frame in rgb:
-            buf = io.BytesIO()
-            Image.fromarray(frame, "RGB").save(buf, format="JPEG", quality=90, subsampling=1)
-            encoded.append(buf.getvalue())
-        ds.PixelData = encapsulate(encoded)
-        ds["PixelData"].VR = "OB"
+        encode_jpeg_ybr422(ds, rgb, quality=90)
         ts = JPEGBaseline8Bit
     else:
         ds.SamplesPerPixel = 1
