@@ -86,8 +86,14 @@ def _truncate(url: str) -> None:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        target = tmp_path / "lusai.sqlite"
+    return database_url(request, request.param, tmp_path)
+
+
+def database_url(request: pytest.FixtureRequest, backend: str, folder: Path) -> str:
+    """An empty migrated database: a copy of the SQLite template in ``folder``, or the test
+    PostgreSQL truncated (skipped when it is missing, a failure when CI requires it)."""
+    if backend == "sqlite":
+        target = folder / "lusai.sqlite"
         shutil.copy(request.getfixturevalue("sqlite_template"), target)
         return f"sqlite:///{target}"
     url = request.getfixturevalue("pg_database")
@@ -156,9 +162,16 @@ def api(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
 @pytest.fixture
 def sqlite_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sqlite_template: Path) -> Iterator[Api]:
     """The app on SQLite only, for tests about the HTTP layer rather than the database."""
+    yield from make_sqlite_api(sqlite_template, tmp_path, monkeypatch)
+
+
+def make_sqlite_api(
+    template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any
+) -> Iterator[Api]:
+    """The app on a fresh copy of the migrated SQLite template, with settings ``overrides``."""
     target = tmp_path / "lusai.sqlite"
-    shutil.copy(sqlite_template, target)
-    yield from make_api(f"sqlite:///{target}", tmp_path, monkeypatch)
+    shutil.copy(template, target)
+    yield from make_api(f"sqlite:///{target}", tmp_path, monkeypatch, **overrides)
 
 
 # --- stored objects -----------------------------------------------------------------------------

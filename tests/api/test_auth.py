@@ -16,7 +16,7 @@ from sqlalchemy import select, text
 
 from service.api.auth import create_api_key, split_token
 from service.store.models import ApiKey, AuditEvent
-from tests.api.conftest import Api, make_api, seed_study
+from tests.api.conftest import Api, make_sqlite_api, seed_study
 
 PROBLEM = "application/problem+json"
 
@@ -83,11 +83,7 @@ def test_scopes(sqlite_api: Api, tmp_path: Path) -> None:
 
 
 def test_rate_limit_per_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sqlite_template: Path) -> None:
-    import shutil
-
-    db = tmp_path / "rl.sqlite"
-    shutil.copy(sqlite_template, db)
-    gen = make_api(f"sqlite:///{db}", tmp_path, monkeypatch, api_rate_burst=3)
+    gen = make_sqlite_api(sqlite_template, tmp_path, monkeypatch, api_rate_burst=3)
     api = next(gen)
     with api.session() as s:
         _row, limited = create_api_key(s, "dashboard", ["read"], rate_limit=60)
@@ -104,11 +100,7 @@ def test_rate_limit_per_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sql
 
 
 def test_cors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sqlite_template: Path) -> None:
-    import shutil
-
-    db = tmp_path / "cors.sqlite"
-    shutil.copy(sqlite_template, db)
-    gen = make_api(f"sqlite:///{db}", tmp_path, monkeypatch, cors_origins="https://dash.example")
+    gen = make_sqlite_api(sqlite_template, tmp_path, monkeypatch, cors_origins="https://dash.example")
     api = next(gen)
     pre = {"Origin": "https://dash.example", "Access-Control-Request-Method": "GET",
            "Access-Control-Request-Headers": "X-API-Key"}  # fmt: skip
@@ -234,7 +226,6 @@ def test_validation_errors_are_problems_without_input(sqlite_api: Api) -> None:
 
 @pytest.fixture
 def oidc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sqlite_template: Path) -> Any:
-    import shutil
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -242,10 +233,8 @@ def oidc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sqlite_template: Path)
     jwk.update(kid="k1", use="sig", alg="RS256")
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps({"keys": [jwk]}))
-    db = tmp_path / "oidc.sqlite"
-    shutil.copy(sqlite_template, db)
-    gen = make_api(
-        f"sqlite:///{db}",
+    gen = make_sqlite_api(
+        sqlite_template,
         tmp_path,
         monkeypatch,
         oidc_issuer="https://idp.example/realms/hospital",
@@ -316,11 +305,7 @@ def test_audit_log_endpoint(sqlite_api: Api, tmp_path: Path) -> None:
 def test_anonymous_read_when_keys_not_required(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sqlite_template: Path
 ) -> None:
-    import shutil
-
-    db = tmp_path / "anon.sqlite"
-    shutil.copy(sqlite_template, db)
-    gen = make_api(f"sqlite:///{db}", tmp_path, monkeypatch, api_keys_required="false")
+    gen = make_sqlite_api(sqlite_template, tmp_path, monkeypatch, api_keys_required="false")
     api = next(gen)
     assert api.client.get("/api/v1/studies").status_code == 200
     _problem(api.client.post("/api/v1/jobs/1/cancel"), 403, "forbidden")

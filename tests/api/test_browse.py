@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from service.api.zones import ZoneRule
 from service.store.models import Delivery, DeliveryState, Job, JobState
-from tests.api.conftest import Api, make_api, seed_study
+from tests.api.conftest import Api, make_sqlite_api, seed_study
 
 
 def _all_pages(api: Api, url: str, **params: Any) -> list[dict[str, Any]]:
@@ -116,12 +116,10 @@ def test_zone_rule() -> None:
 
 
 def test_zone_map_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sqlite_template: Path) -> None:
-    import shutil
-
-    db = tmp_path / "z.sqlite"
-    shutil.copy(sqlite_template, db)
-    gen = make_api(f"sqlite:///{db}", tmp_path, monkeypatch, zone_map="Anterior upper right=R1,Basal left=L3",
-                   zones_expected="R1,L3")  # fmt: skip
+    gen = make_sqlite_api(
+        sqlite_template, tmp_path, monkeypatch,
+        zone_map="Anterior upper right=R1,Basal left=L3", zones_expected="R1,L3",
+    )  # fmt: skip
     api = next(gen)
     s = seed_study(api, tmp_path, zones=[("Anterior upper right", 2), ("basal LEFT", 1)], with_seg=False)
     body = api.get(f"/api/v1/studies/{s.study_uid}/results").json()

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
-from tests.api.conftest import make_api
+from tests.api.conftest import make_sqlite_api
 
 
 def test_create_list_revoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sqlite_template: Path) -> None:
-    db = tmp_path / "cli.sqlite"
-    shutil.copy(sqlite_template, db)
-    gen = make_api(f"sqlite:///{db}", tmp_path, monkeypatch, api_key_cache_seconds=0)
+    gen = make_sqlite_api(sqlite_template, tmp_path, monkeypatch, api_key_cache_seconds=0)
     api = next(gen)
     runner = CliRunner()
     out = runner.invoke(app, ["apikey", "create", "ICU dashboard", "-s", "read", "--rate-limit", "0"])

@@ -13,7 +13,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from service.api.openapi import OUTPUT, render
-from tests.api.conftest import Api, make_api, seed_study
+from tests.api.conftest import Api, database_url, make_api, seed_study
 
 
 def test_committed_spec_is_current() -> None:
@@ -54,23 +54,8 @@ EXCLUDED = [schemathesis.checks.positive_data_acceptance]
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def fuzz_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """Seeded app per backend: PostgreSQL is stricter about types and lengths than SQLite."""
-    import shutil
-
-    from tests.api.conftest import PG_ADMIN_URL, REQUIRE_EXTERNAL, _truncate
-
     tmp = tmp_path_factory.mktemp("fuzz")
-    if request.param == "sqlite":
-        db = tmp / "fuzz.sqlite"
-        shutil.copy(request.getfixturevalue("sqlite_template"), db)
-        url = f"sqlite:///{db}"
-    else:
-        pg = request.getfixturevalue("pg_database")
-        if pg is None:
-            if REQUIRE_EXTERNAL:
-                pytest.fail(f"required external component missing: PostgreSQL at {PG_ADMIN_URL}")
-            pytest.skip("PostgreSQL not available")
-        _truncate(pg)
-        url = pg
+    url = database_url(request, request.param, tmp)
     mp = pytest.MonkeyPatch()
     gen = make_api(url, tmp, mp)
     api = next(gen)

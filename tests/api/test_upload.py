@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from service.store.models import Instance, Job, JobState
-from tests.api.conftest import Api, make_api
+from tests.api.conftest import Api, make_sqlite_api
 from tests.factories import us_cine
 
 
@@ -76,9 +75,7 @@ def test_upload_rejections(sqlite_api: Api) -> None:
 
 
 def test_upload_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sqlite_template: Path) -> None:
-    db = tmp_path / "u.sqlite"
-    shutil.copy(sqlite_template, db)
-    gen = make_api(f"sqlite:///{db}", tmp_path, monkeypatch, max_object_bytes=2048)
+    gen = make_sqlite_api(sqlite_template, tmp_path, monkeypatch, max_object_bytes=2048)
     api = next(gen)
     big = _cine_bytes()
     assert len(big) > 2048
