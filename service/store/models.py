@@ -182,6 +182,30 @@ class Result(Base):
     job: Mapped[Job] = relationship(back_populates="result")
 
 
+class Review(Base):
+    """A reader's own score for a result: kept beside the model's output, never overwriting it.
+
+    Rows are history: the latest per (result, reviewer) is the one that counts. ``score`` is null
+    exactly when the reader said the clip is not gradable.
+    """
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), index=True)
+    reviewer: Mapped[str] = mapped_column(String(160), index=True)  # the API principal's name
+    score: Mapped[int | None] = mapped_column(Integer)
+    gradable: Mapped[bool] = mapped_column(default=True)
+    a_lines: Mapped[bool | None] = mapped_column()
+    b_lines: Mapped[bool | None] = mapped_column()
+    pleura_irregular: Mapped[bool | None] = mapped_column()
+    consolidation: Mapped[bool | None] = mapped_column()
+    effusion: Mapped[bool | None] = mapped_column()
+    comments: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
 class Delivery(Base):
     """Outbox row: one output object to one destination; the deliver task drains these."""
 
