@@ -6,10 +6,10 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from service.logs import configure_logging
-from service.queue import celery_config
+from service.queue import ANALYZE_QUEUE, celery_config
 from service.settings import get_settings
 
 
@@ -22,6 +22,31 @@ def create_app() -> Celery:
 
 
 app = create_app()
+_analyzes = True  # does this worker consume the analyze queue (set before the pool forks)?
+
+
+@worker_init.connect
+def _verify_model_package(sender: Any = None, **_: Any) -> None:
+    """Refuse to start, in the main process before any pool process, on a bad model package.
+
+    One clear log line and exit code 1, instead of pool processes that fail every job (or a restart
+    loop of tracebacks). ``lusai worker`` checks the same before it starts Celery at all.
+    """
+    from workers.infer.package import DEFAULT_PACKAGE, PackageError, load_package
+
+    global _analyzes
+    queues = sender.app.amqp.queues if sender is not None else {ANALYZE_QUEUE: None}
+    _analyzes = ANALYZE_QUEUE in (getattr(queues, "consume_from", None) or queues)
+    if not _analyzes:  # a deliver-only worker needs no model
+        return
+    try:
+        pkg = load_package(get_settings().model_path or DEFAULT_PACKAGE)
+    except PackageError as exc:
+        logging.getLogger(__name__).error("worker not started: bad model package (LUSAI_MODEL_PATH): %s", exc)
+        raise SystemExit(1) from None
+    logging.getLogger(__name__).info(
+        "model package %s %s verified (package %s)", pkg.name, pkg.version, pkg.package_sha256[:12]
+    )
 
 
 @worker_process_init.connect
@@ -29,6 +54,8 @@ def _load_model(**_: Any) -> None:
     """Load the network when a pool process starts, so the first cine does not pay for it."""
     from workers.tasks import get_analyzer
 
+    if not _analyzes:
+        return
     try:
         get_analyzer()
     except Exception:  # the task will try again and fail the job with the reason

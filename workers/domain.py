@@ -37,6 +37,9 @@ class ModelInfo:
     name: str
     version: str
     weights_sha256: str
+    #: SHA-256 of the model package's manifest (workers/infer/package.py); empty only for hand-built
+    #: infos. It names every file of the package, so output UIDs change when any of them does.
+    package_sha256: str = ""
 
 
 @dataclass(frozen=True)

@@ -19,19 +19,15 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from workers.domain import Analysis, ModelInfo
+from workers.infer.package import DEFAULT_PACKAGE, ModelPackage, load_package
 from workers.infer.predict import Predictor
 from workers.infer.refine import RefineConfig, refine
 from workers.preprocess import Grid, InputError, decode_frames, detect_sector, frame_rate
 from workers.score.lus import ScoreConfig, load_score_config, video_findings
 
-__all__ = ["MODEL_NAME", "MODEL_VERSION", "Analyzer", "InputError", "Segmentation"]
+__all__ = ["Analyzer", "InputError", "Segmentation"]
 
 log = logging.getLogger(__name__)
-
-MODEL_NAME = "lusai-lus-attention-unet"
-MODEL_VERSION = "0.2.0"
-#: Score thresholds calibrated for the weights beside it (``python -m workers.infer.calibrate``).
-SCORE_CONFIG_NAME = "score_config.json"
 
 #: Ultrasound Image, Ultrasound Multi-frame Image and their retired predecessors.
 ACCEPTED_SOP_CLASSES = frozenset(
@@ -50,17 +46,18 @@ class Analyzer:
 
     def __init__(
         self,
-        weights: Path | None = None,
+        package: ModelPackage | Path | str | None = None,
         device: str = "auto",
         score_config: ScoreConfig | None = None,
         keep_probabilities: bool = False,
         refine_config: RefineConfig = RefineConfig(),
     ):
-        self.predictor = Predictor(weights, device)
-        self.score_config = score_config or operating_point(self.predictor.weights_path)
+        self.predictor = Predictor(package, device)
+        self.package = self.predictor.package
+        self.score_config = score_config or operating_point(self.package)
         self.refine_config = refine_config
         self.keep_probabilities = keep_probabilities
-        self.model = ModelInfo(MODEL_NAME, MODEL_VERSION, self.predictor.weights_sha256)
+        self.model: ModelInfo = self.package.model_info
 
     def analyze_file(self, path: Path | str) -> Analysis:
         try:
@@ -109,10 +106,12 @@ class Analyzer:
         return Segmentation(grid, grid_frames, grid_labels, probs, timings, frame_rate(ds))
 
 
-def operating_point(weights_path: Path) -> ScoreConfig:
-    """The score thresholds calibrated for these weights, or the clinical defaults if none ship."""
-    path = weights_path.with_name(SCORE_CONFIG_NAME)
-    return load_score_config(path) if path.exists() else ScoreConfig()
+def operating_point(package: ModelPackage | Path | str | None = None) -> ScoreConfig:
+    """The score thresholds the package calibrated for its network (role ``score_config``), or
+    the clinical defaults if it has none."""
+    pkg = package if isinstance(package, ModelPackage) else load_package(package or DEFAULT_PACKAGE)
+    path = pkg.file("score_config")
+    return load_score_config(path) if path is not None else ScoreConfig()
 
 
 @dataclass

@@ -38,7 +38,7 @@ def get_analyzer() -> Any:
         from workers.pipeline import Analyzer
 
         s = get_settings()
-        _analyzer = Analyzer(weights=s.model_path, device=s.device)
+        _analyzer = Analyzer(package=s.model_path, device=s.device)
     return _analyzer
 
 
@@ -73,8 +73,12 @@ def analyze(self: Task, job_id: int) -> str:
 
         analyzer = get_analyzer()
         if wanted_version and wanted_version != analyzer.model.version:
-            loaded = analyzer.model.version
-            raise InputError(f"model version {wanted_version} is not on this worker (it runs {loaded})")
+            # Not retried: every worker of a deployment loads the same LUSAI_MODEL_PATH package.
+            m = analyzer.model
+            raise InputError(
+                f"model version {wanted_version} is not on this worker (it runs {m.name} {m.version}, "
+                f"package {m.package_sha256[:12]})"
+            )
         source = pydicom.dcmread(store.path(storage_key))
         analysis = analyzer.analyze(source)
         delivery_ids = save_result(job_id, analysis, source, settings=settings, store=store)

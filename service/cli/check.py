@@ -48,12 +48,18 @@ def check(role: Annotated[Role, typer.Argument(help="Which part to check.")]) ->
     else:
         from service.queue import broker_ping
         from service.store.db import ping
+        from workers.infer.package import DEFAULT_PACKAGE, PackageError, load_package
 
         try:
             ping()
             broker_ping()
             ok = True
         except Exception:
+            ok = False
+        try:  # the package the worker runs is still the one it verified at start
+            load_package(s.model_path or DEFAULT_PACKAGE)
+        except PackageError as exc:
+            typer.echo(f"model package: {exc}", err=True)
             ok = False
     typer.echo("ok" if ok else "unhealthy")
     raise typer.Exit(0 if ok else 1)

@@ -1,4 +1,8 @@
-"""`lusai analyze`, `lusai train`, `lusai eval`: the model from the command line, no server needed."""
+"""`lusai analyze`, `lusai train`, `lusai eval`, `lusai model`: the model from the command line.
+
+Every command takes a model package (``--model``, workers/infer/package.py; default the shipped
+one); ``lusai train`` writes one and ``lusai model package`` makes one from loose files.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -16,8 +20,29 @@ from rich.table import Table
 
 from service.cli.app import app
 
+if TYPE_CHECKING:
+    from workers.infer.package import ModelPackage
+
 log = logging.getLogger(__name__)
 err = Console(stderr=True)
+model_app = typer.Typer(help="Model packages: show, verify, package.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+_MODEL_HELP = "Model package folder (default: the package shipped with lusai)."
+_WEIGHTS_HELP = "Deprecated alias of --model."
+
+
+def _load(model: Path | None, weights: Path | None = None) -> ModelPackage:
+    """The package to run, verified; a bad one ends the command with its reason (exit code 1)."""
+    from workers.infer.package import DEFAULT_PACKAGE, PackageError, load_package
+
+    if weights is not None:
+        err.print("--weights is deprecated: use --model PACKAGE", style="yellow")
+    try:
+        return load_package(model or weights or DEFAULT_PACKAGE)
+    except PackageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
 
 
 def _inputs(paths: list[Path]) -> list[Path]:
@@ -47,13 +72,14 @@ def analyze(
     paths: list[Path] = typer.Argument(..., help="DICOM files or folders of them."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per input per line on stdout."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    weights: Path | None = typer.Option(None, help="Weights file or folder (default: shipped weights)."),
+    model: Path | None = typer.Option(None, "--model", help=_MODEL_HELP),
+    weights: Path | None = typer.Option(None, hidden=True, help=_WEIGHTS_HELP),
 ) -> None:
     """Segment and score lung-ultrasound cine; exit code 1 if any input failed."""
     from workers.pipeline import Analyzer, InputError
 
     files = _inputs(paths)
-    analyzer = Analyzer(weights, device)
+    analyzer = Analyzer(_load(model, weights), device)
     failed = 0
     rows: list[tuple[str, dict[str, Any]]] = []
     with Progress(console=err, disable=as_json) as prog:
@@ -94,8 +120,8 @@ def _table(rows: list[tuple[str, dict[str, Any]]]) -> Table:
 
 @app.command()
 def train(
-    out: Path = typer.Option(
-        Path("workers/infer/weights"), help="Folder for weights, ONNX and metrics.json."
+    out: Path | None = typer.Option(
+        None, help="Model package folder to write (default lusai-models/phantom-SEED)."
     ),
     seed: int = typer.Option(0),
     epochs: int = typer.Option(3),
@@ -104,19 +130,55 @@ def train(
     batch: int = typer.Option(16),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     threads: int = typer.Option(2, help="CPU threads."),
+    name: str | None = typer.Option(None, help="Package name (default: the shipped package's name)."),
+    version: str | None = typer.Option(None, help="Package version (default phantom-SEED)."),
+    score_config: Path | None = typer.Option(
+        None, help="Score operating point to ship with the network (default: clinical cut-offs)."
+    ),
+    force: bool = typer.Option(False, help="Replace a non-empty --out folder that is not a package."),
 ) -> None:
-    """Train the segmentation network on the phantom only (reproducible from --seed)."""
+    """Train the segmentation network on the phantom only (reproducible from --seed) into a package."""
+    from workers.infer.package import (
+        DEFAULT_PACKAGE,
+        PackageError,
+        load_package,
+        training_from_metrics,
+        write_package,
+    )
     from workers.infer.predict import resolve_device
-    from workers.infer.train import TrainConfig
+    from workers.infer.train import METRICS_NAME, ONNX_NAME, WEIGHTS_NAME, TrainConfig
     from workers.infer.train import train as run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    out = out or Path("lusai-models") / f"phantom-{seed}"
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file() and not force:
+        typer.echo(f"error: {out} is not empty and not a model package (--force replaces it)", err=True)
+        raise typer.Exit(code=1)  # checked before training, not after 15 minutes of it
     cfg = TrainConfig(seed=seed, epochs=epochs, samples=samples, val_samples=val_samples, batch=batch,
                       device=resolve_device(device), threads=threads)  # fmt: skip
-    metrics = run(cfg, out)
-    Console().print_json(
-        json.dumps({k: metrics[k] for k in ("best_val_mean_dice", "best_val_dice", "weights_sha256")})
-    )
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".train-", dir=out.absolute().parent) as tmp:
+        staging = Path(tmp)
+        metrics = run(cfg, staging)
+        files = {"segmenter_torch": staging / WEIGHTS_NAME, "segmenter_onnx": staging / ONNX_NAME,
+                 "metrics": staging / METRICS_NAME}  # fmt: skip
+        if score_config is not None:
+            files["score_config"] = score_config
+        try:
+            pkg = write_package(
+                out,
+                name=name or load_package(DEFAULT_PACKAGE, verify=False).name,
+                version=version or f"phantom-{seed}",
+                files=files,
+                description=f"Attention U-Net trained by `lusai train` on phantom frames only (seed {seed}).",
+                training=training_from_metrics(staging / METRICS_NAME),
+                overwrite=force,
+            )
+        except PackageError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=1) from None
+    summary = {k: metrics[k] for k in ("best_val_mean_dice", "best_val_dice", "weights_sha256")}
+    Console().print_json(json.dumps({**summary, "package": str(pkg.path), **pkg.identity()}))
 
 
 @app.command("eval")
@@ -124,7 +186,8 @@ def evaluate(
     folder: Path | None = typer.Argument(
         None, help="Labelled DICOM folder (labels.csv) or BLUS folder (severity.csv + mp4)."
     ),
-    weights: Path | None = typer.Option(None, help="Weights file or folder (default: shipped weights)."),
+    model: Path | None = typer.Option(None, "--model", help=_MODEL_HELP),
+    weights: Path | None = typer.Option(None, hidden=True, help=_WEIGHTS_HELP),
     device: str = typer.Option("auto"),
     phantom: int = typer.Option(300, help="Held-out phantom frames for Dice per class (0 = skip)."),
     seed: int = typer.Option(12345, help="Seed of the held-out phantom set (differs from training)."),
@@ -140,23 +203,99 @@ def evaluate(
     from workers.infer.train import dice_per_class, phantom_set
     from workers.pipeline import operating_point
 
-    report: dict[str, Any] = {}
-    predictor = Predictor(weights, device)
+    pkg = _load(model, weights)
+    report: dict[str, Any] = {"model": pkg.identity()}
+    predictor = Predictor(pkg, device)
     if phantom:
         x, y, _ = phantom_set(phantom, seed, predictor.grid_shape)
         pred, _ = predictor.predict(x)
         report["phantom_dice"] = dice_per_class(pred, y)
     if folder is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            data = cache_segmentations(folder, cache or Path(tmp), weights, device)
+            data = cache_segmentations(folder, cache or Path(tmp), pkg.path, device)
         expert = np.array([d.item.score for d in data])
-        model = video_scores(data, operating_point(predictor.weights_path))
-        report["video_agreement"] = agreement(expert, model).__dict__
+        scores = video_scores(data, operating_point(pkg))
+        report["video_agreement"] = agreement(expert, scores).__dict__
         report["videos"] = [
             {"file": d.item.path.name, "expert": int(e), "model": int(m)}
-            for d, e, m in zip(data, expert, model, strict=True)
+            for d, e, m in zip(data, expert, scores, strict=True)
         ]
     text = json.dumps(report, indent=2)
     if out is not None:
         out.write_text(text)
     Console().print_json(json.dumps({k: v for k, v in report.items() if k != "videos"}))
+
+
+@model_app.command("verify")
+def verify(
+    package: Path | None = typer.Argument(None, help="Package folder (default: the shipped package)."),
+) -> None:
+    """Check a package's manifest and every file's SHA-256; exit code 1 if anything is wrong."""
+    pkg = _load(package)
+    typer.echo(f"ok: {pkg.name} {pkg.version} ({len(pkg.files)} files verified) package {pkg.package_sha256}")
+
+
+@model_app.command("show")
+def show(
+    package: Path | None = typer.Argument(None, help="Package folder (default: the shipped package)."),
+) -> None:
+    """Print a package's manifest after verifying it (exit code 1 on a bad package)."""
+    pkg = _load(package)
+    Console().print_json(json.dumps({"path": str(pkg.path), "package_sha256": pkg.package_sha256,
+                                     "verified": True, "manifest": pkg.manifest}))  # fmt: skip
+
+
+@model_app.command("package")
+def package_cmd(
+    src: Path = typer.Argument(..., help="A package, or a folder of loose files (lus_unet.pt, ...)."),
+    out: Path | None = typer.Option(None, help="Package folder to write (default: SRC itself)."),
+    name: str | None = typer.Option(None, help="Package name (default: SRC's manifest)."),
+    version: str | None = typer.Option(None, help="Package version (default: SRC's manifest)."),
+    parent: Path | None = typer.Option(None, help="Package this one derives from (recorded by hash)."),
+    description: str | None = typer.Option(None),
+    intended_use: str | None = typer.Option(None),
+    training: Path | None = typer.Option(None, help="JSON file: the training block (default from metrics)."),
+    cv: Path | None = typer.Option(None, help="JSON file: cross-validated figures."),
+    file: list[str] | None = typer.Option(
+        None, "--file", help="ROLE=PATH to add or replace a file (repeatable), e.g. scorer_torch=s.pt."
+    ),
+    force: bool = typer.Option(False, help="Replace a non-empty --out folder that is not a package."),
+) -> None:
+    """Write (or refresh) a package's manifest and MODEL_CARD.md; idempotent when nothing changed.
+
+    After replacing weights or score_config.json in a package, run this to record their new hashes.
+    """
+    from workers.infer.package import PackageError, repackage
+
+    extra: dict[str, Path] = {}
+    for item in file or []:
+        role, sep, path = item.partition("=")
+        if not sep or not role or not path:
+            typer.echo(f"error: --file {item!r} is not ROLE=PATH", err=True)
+            raise typer.Exit(code=2)
+        extra[role] = Path(path)
+    try:
+        pkg = repackage(
+            src, out, name=name, version=version, extra_files=extra,
+            parent=_load(parent) if parent is not None else None,
+            description=description, intended_use=intended_use,
+            training=_json_file(training), cv=_json_file(cv), overwrite=force,
+        )  # fmt: skip
+    except PackageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"{pkg.path}: {pkg.name} {pkg.version} package {pkg.package_sha256}")
+
+
+def _json_file(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: {path}: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    if not isinstance(data, dict):
+        typer.echo(f"error: {path} must hold a JSON object", err=True)
+        raise typer.Exit(code=2)
+    return data

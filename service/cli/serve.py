@@ -36,6 +36,22 @@ def _upgrade_embedded(s: Settings) -> None:
         upgrade(s.db_url)
 
 
+def require_model_package(s: Settings) -> None:
+    """Verify LUSAI_MODEL_PATH before a worker starts: a bad package stops it with one clear line
+    and exit code 1, rather than a worker that fails every job or a restart loop of tracebacks."""
+    from workers.infer.package import DEFAULT_PACKAGE, PackageError, load_package
+
+    try:
+        pkg = load_package(s.model_path or DEFAULT_PACKAGE)
+    except PackageError as exc:
+        log.error("worker not started: bad model package (LUSAI_MODEL_PATH)", extra=ctx(error=str(exc)))
+        raise typer.Exit(code=1) from None
+    log.info(
+        "model package verified",
+        extra=ctx(model=pkg.name, version=pkg.version, package_sha256=pkg.package_sha256),
+    )
+
+
 def run_scp(s: Settings, *, with_recovery: bool = True) -> None:
     """Serve DICOM in this process until SIGTERM/SIGINT."""
     from service import recovery
@@ -131,6 +147,8 @@ def worker(
 ) -> None:
     """Run a Celery worker (prefetch 1, late acks) on the configured broker."""
     s = _settings()
+    if "analyze" in queues.split(","):
+        require_model_package(s)
     _upgrade_embedded(s)
     from service import recovery
     from service.store.files import ObjectStore
@@ -145,6 +163,7 @@ def worker(
 def serve() -> None:
     """Run SCP, REST API and a Celery worker together on embedded defaults (no server needed)."""
     s = _settings()
+    require_model_package(s)
     _upgrade_embedded(s)
     import uvicorn
 

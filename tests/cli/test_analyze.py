@@ -29,7 +29,7 @@ def test_analyze_json_folder(tmp_path: Path) -> None:
     for x in lines:
         assert x["frames"] == 4 and x["score"] in range(4) and len(x["frame_scores"]) == 4
         assert {"b_line_fraction", "b_line_count", "consolidation", "effusion", "timings_ms"} <= set(x)
-        assert set(x["model"]) == {"name", "version", "weights_sha256"}
+        assert set(x["model"]) == {"name", "version", "weights_sha256", "package_sha256"}
 
 
 def test_analyze_failure_exit_code(tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ import pydicom
 import pytest
 
 from workers.domain import SegmentClass as C
+from workers.infer.package import DEFAULT_PACKAGE, load_package, write_package
 from workers.phantom import make_cine
-from workers.pipeline import MODEL_NAME, MODEL_VERSION, Analyzer, InputError
+from workers.pipeline import Analyzer, InputError
 from workers.preprocess.wrap import frames_to_dataset
 
 
@@ -32,8 +33,11 @@ def test_white_lung_cine_end_to_end(analyzer: Analyzer) -> None:
     a = analyzer.analyze(ds)
     assert a.frames == 10 and a.labels.shape == truth.shape and a.labels.dtype == np.uint8
     assert a.sop_instance_uid == ds.SOPInstanceUID
-    assert (a.model.name, a.model.version) == (MODEL_NAME, MODEL_VERSION)
-    assert len(a.model.weights_sha256) == 64
+    shipped = load_package(DEFAULT_PACKAGE)
+    assert (a.model.name, a.model.version) == (shipped.name, shipped.version)
+    assert shipped.name == "lusai-lus-attention-unet"
+    assert a.model.weights_sha256 == shipped.sha256s["segmenter_torch"]
+    assert a.model.package_sha256 == shipped.package_sha256
     assert {"decode", "preprocess", "infer", "score", "labels", "total"} <= set(a.timings_ms)
     assert len(a.findings.frame_scores) == 10
     # The network finds the B-lines where the phantom drew them.
@@ -86,18 +90,19 @@ def test_refuses_unusable_input(analyzer: Analyzer, tmp_path: Path) -> None:
 
 
 def test_shipped_operating_point_and_refine_stage(analyzer: Analyzer, tmp_path: Path) -> None:
-    """The thresholds calibrated for the weights ship beside them and are the ones used."""
-    from workers.infer.predict import DEFAULT_WEIGHTS
-    from workers.pipeline import SCORE_CONFIG_NAME
+    """The thresholds calibrated for the network ship in its package and are the ones used."""
     from workers.score.lus import ScoreConfig, load_score_config
 
-    shipped = DEFAULT_WEIGHTS.with_name(SCORE_CONFIG_NAME)
-    assert shipped.exists()
+    pkg = load_package(DEFAULT_PACKAGE)
+    shipped = pkg.file("score_config")
+    assert shipped is not None and shipped.exists()
     assert analyzer.score_config == load_score_config(shipped)
-    # Weights without a calibration fall back to the clinical cut-offs.
-    for name in ("lus_unet.pt", "lus_unet.onnx"):
-        (tmp_path / name).write_bytes(DEFAULT_WEIGHTS.with_name(name).read_bytes())
-    bare = Analyzer(tmp_path, device="cpu")
+    # A package without a calibration falls back to the clinical cut-offs.
+    files = {r: pkg.files[r] for r in ("segmenter_torch", "segmenter_onnx")}
+    bare_pkg = write_package(tmp_path / "bare", name="bare", version="1", files=files)
+    bare = Analyzer(bare_pkg.path, device="cpu")
     assert bare.score_config == ScoreConfig()
+    assert bare.model.weights_sha256 == analyzer.model.weights_sha256
+    assert bare.model.package_sha256 != analyzer.model.package_sha256
     ds, _ = _ds("b_lines", n=3)
     assert "refine" in analyzer.analyze(ds).timings_ms

@@ -14,13 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.infer.train import ONNX_NAME, WEIGHTS_NAME, load_model, sha256
+from workers.infer.package import DEFAULT_PACKAGE, ModelPackage, load_package
+from workers.infer.train import load_model
 from workers.preprocess.grid import GridShape
 
 log = logging.getLogger(__name__)
-
-#: Weights shipped in the package.
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / WEIGHTS_NAME
 
 
 def resolve_device(device: str) -> str:
@@ -34,26 +32,36 @@ def resolve_device(device: str) -> str:
 
 
 class Predictor:
-    """Loads the network once; :meth:`predict` is safe to call for every cine of a worker."""
+    """Loads the network once; :meth:`predict` is safe to call for every cine of a worker.
+
+    ``package`` is a model package (folder, file in it, or loaded; None: the shipped one); its hashes
+    are verified before the weights are read (:class:`~workers.infer.package.PackageError` if not).
+    """
 
     def __init__(
-        self, weights: Path | None = None, device: str = "auto", backend: str = "auto", batch: int = 16
+        self,
+        package: ModelPackage | Path | str | None = None,
+        device: str = "auto",
+        backend: str = "auto",
+        batch: int = 16,
     ):
-        path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
-        if path.is_dir():
-            path = path / WEIGHTS_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"model weights not found: {path}")
+        pkg = package if isinstance(package, ModelPackage) else load_package(package or DEFAULT_PACKAGE)
         self.device = resolve_device(device)
-        self.weights_path = path
-        self.weights_sha256 = sha256(path)
+        self.package = pkg
+        self.weights_path = pkg.files["segmenter_torch"]
+        self.weights_sha256 = pkg.sha256s["segmenter_torch"]
         self.batch = batch
-        self.model, self.shape = load_model(path, self.device)
-        onnx = path.with_name(ONNX_NAME)
-        use_ort = backend == "onnx" or (backend == "auto" and self.device == "cpu" and onnx.exists())
-        self._ort = _ort_session(onnx) if use_ort else None
+        self.model, self.shape = load_model(self.weights_path, self.device)
+        onnx = pkg.file("segmenter_onnx")
+        if backend == "onnx" and onnx is None:
+            raise ValueError(f"model package {pkg.path} has no segmenter_onnx file")
+        use_ort = onnx is not None and (backend == "onnx" or (backend == "auto" and self.device == "cpu"))
+        self._ort = _ort_session(onnx) if use_ort and onnx is not None else None
         self.backend = "onnxruntime" if self._ort is not None else "torch"
-        log.info("model loaded (%s, %s)", self.backend, self.device)
+        log.info(
+            "model %s %s loaded (%s, %s, package %s)",
+            pkg.name, pkg.version, self.backend, self.device, pkg.package_sha256[:12],
+        )  # fmt: skip
 
     @property
     def grid_shape(self) -> GridShape:

@@ -85,6 +85,14 @@ def series_laterality(source: Dataset) -> str | None:
     return None
 
 
+def algorithm_parameters(model: ModelInfo) -> dict[str, str]:
+    """The hashes that name the exact weights and model package (SEG AlgorithmParameters, TID 4019)."""
+    params = {"weights_sha256": model.weights_sha256}
+    if model.package_sha256:
+        params["package_sha256"] = model.package_sha256
+    return params
+
+
 def set_series_and_equipment(
     ds: Dataset,
     source: Dataset,

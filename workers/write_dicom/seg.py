@@ -38,6 +38,7 @@ from workers.domain import SEGMENT_CLASSES, Analysis, SegmentClass
 from workers.write_dicom import codes
 from workers.write_dicom.common import (
     SeriesInfo,
+    algorithm_parameters,
     copy_patient_study,
     file_meta,
     lossy_history,
@@ -102,7 +103,7 @@ def segment_description(
         name=model.name,
         family=codes.ARTIFICIAL_INTELLIGENCE,
         version=model.version,
-        parameters={"weights_sha256": model.weights_sha256},
+        parameters=algorithm_parameters(model),
     )
     desc = hd.seg.SegmentDescription(
         segment_number=int(cls),

@@ -15,7 +15,8 @@ Content tree (all groups carry a Tracking Identifier and UID, every NUM carries 
 * TID 1411 volumetric ROI groups referencing each non-empty SEG segment (with areas where the
   findings provide them).
 
-Every measurement group carries the algorithm identification (TID 4019) with the weights hash.
+Every measurement group carries the algorithm identification (TID 4019) with the weights and model
+package hashes; the device observer's serial number is the package hash.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from workers.write_dicom import codes
 from workers.write_dicom.common import (
     MANUFACTURER,
     SeriesInfo,
+    algorithm_parameters,
     copy_patient_study,
     metadata_copy,
     series_laterality,
@@ -100,7 +102,9 @@ def build_measurement_groups(
     f = analysis.findings
     model = analysis.model
     algorithm = hd.sr.AlgorithmIdentification(
-        name=model.name, version=model.version, parameters=[f"weights_sha256={model.weights_sha256}"]
+        name=model.name,
+        version=model.version,
+        parameters=[f"{k}={v}" for k, v in algorithm_parameters(model).items()],
     )
     sites = _finding_sites(source)
     sop_class, src_uid = source.SOPClassUID, source.SOPInstanceUID
@@ -254,6 +258,7 @@ def build_sr(
             name=model.name,
             manufacturer_name=MANUFACTURER,
             model_name=model.name,
+            serial_number=model.package_sha256 or None,
         ),
     )
     source_meta = metadata_copy(source)

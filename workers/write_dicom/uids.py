@@ -2,8 +2,9 @@
 
 A retried job must overwrite, not duplicate, what it already sent to PACS, so every UID is a hash
 (pydicom ``generate_uid`` with ``entropy_srcs``) of the source SOP Instance UID, the model name and
-version, the object kind and the UID's role. The root is configurable so a site can use its own
-registered org root (PS3.5 9.1).
+version, the model package's SHA-256 (so a re-analysis with another package, even one that kept the
+version, makes new objects), the object kind and the UID's role. The root is configurable so a site
+can use its own registered org root (PS3.5 9.1).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def output_uids(
     source_sop_instance_uid: str, model: ModelInfo, kind: OutputKind, root: str = PYDICOM_ROOT_UID
 ) -> OutputUIDs:
     """Series and instance UIDs of one output object."""
-    base = (source_sop_instance_uid, model.name, model.version, kind.value)
+    base = (source_sop_instance_uid, model.name, model.version, *_package(model), kind.value)
     return OutputUIDs(
         series_instance_uid=derive_uid(root, *base, "series"),
         sop_instance_uid=derive_uid(root, *base, "instance"),
@@ -52,5 +53,9 @@ def frame_of_reference_uid(source_sop_instance_uid: str, root: str = PYDICOM_ROO
 
 
 def device_uid(model: ModelInfo, root: str = PYDICOM_ROOT_UID) -> str:
-    """Device Observer UID of the algorithm (TID 1004), stable per model name and version."""
-    return derive_uid(root, model.name, model.version, "device-observer")
+    """Device Observer UID of the algorithm (TID 1004), stable per model package."""
+    return derive_uid(root, model.name, model.version, *_package(model), "device-observer")
+
+
+def _package(model: ModelInfo) -> tuple[str, ...]:
+    return (model.package_sha256,) if model.package_sha256 else ()

@@ -34,10 +34,12 @@ def _model() -> None:
     from importlib.util import find_spec
 
     s = get_settings()
-    if s.model_path is not None and not s.model_path.is_file():
-        raise FileNotFoundError("LUSAI_MODEL_PATH")
     if find_spec("workers.infer") is None:
         raise ModuleNotFoundError("workers.infer")
+    if s.model_path is not None:  # a complete package (hashes are the worker's check at start)
+        from workers.infer.package import load_package
+
+        load_package(s.model_path, verify=False)
 
 
 @router.get(

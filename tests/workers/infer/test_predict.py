@@ -5,14 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.infer.predict import DEFAULT_WEIGHTS, Predictor, resolve_device
+from workers.infer.package import DEFAULT_PACKAGE, load_package
+from workers.infer.predict import Predictor, resolve_device
 from workers.infer.train import sha256
 from workers.phantom import make_sample
 
+DEFAULT_WEIGHTS = DEFAULT_PACKAGE / "lus_unet.pt"
+
 
 def test_shipped_weights_are_small_and_listed() -> None:
+    pkg = load_package(DEFAULT_PACKAGE)
+    assert pkg.files["segmenter_torch"] == DEFAULT_WEIGHTS
     assert DEFAULT_WEIGHTS.stat().st_size < 10e6
-    assert DEFAULT_WEIGHTS.with_suffix(".onnx").stat().st_size < 10e6
+    assert pkg.files["segmenter_onnx"].stat().st_size < 10e6
 
 
 def test_onnxruntime_matches_torch() -> None:
@@ -28,6 +33,7 @@ def test_onnxruntime_matches_torch() -> None:
     assert np.abs(pa.astype(np.float32) - pb.astype(np.float32)).max() < 1e-2
     assert np.allclose(pa.astype(np.float32).sum(1), 1.0, atol=1e-2)
     assert ort.weights_sha256 == sha256(DEFAULT_WEIGHTS)
+    assert ort.package.package_sha256 == ref.package.package_sha256
 
 
 def test_wrong_frame_shape_rejected() -> None:

@@ -20,7 +20,7 @@ from workers.domain import Analysis, FrameFindings, ModelInfo, SegmentClass, Vid
 from workers.preprocess.wrap import encode_jpeg_ybr422
 from workers.write_dicom import OutputOptions, build_outputs
 
-MODEL = ModelInfo(name="lusai-unet", version="1.2.0", weights_sha256="ab" * 32)
+MODEL = ModelInfo(name="lusai-unet", version="1.2.0", weights_sha256="ab" * 32, package_sha256="cd" * 32)
 
 
 def _region(rows: int, cols: int) -> Dataset:

@@ -72,6 +72,7 @@ def test_segments_frames_and_references(case: tuple[pydicom.Dataset, Analysis]) 
         assert item.SegmentAlgorithmType == "AUTOMATIC"
         algo = item.SegmentationAlgorithmIdentificationSequence[0]
         assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("lusai-unet", "1.2.0")
+        assert f"package_sha256={'cd' * 32}" in algo.AlgorithmParameters
         assert "RecommendedDisplayCIELabValue" in item and "TrackingUID" in item
         region = item.AnatomicRegionSequence[0]
         assert region.CodeValue == "39607008"

@@ -150,6 +150,9 @@ def test_ohif_safety_rules(built: tuple[Dataset, Analysis, dict[str, Dataset]]) 
     algos = [i.TextValue for i in items if i.ConceptNameCodeSequence[0].CodeValue == "111001"]
     params = [i.TextValue for i in items if i.ConceptNameCodeSequence[0].CodeValue == "111002"]
     assert set(algos) == {"lusai-unet"} and f"weights_sha256={'ab' * 32}" in params
+    assert f"package_sha256={'cd' * 32}" in params  # the model package in every measurement group
+    devices = [i.TextValue for i in items if i.ConceptNameCodeSequence[0].CodeValue == "121016"]
+    assert devices == ["cd" * 32]  # Device Serial Number of the observer: the package
 
 
 def test_labelmap_seg_is_not_referenced_by_segment() -> None:

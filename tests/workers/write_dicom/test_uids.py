@@ -22,6 +22,7 @@ def test_same_inputs_give_same_uids() -> None:
         ("1.2.3.4.5.6.8", MODEL, OutputKind.SEG),
         (SOURCE, replace(MODEL, version="1.2.1"), OutputKind.SEG),
         (SOURCE, replace(MODEL, name="other"), OutputKind.SEG),
+        (SOURCE, replace(MODEL, package_sha256="ef" * 32), OutputKind.SEG),  # same version, new package
         (SOURCE, MODEL, OutputKind.SR),
         (SOURCE, MODEL, OutputKind.SC),
     ],
@@ -31,6 +32,11 @@ def test_any_input_change_gives_new_uids(source: str, model: object, kind: Outpu
     other = output_uids(source, model, kind)  # type: ignore[arg-type]
     assert other.series_instance_uid != base.series_instance_uid
     assert other.sop_instance_uid != base.sop_instance_uid
+
+
+def test_device_uid_names_the_package() -> None:
+    assert device_uid(MODEL) == device_uid(replace(MODEL))
+    assert device_uid(MODEL) != device_uid(replace(MODEL, package_sha256="ef" * 32))
 
 
 def test_series_and_instance_differ_and_are_valid() -> None:
