@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: 16 chars, no backslash
@@ -149,6 +149,11 @@ class Settings(BaseSettings):
             "Wait for the audit row's WAL flush on PostgreSQL before answering. Off: the row is committed"
             " and visible, but a database crash may lose the last ~0.6 s of audit rows (halves API latency)."
         ),
+    )
+    pseudonym_key: SecretStr | None = Field(
+        None,
+        description="Key of the patient pseudonyms in `lusai reviews export` (HMAC-SHA-256); default a "
+        "random key created in data_dir/pseudonym.key. Keep it to keep pseudonyms stable.",
     )
 
     # --- workers / model ---------------------------------------------------------------

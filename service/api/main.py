@@ -22,7 +22,7 @@ from service.api.auth import ApiKeyVerifier, OidcVerifier, Principal, RateLimite
 from service.api.deps import SECURITY_SCHEMES, ApiState
 from service.api.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from service.api.routes import audit as audit_routes
-from service.api.routes import deliveries, health, instances, jobs, results, studies
+from service.api.routes import deliveries, health, instances, jobs, results, reviews, studies
 from service.api.zones import ZoneRule
 from service.logs import ctx
 from service.settings import Settings, get_settings
@@ -144,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "studies", "description": "Studies and series received over DICOM or upload."},
             {"name": "instances", "description": "Received objects, upload and re-analysis."},
             {"name": "results", "description": "Scores, measurements, SEG/SR downloads and previews."},
+            {"name": "reviews", "description": "Readers' own scores of results, and model-reader agreement."},
             {"name": "jobs", "description": "Analysis jobs."},
             {"name": "deliveries", "description": "Results sent back to PACS."},
             {"name": "audit", "description": "Access log (admin)."},
@@ -165,7 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "RateLimit-Limit", "RateLimit-Remaining", "Retry-After", "ETag"],
         )
     app.include_router(health.router)
-    for module in (studies, instances, results, jobs, deliveries, audit_routes):
+    for module in (studies, instances, results, reviews, jobs, deliveries, audit_routes):
         app.include_router(module.router)
     _document_security(app)
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from service.store.models import DeliveryState, InstanceState, JobState
 
@@ -236,3 +236,82 @@ class AuditOut(BaseModel):
     status: int
     request_id: str
     client: str | None
+
+
+#: Free text without control characters other than tab and line breaks (PostgreSQL refuses NUL).
+TEXT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+
+
+class ReviewIn(BaseModel):
+    """A reader's own score of the clip; the model's result is never changed by it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    score: int | None = Field(
+        None, ge=0, le=3, description="The reader's Soldati score (0-3); null only with gradable=false."
+    )
+    gradable: bool = Field(True, description="false: the clip cannot be scored (then score is null).")
+    a_lines: bool | None = Field(None, description="A-lines seen (null: not stated).")
+    b_lines: bool | None = Field(None, description="B-lines seen (null: not stated).")
+    pleura_irregular: bool | None = Field(None, description="Irregular or thickened pleural line.")
+    consolidation: bool | None = Field(None, description="Subpleural or lobar consolidation.")
+    effusion: bool | None = Field(None, description="Pleural effusion.")
+    comments: str | None = Field(
+        None,
+        max_length=2000,
+        pattern=TEXT_PATTERN,
+        description="Free text; it goes into the labels export, so no patient identifiers.",
+    )
+
+    @model_validator(mode="after")
+    def _score_iff_gradable(self) -> ReviewIn:
+        if self.gradable and self.score is None:
+            raise ValueError("a gradable clip needs a score (0-3)")
+        if not self.gradable and self.score is not None:
+            raise ValueError("a clip that is not gradable has no score")
+        return self
+
+
+class ReviewOut(BaseModel):
+    id: int
+    result_id: int
+    sop_instance_uid: str
+    instance_version: int
+    reviewer: str = Field(description="The API key or token subject that recorded the review.")
+    score: int | None
+    gradable: bool
+    a_lines: bool | None
+    b_lines: bool | None
+    pleura_irregular: bool | None
+    consolidation: bool | None
+    effusion: bool | None
+    comments: str | None
+    created_at: UtcDateTime
+    model: ModelOut = Field(description="The model of the reviewed result.")
+    model_score: int | None = Field(description="The reviewed result's score (null: not graded).")
+
+
+class AgreementStats(BaseModel):
+    n: int = Field(description="Counted (result, reviewer) pairs.")
+    kappa_quadratic: float = Field(description="Cohen's kappa with quadratic weights.")
+    exact: float = Field(description="Fraction of pairs with the same score.")
+    within_one: float = Field(description="Fraction of pairs at most one level apart.")
+    confusion: list[list[int]] = Field(description="4x4 counts; rows: reviewer score, columns: model score.")
+
+
+class PackageAgreementOut(BaseModel):
+    model: ModelOut
+    package_sha256: str | None = Field(description="SHA-256 of the model package, where recorded.")
+    reviewed_results: int
+    reviewers: int
+    reviews: int = Field(description="Counted reviews: the latest of each (result, reviewer).")
+    not_gradable_by_model: int
+    not_gradable_by_reviewer: int
+    graded: AgreementStats | None = Field(description="Pairs that both model and reviewer scored.")
+    ungradable_as_zero: AgreementStats | None = Field(
+        description="All pairs, with 'not gradable' on either side counted as score 0."
+    )
+
+
+class AgreementOut(BaseModel):
+    packages: list[PackageAgreementOut]
