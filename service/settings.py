@@ -159,8 +159,9 @@ class Settings(BaseSettings):
     # --- workers / model ---------------------------------------------------------------
     model_path: Path | None = Field(
         None,
-        description="Model weights (lus_unet.pt, or its folder); default the weights shipped in the "
-        "package. A score_config.json beside them sets the score thresholds (clinical cut-offs if absent).",
+        description="Model package folder (manifest.json with the weights, score thresholds and their "
+        "SHA-256; `lusai model show`); default the package shipped with lusai. Workers verify it at start "
+        "and refuse to start on a bad or incomplete package.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device.")
     worker_concurrency: int = Field(1, ge=1, le=64, description="Celery worker processes.")

@@ -5,11 +5,13 @@ once (:func:`frame_findings` at the default measurement settings), then an exhau
 few decision cut-offs of :func:`soldati` (each with 3-5 clinically plausible values) maximises
 the quadratic-weighted kappa of the video score. Patient-wise 2-fold cross-validation of the same
 search, over several random patient splits, estimates what the gain is worth on new patients.
-``--write-config`` stores the in-sample operating point beside the weights, where the pipeline
-loads it.
+``--write-config`` stores the in-sample operating point in the model package (``--weights``: the
+package, default the shipped one), where the pipeline loads it; ``lusai model package`` then
+records its new hash (until then the package no longer verifies).
 
     python -m workers.infer.calibrate ../shared/datasets/blus-dev --cache /tmp/blus-cache \
         --out calibration.json --write-config workers/infer/weights/score_config.json
+    lusai model package workers/infer/weights
 """
 
 from __future__ import annotations
