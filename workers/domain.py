@@ -59,11 +59,16 @@ class FrameFindings:
     consolidation_area_mm2: float
     consolidation_depth_mm: float
     effusion_area_mm2: float
+    rib_shadow_scanlines: int = 0  # scan lines under a rib shadow over a third of the depth
 
 
 @dataclass(frozen=True)
 class VideoFindings:
-    """Video-level result: the Soldati score by the 1% rule plus the measurements behind it."""
+    """Video-level result: the Soldati score by the 1% rule plus the measurements behind it.
+
+    When ``gradable`` is false (workers/score/gradability.py) ``score`` is what the rule gave
+    but is not a result: every output reports no score, the reason code and its detail instead.
+    """
 
     score: int
     frame_scores: tuple[int, ...]
@@ -77,6 +82,15 @@ class VideoFindings:
     effusion_area_mm2: float
     pleura_irregular: bool
     frames: tuple[FrameFindings, ...] = field(default=(), repr=False)
+    gradable: bool = True
+    ungradable_reason: str | None = None  # stable code, a key of workers.score.gradability.REASONS
+    ungradable_detail: str | None = None  # the reason with the measured values
+    quality: dict[str, float] = field(default_factory=dict)  # gradability measurements
+
+    @property
+    def reported_score(self) -> int | None:
+        """The score as every output states it: None when the cine is not gradable."""
+        return self.score if self.gradable else None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -103,7 +117,11 @@ class Analysis:
         return {
             "sop_instance_uid": self.sop_instance_uid,
             "frames": self.frames,
-            "score": f.score,
+            "score": f.reported_score,
+            "gradable": f.gradable,
+            "reason": f.ungradable_reason,
+            "reason_detail": f.ungradable_detail,
+            "quality": dict(f.quality),
             "frame_scores": list(f.frame_scores),
             "key_frame": f.key_frame,
             "b_line_fraction": f.b_line_fraction,

@@ -23,6 +23,7 @@ from workers.infer.package import DEFAULT_PACKAGE, ModelPackage, load_package
 from workers.infer.predict import Predictor
 from workers.infer.refine import RefineConfig, refine
 from workers.preprocess import Grid, InputError, decode_frames, detect_sector, frame_rate
+from workers.score.gradability import with_gradability
 from workers.score.lus import ScoreConfig, load_score_config, video_findings
 
 __all__ = ["Analyzer", "InputError", "Segmentation"]
@@ -72,11 +73,14 @@ class Analyzer:
         timings = seg.timings_ms
         with _timed(timings, "score"):
             findings = video_findings(seg.grid_labels, seg.grid.spacing(), self.score_config, seg.frame_rate)
+            findings = with_gradability(findings, seg.grid_frames)
         with _timed(timings, "labels"):
             labels = seg.grid.to_source(seg.grid_labels)
             probs = _probs_to_source(seg.grid, seg.probabilities) if seg.probabilities is not None else None
         timings["total"] = round(sum(timings.values()), 2)
-        log.info("analysed %d frames: score %d in %.0f ms", labels.shape[0], findings.score, timings["total"])
+        f = findings
+        verdict = f"score {f.score}" if f.gradable else f"not gradable ({f.ungradable_reason})"
+        log.info("analysed %d frames: %s in %.0f ms", labels.shape[0], verdict, timings["total"])
         return Analysis(
             sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
             frames=int(labels.shape[0]),

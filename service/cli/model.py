@@ -109,8 +109,9 @@ def _table(rows: list[tuple[str, dict[str, Any]]]) -> Table:
         if "error" in r:
             t.add_row(name, "", "", "", "", "", "", "", r["error"])
             continue
+        score = str(r["score"]) if r["gradable"] else f"not gradable ({r['reason']})"
         t.add_row(
-            name, str(r["frames"]), str(r["score"]),
+            name, str(r["frames"]), score,
             f"{100 * r['b_line_fraction']:.0f}", str(r["b_line_count"]),
             "yes" if r["consolidation"] else "no", "yes" if r["effusion"] else "no",
             f"{r['timings_ms']['total']:.0f}", "",

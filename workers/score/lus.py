@@ -144,6 +144,7 @@ def frame_findings(
         consolidation_area_mm2=round(cons_area, 1),
         consolidation_depth_mm=round(cons_depth, 1),
         effusion_area_mm2=round(eff_area, 1),
+        rib_shadow_scanlines=int(shadow_cols.sum()),
     )
     return dataclasses.replace(f, score=_frame_score(f, cfg))
 
@@ -269,6 +270,7 @@ def _empty(index: int, labels: np.ndarray, spacing: GridSpacing, cfg: ScoreConfi
         index, 0, 0, 0, 0.0, 0, False, 0.0, 0, False,
         round(cons_area, 1), round(cons_depth if cons_area else 0.0, 1),
         round(eff_area if eff_area >= cfg.effusion_min_mm2 else 0.0, 1),
+        int(((labels == C.RIB_SHADOW).sum(axis=0) > labels.shape[0] // 3).sum()),
     )  # fmt: skip
     return dataclasses.replace(f, score=_frame_score(f, cfg))
 

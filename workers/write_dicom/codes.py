@@ -14,6 +14,13 @@ A-lines, B-lines, the LUS (Soldati) score, the percentage of pleura with B-lines
 count have no standard codes. They use the private coding scheme ``99LUSAI`` (PS3.3 8.2: a
 designator starting with "99" is private), which every object that uses it declares in
 CodingSchemeIdentificationSequence (0008,0110) (PS3.3 C.12.1.1.2).
+
+A cine that is not gradable (workers/score/gradability.py) is stated with the standard concepts
+of the quality assessment template (PS3.16 TID 4025 rows, CID 6044): DCM 111050 "Quality
+Assessment" = DCM 111235 "Unusable - Quality renders image unusable", and DCM 111052 "Quality
+Finding" = the reason. The standard findings (CID 6135) are radiographic (exposure, grid,
+detector); ultrasound reasons such as "pleural line not visible" have no code, so each reason code
+of the pipeline has a private 99LUSAI concept (:data:`NOT_GRADABLE_REASONS`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from workers.domain import SegmentClass
+from workers.score.gradability import REASONS
 
 PRIVATE_SCHEME = "99LUSAI"
 PRIVATE_SCHEME_NAME = "lusai lung ultrasound concepts"
@@ -48,6 +56,9 @@ RIGHT: Code = codes.SCT.Right
 LEFT: Code = codes.SCT.Left
 ARTIFICIAL_INTELLIGENCE: Code = codes.DCM.ArtificialIntelligence
 AREA = Code("42798000", "SCT", "Area")
+QUALITY_ASSESSMENT: Code = codes.DCM.QualityAssessment
+QUALITY_FINDING: Code = codes.DCM.QualityFinding
+UNUSABLE: Code = codes.DCM.UnusableQualityRendersImageUnusable
 
 # --- private concepts (99LUSAI) ----------------------------------------------------------------
 ULTRASOUND_ARTIFACT = _private("ARTIFACT", "Ultrasound artifact")
@@ -62,6 +73,17 @@ PLEURAL_LINE_IRREGULARITY = _private("PLIRREG", "Pleural line irregularity")
 LUS_VIDEO_FINDINGS = _private("LUSVIDEO", "Lung ultrasound cine findings")
 LUS_FRAME_SCORES = _private("LUSFRAMES", "Lung ultrasound per-frame scores")
 LUS_KEY_FRAME = _private("LUSKEY", "Lung ultrasound key frame")
+#: Reason code of workers/score/gradability.py -> its Quality Finding concept.
+NOT_GRADABLE_REASONS: dict[str, Code] = {
+    reason: _private(value, REASONS[reason])
+    for reason, value in (
+        ("too-few-frames", "FEWFRAMES"),
+        ("no-contact", "NOCONTACT"),
+        ("noise", "NOISE"),
+        ("rib-shadow", "RIBSHADOW"),
+        ("no-pleura", "NOPLEURA"),
+    )
+}
 
 # --- units (UCUM) ------------------------------------------------------------------------------
 UNIT_SCORE = Code("{score}", "UCUM", "score")

@@ -61,6 +61,13 @@ def blend(frames_rgb: np.ndarray, labels: np.ndarray, alpha: float) -> np.ndarra
     return out
 
 
+def legend_title(analysis: Analysis) -> str:
+    """The legend's first line; a cine that is not gradable gets its reason, never a number."""
+    f, m = analysis.findings, analysis.model
+    verdict = f"LUS score {f.score}" if f.gradable else f"LUS not gradable ({f.ungradable_reason})"
+    return f"{verdict} (key frame {f.key_frame + 1}) - {m.name} {m.version}"
+
+
 def legend_strip(width: int, analysis: Analysis) -> np.ndarray:
     """Legend (class colours in two columns) with the score line, as an RGB array."""
     n_rows = (len(SEGMENT_CLASSES) + 1) // 2
@@ -68,10 +75,9 @@ def legend_strip(width: int, analysis: Analysis) -> np.ndarray:
     img = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    f, m = analysis.findings, analysis.model
     draw.text(
         (4, 2),
-        f"LUS score {f.score} (key frame {f.key_frame + 1}) - {m.name} {m.version}",
+        legend_title(analysis),
         fill=(255, 255, 255),
         font=font,
     )

@@ -15,6 +15,11 @@ Content tree (all groups carry a Tracking Identifier and UID, every NUM carries 
 * TID 1411 volumetric ROI groups referencing each non-empty SEG segment (with areas where the
   findings provide them).
 
+A cine that is not gradable has no score anywhere: the key-frame and video groups carry the
+quality assessment "Unusable" and the coded reason instead of the score and the B-line
+measurements (a guess on an unusable image), and there is no per-frame group. The segment
+groups stay, like the SEG.
+
 Every measurement group carries the algorithm identification (TID 4019) with the weights and model
 package hashes; the device observer's serial number is the package hash.
 """
@@ -30,7 +35,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM
 
-from workers.domain import SEGMENT_CLASSES, Analysis, SegmentClass
+from workers.domain import SEGMENT_CLASSES, Analysis, SegmentClass, VideoFindings
 from workers.write_dicom import codes
 from workers.write_dicom.common import (
     MANUFACTURER,
@@ -78,6 +83,15 @@ def _finding_sites(source: Dataset) -> list[hd.sr.FindingSite]:
     return [hd.sr.FindingSite(anatomic_location=codes.LUNG, laterality=laterality)]
 
 
+def _not_gradable(reason: str | None) -> list[hd.sr.QualitativeEvaluation]:
+    """Quality Assessment = Unusable and Quality Finding = the reason (codes.py)."""
+    finding = codes.NOT_GRADABLE_REASONS.get(reason or "")
+    out = [hd.sr.QualitativeEvaluation(codes.QUALITY_ASSESSMENT, codes.UNUSABLE)]
+    if finding is not None:
+        out.append(hd.sr.QualitativeEvaluation(codes.QUALITY_FINDING, finding))
+    return out
+
+
 def _present(flag: bool) -> Code:
     return codes.PRESENT if flag else codes.ABSENT
 
@@ -114,6 +128,7 @@ def build_measurement_groups(
         | hd.sr.MeasurementsAndQualitativeEvaluations
     ] = []
 
+    key_score = [_num(codes.LUS_SCORE, f.score, codes.UNIT_SCORE, algorithm)] if f.gradable else None
     key_ref = hd.sr.SourceImageForRegion(sop_class, src_uid, [f.key_frame + 1])
     groups.append(
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -126,10 +141,42 @@ def build_measurement_groups(
             finding_type=codes.LUS_KEY_FRAME,
             algorithm_id=algorithm,
             finding_sites=sites,
-            measurements=[_num(codes.LUS_SCORE, f.score, codes.UNIT_SCORE, algorithm)],
+            measurements=key_score,
+            qualitative_evaluations=None if f.gradable else _not_gradable(f.ungradable_reason),
         )
     )
+    if f.gradable:
+        groups.extend(_score_groups(f, root, sop_uid, sop_class, src_uid, algorithm, sites))
+    else:
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(root, sop_uid, "LUS cine findings"),
+                finding_type=codes.LUS_VIDEO_FINDINGS,
+                algorithm_id=algorithm,
+                finding_sites=sites,
+                source_images=[hd.sr.SourceImageForMeasurementGroup(sop_class, src_uid)],
+                qualitative_evaluations=_not_gradable(f.ungradable_reason),
+            )
+        )
 
+    # dciodvfy (2026-09) rejects ReferencedSegmentNumber for the Label Map Segmentation SOP class
+    # in SR references, so segments are referenced from BINARY SEGs only.
+    if seg is not None and seg.SegmentationType == "BINARY":
+        groups.extend(_segment_groups(source, analysis, seg, sop_uid, root, algorithm, sites))
+    return groups
+
+
+def _score_groups(
+    f: VideoFindings,
+    root: str,
+    sop_uid: str,
+    sop_class: str,
+    src_uid: str,
+    algorithm: hd.sr.AlgorithmIdentification,
+    sites: Sequence[hd.sr.FindingSite],
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """TID 1501 video-level findings and per-frame scores of a gradable cine."""
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
     groups.append(
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(root, sop_uid, "LUS cine findings"),
@@ -169,11 +216,6 @@ def build_measurement_groups(
             ],
         )
     )
-
-    # dciodvfy (2026-09) rejects ReferencedSegmentNumber for the Label Map Segmentation SOP class
-    # in SR references, so segments are referenced from BINARY SEGs only.
-    if seg is not None and seg.SegmentationType == "BINARY":
-        groups.extend(_segment_groups(source, analysis, seg, sop_uid, root, algorithm, sites))
     return groups
 
 
