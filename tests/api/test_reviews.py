@@ -178,3 +178,22 @@ def test_agreement_per_model_package(api: Api, tmp_path: Path) -> None:
     assert [(p["model"]["version"], p["reviews"]) for p in admin] == [("2.0.0", 1)]
     assert api.get("/api/v1/agreement", params={"since": "2999-01-01"}).json() == {"packages": []}
     assert api.get("/api/v1/agreement", params={"since": "-407"}).status_code == 422
+
+
+@pytest.mark.skipif(not hasattr(Result, "gradable"), reason="results have no gradable column before 0004")
+def test_agreement_counts_model_not_gradable(api: Api, tmp_path: Path) -> None:
+    s = seed_study(api, tmp_path, zones=[("LUS R1", 1), ("LUS R2", 2), ("LUS R3", 0)], with_seg=False)
+    r1, r2, r3 = s.result_ids
+    with api.session() as db:
+        db.execute(update(Result).where(Result.id == r3).values(score=None, gradable=False))
+    _review(api, r1, 1)
+    _review(api, r2, 3)
+    assert _review(api, r3, 2)["model_score"] is None
+    (pkg,) = api.get("/api/v1/agreement").json()["packages"]
+    assert (pkg["reviews"], pkg["not_gradable_by_model"], pkg["not_gradable_by_reviewer"]) == (3, 1, 0)
+    # graded pairs (reader, model): (1,1) (3,2); observed 1/9, expected (0 + 1 + 4 + 1)/9 / 2 = 1/3
+    assert pkg["graded"]["n"] == 2 and pkg["graded"]["kappa_quadratic"] == pytest.approx(2 / 3, abs=1e-4)
+    # as zero, the model's ungraded clip is (2, 0): exact 1/3, within one 2/3
+    assert pkg["ungradable_as_zero"]["n"] == 3
+    assert pkg["ungradable_as_zero"]["exact"] == pytest.approx(1 / 3, abs=1e-4)
+    assert pkg["ungradable_as_zero"]["within_one"] == pytest.approx(2 / 3, abs=1e-4)
