@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py && $(BIN)/python bench/infer.py && $(BIN)/python bench/api.py
 
 openapi: $(STAMP)
-	$(BIN)/python -c 'import json; from service.api.main import create_app; print(json.dumps(create_app().openapi(), indent=2))' > docs/openapi.json
+	$(BIN)/python -m service.api.openapi
 
 clean:
 	rm -rf $(VENV) lusai-data .pytest_cache .mypy_cache .ruff_cache

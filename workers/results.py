@@ -57,7 +57,9 @@ def save_result(
         result = Result(
             job_id=job.id,
             instance_id=job.instance_id,
-            score=f.score,
+            score=f.reported_score,
+            gradable=f.gradable,
+            ungradable_reason=f.ungradable_reason,
             frame_scores=list(f.frame_scores),
             key_frame=f.key_frame,
             b_line_fraction=f.b_line_fraction,

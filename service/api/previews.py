@@ -144,9 +144,10 @@ def overlay(gray: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Caption:
-    score: int
+    score: int | None  # None: the cine is not gradable, ``reason`` says why
     model: str
     has_overlay: bool
+    reason: str | None = None
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -166,7 +167,8 @@ def _with_legend(img: Image.Image, caption: Caption, frame_text: str) -> Image.I
     out.paste(img, (0, 0))
     d = ImageDraw.Draw(out)
     y = img.height + 4
-    d.text((6, y), f"Score {caption.score}  {frame_text}", fill=(255, 255, 255), font=font)
+    verdict = f"Score {caption.score}" if caption.score is not None else f"Not gradable ({caption.reason})"
+    d.text((6, y), f"{verdict}  {frame_text}", fill=(255, 255, 255), font=font)
     y += line_h
     col_w = max(img.width // per_row, 1)
     if caption.has_overlay:

@@ -58,7 +58,8 @@ def job_result_ids(session: Session, job_ids: list[int]) -> dict[int, int]:
 
 #: Columns of a result summary; list rows carry these plus the instance's UID and version.
 SUMMARY_COLUMNS = (
-    Result.id, Result.job_id, Result.score, Result.key_frame, Result.b_line_fraction, Result.b_line_count,
+    Result.id, Result.job_id, Result.score, Result.gradable, Result.ungradable_reason, Result.key_frame,
+    Result.b_line_fraction, Result.b_line_count,
     Result.consolidation, Result.effusion, Result.model_name, Result.model_version, Result.weights_sha256,
     Result.created_at, Instance.sop_instance_uid, Instance.version,
 )  # fmt: skip
@@ -80,7 +81,9 @@ def result_summary(r: Any) -> dict[str, Any]:
         "job_id": r.job_id,
         "sop_instance_uid": r.sop_instance_uid,
         "instance_version": r.version,
-        "score": r.score,
+        "score": r.score if r.gradable else None,
+        "gradable": r.gradable,
+        "reason": r.ungradable_reason,
         "key_frame": r.key_frame,
         "b_line_fraction": r.b_line_fraction,
         "b_line_count": r.b_line_count,

@@ -93,7 +93,10 @@ class InstanceOut(BaseModel):
     state: InstanceState
     ignore_reason: str | None
     latest_job: JobSummary | None
-    score: int | None = Field(description="Video score of the latest result of this version, if any.")
+    score: int | None = Field(
+        description="Video score of the latest result of this version; null without a result or when the"
+        " cine is not gradable."
+    )
 
 
 class JobOut(BaseModel):
@@ -145,7 +148,14 @@ class ResultSummary(BaseModel):
     job_id: int
     sop_instance_uid: str
     instance_version: int
-    score: int = Field(description="Video score (0-3) by the 1% rule.")
+    score: int | None = Field(description="Video score (0-3) by the 1% rule; null when not gradable.")
+    gradable: bool = Field(
+        description="false: the cine cannot be graded (no probe contact, noise, pleura not visible...)."
+    )
+    reason: str | None = Field(
+        description="Why it is not gradable: too-few-frames, no-contact, noise, rib-shadow or no-pleura"
+        " (null when gradable; measurements.ungradable_detail gives the measured values)."
+    )
     key_frame: int = Field(description="0-based index of the frame that carries the score.")
     b_line_fraction: float
     b_line_count: int
@@ -172,12 +182,17 @@ class ZoneInstance(BaseModel):
     sop_instance_uid: str
     series_instance_uid: str
     result_id: int
-    score: int
+    score: int | None = Field(description="null: the clip is not gradable.")
+    gradable: bool
+    reason: str | None = Field(description="Why the clip is not gradable (see ResultSummary.reason).")
 
 
 class ZoneScore(BaseModel):
     zone: str
-    score: int = Field(description="Maximum video score of the zone's clips.")
+    score: int | None = Field(
+        description="Maximum video score of the zone's gradable clips; null when none of them is gradable."
+    )
+    gradable: bool = Field(description="At least one clip of the zone is gradable.")
     instances: list[ZoneInstance]
 
 
@@ -188,10 +203,16 @@ class UnzonedInstance(ZoneInstance):
 class StudyResults(BaseModel):
     study_instance_uid: str
     zones: list[ZoneScore]
-    total_score: int = Field(description="Sum over zones of the zone maxima (clips without a zone excluded).")
+    total_score: int = Field(
+        description="Sum over graded zones of the zone maxima (clips without a zone excluded). Zones that"
+        " are missing or not gradable add nothing: check complete before reading it as the patient total."
+    )
     zones_expected: list[str]
     missing_zones: list[str]
-    complete: bool = Field(description="Every expected zone has a scored clip.")
+    not_gradable_zones: list[str] = Field(
+        description="Zones with results whose clips are all not gradable (they add nothing to the total)."
+    )
+    complete: bool = Field(description="Every expected zone has a gradable, scored clip.")
     unzoned: list[UnzonedInstance] = Field(description="Scored clips whose series description names no zone.")
     pending: int = Field(description="Analysed-or-queued clips of the study without a result yet.")
 

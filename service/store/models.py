@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -160,7 +161,9 @@ class Result(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), index=True)
-    score: Mapped[int] = mapped_column(Integer, index=True)
+    score: Mapped[int | None] = mapped_column(Integer, index=True)  # None: not gradable
+    gradable: Mapped[bool] = mapped_column(default=True, server_default=true(), index=True)
+    ungradable_reason: Mapped[str | None] = mapped_column(String(32))  # gradability reason code
     frame_scores: Mapped[list[Any]] = mapped_column(JSON, default=list)
     key_frame: Mapped[int] = mapped_column(Integer, default=0)
     b_line_fraction: Mapped[float] = mapped_column(Float, default=0.0)

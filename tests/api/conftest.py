@@ -265,7 +265,7 @@ def seed_study(
     api: Api,
     tmp: Path,
     *,
-    zones: list[tuple[str, int]],
+    zones: list[tuple[str, int | None]],
     patient_id: str = "PAT-1",
     accession: str = "ACC-1",
     study_date: str = "20260105",
@@ -273,7 +273,8 @@ def seed_study(
     with_seg: bool = True,
     seg_frames: list[int] | None = None,
 ) -> Seeded:
-    """A study with one cine per (series description, score), each analysed with a stored result."""
+    """A study with one cine per (series description, score), each analysed with a stored result;
+    a score of None is a clip that was not gradable (reason ``no-pleura``)."""
     study_uid = generate_uid()
     out = Seeded(study_uid=study_uid, sop_uids=[], result_ids=[], job_ids=[])
     now = datetime.now(UTC)
@@ -344,11 +345,14 @@ def seed_study(
                 sr.file_meta.MediaStorageSOPClassUID = sr.SOPClassUID
                 sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPInstanceUID
                 sr_key, _, _ = _store(api, sr, tmp)
+            rule = 0 if score is None else score  # what the score rule gave an ungradable clip
             result = Result(
                 job_id=job.id,
                 instance_id=inst.id,
                 score=score,
-                frame_scores=[score, max(score - 1, 0), 0, score],
+                gradable=score is not None,
+                ungradable_reason=None if score is not None else "no-pleura",
+                frame_scores=[rule, max(rule - 1, 0), 0, rule],
                 key_frame=0,
                 b_line_fraction=0.2,
                 b_line_count=2,

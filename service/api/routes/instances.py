@@ -66,9 +66,10 @@ def _instance_out(
     )
 
 
-def _jobs_and_scores(session: Session, ids: list[int]) -> tuple[dict[int, Job], dict[int, int]]:
+def _jobs_and_scores(session: Session, ids: list[int]) -> tuple[dict[int, Job], dict[int, int | None]]:
+    """Jobs and latest result scores by instance id (None: not gradable)."""
     jobs: dict[int, Job] = {}
-    scores: dict[int, int] = {}
+    scores: dict[int, int | None] = {}
     if ids:
         for j in session.scalars(select(Job).where(Job.instance_id.in_(ids)).order_by(Job.id)):
             jobs[j.instance_id] = j

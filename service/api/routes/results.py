@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import FileResponse, Response
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.api import previews
@@ -21,8 +21,12 @@ from service.store.models import Instance, Result, Series, Study
 router = APIRouter(prefix="/api/v1", tags=["results"], dependencies=[Depends(read_scope)])
 
 ResultId = Annotated[int, Path(ge=1, le=2**62, description="Result ID")]
-_SORTS = {"created_at": SortKey(Result.created_at, "datetime"), "score": SortKey(Result.score, "int"),
-          "id": SortKey(Result.id, "int")}  # fmt: skip
+#: Not gradable results (score null) sort below score 0.
+_SORTS = {
+    "created_at": SortKey(Result.created_at, "datetime"),
+    "score": SortKey(func.coalesce(Result.score, -1), "int"),
+    "id": SortKey(Result.id, "int"),
+}
 DICOM = "application/dicom"
 _render_locks: dict[str, threading.Lock] = {}
 _render_guard = threading.Lock()
@@ -36,8 +40,15 @@ _render_guard = threading.Lock()
 )
 async def list_results(
     request: Request,
-    score_min: Annotated[int | None, Query(ge=0, le=3)] = None,
-    score_max: Annotated[int | None, Query(ge=0, le=3)] = None,
+    score_min: Annotated[
+        int | None, Query(ge=0, le=3, description="Score at least this (not gradable results never match).")
+    ] = None,
+    score_max: Annotated[
+        int | None, Query(ge=0, le=3, description="Score at most this (not gradable results never match).")
+    ] = None,
+    gradable: Annotated[
+        bool | None, Query(description="false: only results whose cine could not be graded.")
+    ] = None,
     model_version: Annotated[str | None, Query(max_length=64)] = None,
     created_from: Annotated[IsoDateTime | None, Query(description="Created at or after (ISO 8601).")] = None,
     created_to: Annotated[IsoDateTime | None, Query(description="Created before (ISO 8601).")] = None,
@@ -55,6 +66,8 @@ async def list_results(
         stmt = stmt.where(Result.score >= score_min)
     if score_max is not None:
         stmt = stmt.where(Result.score <= score_max)
+    if gradable is not None:
+        stmt = stmt.where(Result.gradable == gradable)
     if model_version is not None:
         stmt = stmt.where(Result.model_version == model_version)
     if created_from is not None:
@@ -76,9 +89,14 @@ async def list_results(
     stmt, _, _ = paginate(stmt, sort=sort, keys=_SORTS, id_col=Result.id, cursor=cursor, limit=limit)
     rows = await run_db(request, lambda s: s.connection().execute(stmt).all())
     attr = sort.lstrip("-")
+
+    def value_of(row: Any) -> Any:
+        value = getattr(row, attr)
+        return -1 if value is None else value  # the coalesce of the score sort
+
     return {
         "items": [result_summary(r) for r in rows[:limit]],
-        "next_cursor": next_cursor(rows, limit, sort, lambda row: getattr(row, attr), lambda row: row.id),
+        "next_cursor": next_cursor(rows, limit, sort, value_of, lambda row: row.id),
         "limit": limit,
     }
 
@@ -183,7 +201,10 @@ def _render(st: Any, session: Session, r: Result, kind: previews.Kind) -> bytes:
             409, "preview-unavailable", str(exc) or "the stored objects cannot be rendered"
         ) from exc
     caption = previews.Caption(
-        score=r.score, model=f"{r.model_name} {r.model_version}", has_overlay=labels is not None
+        score=r.score if r.gradable else None,
+        model=f"{r.model_name} {r.model_version}",
+        has_overlay=labels is not None,
+        reason=r.ungradable_reason,
     )
     return previews.render(
         kind,

@@ -220,10 +220,12 @@ def _study_clips(session: Session, study_uid: str) -> tuple[dict[str, Any], dict
         cur = latest.get(row.sop_instance_uid)
         if cur is None or row.version > cur.version:
             latest[row.sop_instance_uid] = row
-    results: dict[int, Any] = {}  # instance id -> its latest result (id, score)
+    results: dict[int, Any] = {}  # instance id -> its latest result (id, score, gradability)
     if latest:
         ids = [row.id for row in latest.values()]
-        stmt = select(Result.id, Result.instance_id, Result.score).where(Result.instance_id.in_(ids))
+        stmt = select(
+            Result.id, Result.instance_id, Result.score, Result.gradable, Result.ungradable_reason
+        ).where(Result.instance_id.in_(ids))
         for res in session.execute(stmt.order_by(Result.id)):
             results[res.instance_id] = res  # ascending id: the last one wins
     return latest, results
@@ -235,8 +237,10 @@ def _study_clips(session: Session, study_uid: str) -> tuple[dict[str, Any], dict
     summary="Zone scores and the patient total of a study",
     description=(
         "Each clip's score is the latest result of its latest version. A zone's score is the maximum over its"
-        " clips; the total is the sum of the zone scores. Zones come from the series description"
-        " (LUSAI_ZONE_MAP, then LUSAI_ZONE_PATTERN; default 'LUS R1'..'LUS L3')."
+        " gradable clips; the total is the sum of the zone scores. A zone whose clips are all not gradable"
+        " has no score, is listed in not_gradable_zones and makes the total incomplete (complete=false)."
+        " Zones come from the series description (LUSAI_ZONE_MAP, then LUSAI_ZONE_PATTERN; default"
+        " 'LUS R1'..'LUS L3')."
     ),
     responses=responses(404),
 )
@@ -254,28 +258,33 @@ async def study_results(request: Request, study_instance_uid: Uid) -> StudyResul
             continue
         item: dict[str, Any] = {
             "sop_instance_uid": uid, "series_instance_uid": inst.series_instance_uid, "result_id": r.id,
-            "score": r.score,
+            "score": r.score if r.gradable else None, "gradable": r.gradable, "reason": r.ungradable_reason,
         }  # fmt: skip
         zone = rule.zone(inst.series_description)
         if zone is None:
             unzoned.append(UnzonedInstance(**item, series_description=inst.series_description))
         else:
             zones[zone].append(ZoneInstance(**item))
-    zone_scores = [
-        ZoneScore(zone=z, score=max(i.score for i in items), instances=items)
-        for z, items in sorted(zones.items())
-    ]
+    zone_scores = [_zone_score(z, items) for z, items in sorted(zones.items())]
     missing = [z for z in expected if z not in zones]
+    not_gradable = [z.zone for z in zone_scores if z.score is None]
     return StudyResults(
         study_instance_uid=study_instance_uid,
         zones=zone_scores,
-        total_score=sum(z.score for z in zone_scores),
+        total_score=sum(z.score or 0 for z in zone_scores),
         zones_expected=expected,
         missing_zones=missing,
-        complete=not missing,
+        not_gradable_zones=not_gradable,
+        complete=not missing and not any(z in not_gradable for z in expected),
         unzoned=unzoned,
         pending=pending,
     )
+
+
+def _zone_score(zone: str, items: list[ZoneInstance]) -> ZoneScore:
+    """The maximum over the zone's gradable clips; no score when none of them is gradable."""
+    scores = [i.score for i in items if i.score is not None]
+    return ZoneScore(zone=zone, score=max(scores) if scores else None, gradable=bool(scores), instances=items)
 
 
 @router.get("/series", response_model=Page[SeriesOut], summary="List series", responses=responses(400))
