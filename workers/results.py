@@ -70,6 +70,7 @@ def save_result(
             model_name=analysis.model.name,
             model_version=analysis.model.version,
             weights_sha256=analysis.model.weights_sha256,
+            model_package_sha256=analysis.model.package_sha256 or None,
         )
         for ds, key in stored:
             kind = _kind(ds)

@@ -61,7 +61,7 @@ SUMMARY_COLUMNS = (
     Result.id, Result.job_id, Result.score, Result.gradable, Result.ungradable_reason, Result.key_frame,
     Result.b_line_fraction, Result.b_line_count,
     Result.consolidation, Result.effusion, Result.model_name, Result.model_version, Result.weights_sha256,
-    Result.created_at, Instance.sop_instance_uid, Instance.version,
+    Result.model_package_sha256, Result.created_at, Instance.sop_instance_uid, Instance.version,
 )  # fmt: skip
 _DETAIL_COLUMNS = (
     Result.frame_scores, Result.measurements, Result.seg_sop_instance_uid, Result.seg_storage_key,
@@ -89,7 +89,12 @@ def result_summary(r: Any) -> dict[str, Any]:
         "b_line_count": r.b_line_count,
         "consolidation": r.consolidation,
         "effusion": r.effusion,
-        "model": {"name": r.model_name, "version": r.model_version, "weights_sha256": r.weights_sha256},
+        "model": {
+            "name": r.model_name,
+            "version": r.model_version,
+            "weights_sha256": r.weights_sha256,
+            "package_sha256": r.model_package_sha256,
+        },
         "created_at": r.created_at,
     }
 

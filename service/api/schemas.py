@@ -133,6 +133,9 @@ class ModelOut(BaseModel):
     name: str
     version: str
     weights_sha256: str
+    package_sha256: str | None = Field(
+        None, description="SHA-256 of the model package's manifest (null for results from before packages)."
+    )
 
 
 class ResultLinks(BaseModel):

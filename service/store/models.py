@@ -174,6 +174,7 @@ class Result(Base):
     model_name: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(64))
     weights_sha256: Mapped[str] = mapped_column(String(64))
+    model_package_sha256: Mapped[str | None] = mapped_column(String(64))  # None: before model packages
     seg_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     seg_storage_key: Mapped[str | None] = mapped_column(String(128))
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))

@@ -60,6 +60,8 @@ def test_output_uids_follow_the_package(data_dir: Path, tmp_path: Path) -> None:
     save_result(job_id, second, pydicom.dcmread(f), settings=settings, store=store)
     seg2, sr2, _ = _uids(settings, job_id)
     assert seg2 not in (seg1, "") and sr2 not in (sr1, "")
+    with session_scope(settings.db_url) as s:  # the result names the package actually used
+        assert s.scalar(select(Result.model_package_sha256)) == other.package_sha256
     sr = store.path(_sr_key(settings, job_id)).read_bytes()
     assert other.package_sha256.encode() in sr  # TID 4019 parameters and device serial number
 
