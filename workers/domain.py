@@ -86,6 +86,10 @@ class VideoFindings:
     ungradable_reason: str | None = None  # stable code, a key of workers.score.gradability.REASONS
     ungradable_detail: str | None = None  # the reason with the measured values
     quality: dict[str, float] = field(default_factory=dict)  # gradability measurements
+    #: "rule" (thresholds on the measurements) or "learned" (a site-adapted score head decided).
+    score_method: str = "rule"
+    #: P(score = 0..3) from a learned head; empty for the rule.
+    score_probabilities: tuple[float, ...] = ()
 
     @property
     def reported_score(self) -> int | None:
@@ -122,6 +126,8 @@ class Analysis:
             "reason": f.ungradable_reason,
             "reason_detail": f.ungradable_detail,
             "quality": dict(f.quality),
+            "score_method": f.score_method,
+            "score_probabilities": list(f.score_probabilities),
             "frame_scores": list(f.frame_scores),
             "key_frame": f.key_frame,
             "b_line_fraction": f.b_line_fraction,

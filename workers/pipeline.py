@@ -6,6 +6,7 @@ A worker process builds one :class:`Analyzer` (loading the network once) and cal
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -18,10 +19,11 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from workers.domain import Analysis, ModelInfo
+from workers.domain import Analysis, ModelInfo, VideoFindings
 from workers.infer.package import DEFAULT_PACKAGE, ModelPackage, load_package
 from workers.infer.predict import Predictor
 from workers.infer.refine import RefineConfig, refine
+from workers.infer.scorer import LearnedScorer, ScoreOutput
 from workers.preprocess import Grid, InputError, decode_frames, detect_sector, frame_rate
 from workers.score.gradability import with_gradability
 from workers.score.lus import ScoreConfig, load_score_config, video_findings
@@ -59,6 +61,7 @@ class Analyzer:
         self.refine_config = refine_config
         self.keep_probabilities = keep_probabilities
         self.model: ModelInfo = self.package.model_info
+        self.scorer = _learned_scorer(self.package, self.predictor.device)
 
     def analyze_file(self, path: Path | str) -> Analysis:
         try:
@@ -74,6 +77,9 @@ class Analyzer:
         with _timed(timings, "score"):
             findings = video_findings(seg.grid_labels, seg.grid.spacing(), self.score_config, seg.frame_rate)
             findings = with_gradability(findings, seg.grid_frames)
+        if self.scorer is not None:
+            with _timed(timings, "score_head"):
+                findings = _learned_score(findings, self.scorer.score(seg.grid_frames, seg.grid.valid_mask()))
         with _timed(timings, "labels"):
             labels = seg.grid.to_source(seg.grid_labels)
             probs = _probs_to_source(seg.grid, seg.probabilities) if seg.probabilities is not None else None
@@ -108,6 +114,30 @@ class Analyzer:
         with _timed(timings, "refine"):
             grid_labels = refine(grid_frames, grid_labels, self.refine_config)
         return Segmentation(grid, grid_frames, grid_labels, probs, timings, frame_rate(ds))
+
+
+def _learned_scorer(package: ModelPackage, device: str) -> LearnedScorer | None:
+    """The package's site-adapted score head, when it has one (``lusai adapt`` packages do)."""
+    weights = package.file("scorer_torch")
+    if weights is None:
+        return None
+    return LearnedScorer(weights, package.file("scorer_onnx"), device)
+
+
+def _learned_score(findings: VideoFindings, out: ScoreOutput) -> VideoFindings:
+    """The head decides the score and the frame scores; measurements and gradability stay the rule's.
+
+    The key frame becomes the frame the head found most severe, so the SR's key-frame ROI shows
+    the frame behind the learned decision.
+    """
+    return dataclasses.replace(
+        findings,
+        score=out.score,
+        frame_scores=tuple(int(s) for s in out.frame_scores),
+        key_frame=int(np.argmax(out.frame_severity)),
+        score_method="learned",
+        score_probabilities=out.probabilities,
+    )
 
 
 def operating_point(package: ModelPackage | Path | str | None = None) -> ScoreConfig:

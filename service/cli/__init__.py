@@ -1,6 +1,7 @@
 """`lusai` command line; each module below registers its commands on :data:`app`."""
 
 # Command modules register themselves on import (one module per area).
+from service.cli import adapt as _adapt  # noqa: F401  (adapt)
 from service.cli import apikey as _apikey  # noqa: F401  (apikey create/list/revoke)
 from service.cli import check as _check  # noqa: F401  (check, echo)
 from service.cli import db as _db  # noqa: F401  (db upgrade/downgrade)

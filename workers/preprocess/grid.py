@@ -52,6 +52,15 @@ class Grid:
             col_mm = np.full(d, (s.x1 - s.x0) / (n - 1) * mm)
         return GridSpacing(row_mm=float(row_mm), col_mm=col_mm.astype(np.float64))
 
+    def valid_mask(self) -> np.ndarray:
+        """``(rows, cols)`` bool: grid cells whose source lies inside the image.
+
+        A convex fan's deep corners often fall outside the stored image and read as black; how much
+        depends on the probe and preset, not the lung, so learned scoring pools only valid cells.
+        """
+        ones = np.full((1, *self.src_shape), 255, np.uint8)
+        return self.to_grid(ones)[0] > 127
+
     def to_grid(self, frames: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
         """``(n, rows, cols)`` source frames -> ``(n, grid rows, grid cols)`` of the same dtype."""
         out = np.empty((frames.shape[0], self.shape.rows, self.shape.cols), dtype=frames.dtype)

@@ -1,0 +1,298 @@
+"""Multiple-instance training of the score head from video-level expert scores.
+
+A video's label says nothing about which frames show the finding, so each step samples a few
+frames per video, scores every frame, pools them with a soft maximum (the 1% rule: the worst
+frames decide) and applies an ordinal cumulative-logit loss to the pooled severity, plus weak
+finding labels from the expert's comments as auxiliary targets. Strong intensity and geometry
+augmentation stands in for the scanner and operator variation a single site's data lacks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from workers.adapt.data import Cine
+from workers.infer.scorer import ScoreNet, ScoreOutput, ScorerSpec, head_input, pool, summarize
+from workers.infer.unet import AttentionUNet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    seed: int = 0
+    #: Encoder stages that stay frozen (0-2 encoder blocks, 3 the bottleneck, 4 = head only).
+    #: Few hundred labelled videos support re-learning the deep, task-specific stages only.
+    first_trainable: int = 2
+    max_epochs: int = 30
+    patience: int = 8  # epochs without a better inner-validation loss before stopping
+    frames_per_video: int = 8  # frames sampled per video and step (the MIL bag)
+    videos_per_batch: int = 8
+    val_frames: int = 16  # evenly spaced frames per validation video
+    lr_head: float = 1e-3
+    lr_encoder: float = 3e-4
+    weight_decay: float = 1e-2
+    aux_weight: float = 0.3
+    pool_tau: float = 4.0
+    rows: int = 96
+    threads: int = 2
+    device: str = "cpu"
+
+
+def method_config(method: str) -> AdaptConfig:
+    """Named adaptation methods, compared on the dev split (docs/model-card.md)."""
+    if method == "finetune":
+        return AdaptConfig(first_trainable=2)
+    if method == "head":  # frozen phantom features: measured near chance on real cine
+        return AdaptConfig(first_trainable=4)
+    raise ValueError(f"unknown adaptation method {method!r}")
+
+
+class _Cuts(nn.Module):
+    """Three ordered cut-points: the first free, the gaps kept positive (softplus)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Parameter(torch.tensor(-1.0))
+        self.gaps = nn.Parameter(torch.tensor([0.5413, 0.5413]))  # softplus -> 1.0
+
+    def forward(self) -> torch.Tensor:
+        return torch.cat([self.first[None], self.first + torch.cumsum(F.softplus(self.gaps), 0)])
+
+
+def ordinal_loss(video: torch.Tensor, cuts: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Cumulative-logit loss: one binary 'score > k' decision per cut-point, sharing one severity."""
+    logits = video[:, None] - cuts[None, :]
+    target = (score[:, None] > torch.arange(3, device=score.device)[None, :]).to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def augment(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-video random gain, gamma, depth-gain ramp, noise, lateral flip and depth shift.
+
+    ``x`` is ``(videos, frames, rows, cols)``, ``m`` the matching sector masks ``(videos, 1, rows, cols)``.
+    """
+    v, _, rows, _ = x.shape
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(shape or (v,), generator=gen)
+
+    gain = u(0.7, 1.4)[:, None, None, None]
+    gamma = torch.exp(u(-0.35, 0.35))[:, None, None, None]
+    depth = torch.linspace(0.0, 1.0, rows)[None, None, :, None]
+    ramp = 1.0 + u(-0.3, 0.3)[:, None, None, None] * depth
+    noise = u(0.0, 0.04)[:, None, None, None] * torch.randn(x.shape, generator=gen)
+    x = ((x.clamp_min(0.0) ** gamma) * gain * ramp + noise).clamp(0.0, 1.0)
+    flip = torch.rand(v, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    m = torch.where(flip[:, None, None, None], m.flip(-1), m)
+    shift = int(torch.randint(-6, 7, (1,), generator=gen))  # the pleura sits at varying depths
+    if shift:
+        x, m = torch.roll(x, shift, dims=2), torch.roll(m, shift, dims=2)
+        edge = slice(0, shift) if shift > 0 else slice(rows + shift, rows)
+        x[:, :, edge] = 0.0
+        m[:, :, edge] = 0.0
+    return x * m, m
+
+
+@dataclass
+class FitResult:
+    model: ScoreNet
+    spec: ScorerSpec
+    best_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Bags:
+    """Grid frames of a set of cines as float tensors, cropped to the head's rows."""
+
+    def __init__(self, cines: list[Cine], spec: ScorerSpec):
+        self.x = [torch.from_numpy(head_input(c.frames, c.valid, spec)[0][:, 0]) for c in cines]
+        self.m = [torch.from_numpy(head_input(c.frames[:1], c.valid, spec)[1][0]) for c in cines]
+        self.y = torch.tensor([c.label.score for c in cines])
+        self.aux = torch.tensor([[c.label.findings[k] for k in spec.aux] for c in cines], dtype=torch.float32)
+
+    def sample(self, idx: list[int], k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = []
+        for i in idx:
+            n = self.x[i].shape[0]
+            pick = (
+                torch.randperm(n, generator=gen)[:k] if n >= k else torch.randint(0, n, (k,), generator=gen)
+            )
+            xs.append(self.x[i][pick])
+        return torch.stack(xs), torch.stack([self.m[i] for i in idx])
+
+    def even(self, i: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.x[i].shape[0]
+        pick = torch.from_numpy(np.linspace(0, n - 1, min(k, n)).round().astype(np.int64))
+        return self.x[i][pick][None], self.m[i][None]
+
+
+def _forward_bag(
+    model: ScoreNet, x: torch.Tensor, m: torch.Tensor, frozen: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``(videos, frames, rows, cols)`` -> per-frame severity ``(videos, frames)`` and aux logits."""
+    v, k = x.shape[:2]
+    flat = x.reshape(v * k, 1, *x.shape[2:])
+    mask = m.repeat_interleave(k, dim=0)
+    if frozen >= 2:  # the frozen stages need no graph: the largest saving of a CPU run
+        with torch.no_grad():
+            h = flat
+            for enc in model.enc[:2]:
+                h = F.max_pool2d(enc(h), 2)
+        sev, aux = _tail(model, h, mask)
+    else:
+        sev, aux = model(flat, mask)
+    return sev.reshape(v, k), aux.reshape(v, k, -1)
+
+
+def _tail(model: ScoreNet, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from workers.infer.scorer import _masked_pool
+
+    mid = model.enc[2](h)
+    deep = model.bottom(F.max_pool2d(mid, 2))
+    z = model.frame(torch.cat([_masked_pool(mid, mask, 4), _masked_pool(deep, mask, 8)], dim=1))
+    return model.severity(z)[:, 0], model.findings(z)
+
+
+def _losses(
+    sev: torch.Tensor,
+    aux: torch.Tensor,
+    y: torch.Tensor,
+    aux_y: torch.Tensor,
+    cuts: torch.Tensor,
+    cfg: AdaptConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    video = pool(sev, cfg.pool_tau, dim=1)
+    main = ordinal_loss(video, cuts, y)
+    known = ~torch.isnan(aux_y)
+    if known.any():
+        pooled = pool(aux.transpose(1, 2), cfg.pool_tau, dim=2)
+        side = F.binary_cross_entropy_with_logits(pooled[known], aux_y[known])
+    else:
+        side = torch.zeros(())
+    return main, side
+
+
+def fit(
+    train: list[Cine],
+    val: list[Cine] | None,
+    segmenter: AttentionUNet,
+    cfg: AdaptConfig,
+    epochs: int | None = None,
+    progress: Callable[[int, dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Train from the segmenter's encoder. With ``val``: keep the epoch of lowest validation loss and
+    stop after ``patience`` epochs without improvement; without: run exactly ``epochs`` epochs."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    spec = ScorerSpec(base=segmenter.base, rows=cfg.rows, pool_tau=cfg.pool_tau)
+    model = ScoreNet(spec)
+    model.init_from_segmenter(segmenter)
+    cuts = _Cuts()
+    frozen = min(cfg.first_trainable, 4)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    enc_params = model.encoder_parameters(frozen)
+    head_params = [*model.frame.parameters(), *model.severity.parameters(), *model.findings.parameters()]
+    for p in [*enc_params, *head_params]:
+        p.requires_grad_(True)
+    groups = [{"params": head_params + list(cuts.parameters()), "lr": cfg.lr_head}]
+    if enc_params:
+        groups.append({"params": enc_params, "lr": cfg.lr_encoder})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    bags = _Bags(train, spec)
+    vbags = _Bags(val, spec) if val else None
+    n_epochs = epochs if epochs is not None else cfg.max_epochs
+    best: tuple[float, int, dict[str, Any], list[float]] | None = None
+    history: list[dict[str, Any]] = []
+    for epoch in range(1, n_epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        _freeze_norm(model, frozen)
+        order = torch.randperm(len(train), generator=gen).tolist()
+        total, steps = 0.0, 0
+        for s in range(0, len(order), cfg.videos_per_batch):
+            idx = order[s : s + cfg.videos_per_batch]
+            x, m = bags.sample(idx, cfg.frames_per_video, gen)
+            x, m = augment(x, m, gen)
+            sev, aux = _forward_bag(model, x, m, frozen)
+            main, side = _losses(sev, aux, bags.y[idx], bags.aux[idx], cuts(), cfg)
+            loss = main + cfg.aux_weight * side
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(main.detach())
+            steps += 1
+        row: dict[str, Any] = {"epoch": epoch, "loss": round(total / max(steps, 1), 4)}
+        if vbags is not None:
+            vloss, vpred = _validate(model, vbags, cuts().detach(), cfg)
+            row["val_loss"] = round(vloss, 4)
+            row["val_scores"] = vpred
+            if best is None or vloss < best[0] - 1e-4:
+                best = (vloss, epoch, copy.deepcopy(model.state_dict()), cuts().detach().tolist())
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        history.append(row)
+        if progress is not None:
+            progress(epoch, row)
+        if vbags is not None and best is not None and epoch - best[1] >= cfg.patience:
+            break
+    if best is not None:
+        model.load_state_dict(best[2])
+        cut_values, best_epoch = best[3], best[1]
+    else:
+        cut_values, best_epoch = cuts().detach().tolist(), n_epochs
+    model.cutpoints.copy_(torch.tensor(cut_values))
+    spec = ScorerSpec(base=spec.base, rows=spec.rows, pool_tau=spec.pool_tau, cutpoints=tuple(cut_values))  # type: ignore[arg-type]
+    return FitResult(model.eval(), spec, best_epoch, history)
+
+
+def _freeze_norm(model: ScoreNet, frozen: int) -> None:
+    """Frozen stages keep their batch-norm statistics (eval mode) while the rest trains."""
+    stages = [*model.enc, model.bottom]
+    for s in stages[:frozen]:
+        s.eval()
+
+
+def _validate(model: ScoreNet, bags: _Bags, cuts: torch.Tensor, cfg: AdaptConfig) -> tuple[float, list[int]]:
+    model.eval()
+    sevs = []
+    with torch.no_grad():
+        for i in range(len(bags.x)):
+            x, m = bags.even(i, cfg.val_frames)
+            sev, _ = _forward_bag(model, x, m, 4)
+            sevs.append(pool(sev, cfg.pool_tau, dim=1))
+    video = torch.cat(sevs)
+    loss = float(ordinal_loss(video, cuts, bags.y))
+    pred = (video[:, None] > cuts[None, :]).sum(1).tolist()
+    return loss, [int(p) for p in pred]
+
+
+def score_cine(model: ScoreNet, spec: ScorerSpec, cine: Cine, batch: int = 64) -> ScoreOutput:
+    """The deployed decision on every frame of a cine (as :class:`LearnedScorer` makes it)."""
+    x, m = head_input(cine.frames, cine.valid, spec)
+    sev, aux = [], []
+    model.eval()
+    with torch.no_grad():
+        mt = torch.from_numpy(m)
+        for k in range(0, len(x), batch):
+            s, a = model(torch.from_numpy(x[k : k + batch]), mt)
+            sev.append(s.numpy())
+            aux.append(a.numpy())
+    return summarize(np.concatenate(sev), np.concatenate(aux), spec)
+
+
+def nan_to_none(v: float) -> float | None:
+    return None if math.isnan(v) else v
