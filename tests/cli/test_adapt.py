@@ -47,7 +47,9 @@ def _adapt(dicom: Path, labels: Path, out: Path, *extra: str) -> str:
 
 
 @pytest.mark.slow
-def test_adapt_writes_a_verified_package_deterministically(labelled: tuple[Path, Path], tmp_path: Path) -> None:
+def test_adapt_writes_a_verified_package_deterministically(
+    labelled: tuple[Path, Path], tmp_path: Path
+) -> None:
     dicom, labels = labelled
     report = tmp_path / "cv.json"
     output = _adapt(dicom, labels, tmp_path / "pkg", "--report", str(report))
@@ -75,7 +77,9 @@ def test_adapt_writes_a_verified_package_deterministically(labelled: tuple[Path,
     again = load_package(tmp_path / "again")
     assert again.sha256s["scorer_torch"] == pkg.sha256s["scorer_torch"]
 
-    result = runner.invoke(app, ["analyze", str(dicom / "c1.bin"), "--model", str(tmp_path / "pkg"), "--json"])
+    result = runner.invoke(
+        app, ["analyze", str(dicom / "c1.bin"), "--model", str(tmp_path / "pkg"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     line = json.loads(result.output.strip().splitlines()[-1])
     assert line["score_method"] == "learned"
