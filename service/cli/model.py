@@ -211,7 +211,9 @@ def evaluate(
         x, y, _ = phantom_set(phantom, seed, predictor.grid_shape)
         pred, _ = predictor.predict(x)
         report["phantom_dice"] = dice_per_class(pred, y)
-    if folder is not None:
+    if folder is not None and pkg.file("scorer_torch") is not None:
+        report |= _eval_full_pipeline(folder, pkg, device)  # a learned head needs the frames themselves
+    elif folder is not None:
         with tempfile.TemporaryDirectory() as tmp:
             data = cache_segmentations(folder, cache or Path(tmp), pkg.path, device)
         expert = np.array([d.item.score for d in data])
@@ -225,6 +227,45 @@ def evaluate(
     if out is not None:
         out.write_text(text)
     Console().print_json(json.dumps({k: v for k, v in report.items() if k != "videos"}))
+
+
+def _eval_full_pipeline(folder: Path, pkg: Any, device: str) -> dict[str, Any]:
+    """Agreement of the whole pipeline's reported score; a not-gradable cine counts as 0 (and is listed),
+    so flagging cannot hide hard cine from the figure."""
+    import numpy as np
+    import pydicom
+
+    from workers.infer.evaluate import agreement, labelled_items, read_mp4_gray
+    from workers.pipeline import Analyzer, InputError
+    from workers.preprocess.wrap import frames_to_dataset
+
+    analyzer = Analyzer(pkg, device)
+    videos = []
+    for it in labelled_items(folder):
+        try:
+            ds = (
+                frames_to_dataset(read_mp4_gray(it.path))
+                if it.path.suffix == ".mp4"
+                else pydicom.dcmread(it.path)
+            )
+            score = analyzer.analyze(ds).findings.reported_score
+        except (InputError, ValueError, OSError) as exc:
+            log.warning("%s skipped: %s", it.path.name, exc)
+            continue
+        videos.append(
+            {"file": it.path.name, "expert": it.score, "model": score, "gradable": score is not None}
+        )
+    expert = np.array([v["expert"] for v in videos])
+    model = np.array([v["model"] if v["model"] is not None else 0 for v in videos])
+    graded = np.array([v["gradable"] for v in videos], bool)
+    return {
+        "video_agreement": agreement(expert, model).__dict__,
+        "video_agreement_gradable": agreement(expert[graded], model[graded]).__dict__
+        if graded.any()
+        else None,
+        "not_gradable": int((~graded).sum()),
+        "videos": videos,
+    }
 
 
 @model_app.command("verify")

@@ -28,13 +28,18 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         uid = f"1.2.826.0.1.3680043.8.498.99{i}"
         folder = dicom / "nested" if i % 3 == 0 else dicom
         phantom_cine_file(folder / f"c{i}.bin", frames=6, jpeg=i % 2 == 0, seed=i, sop_uid=uid)
-        rows.append([uid, str(i % 4), f"P{i // 2}", "yes" if i % 4 < 2 else "no", "", "B-lines"])
-    rows.append(["1.2.826.0.1.3680043.8.498.12345", "1", "P9", "", "", ""])  # no such file
+        name = f"{folder.relative_to(dicom)}/c{i}.bin".removeprefix("./")
+        rows.append([uid, str(i % 4), f"P{i // 2}", "yes" if i % 4 < 2 else "no", "", "B-lines", name])
+    rows.append(["1.2.826.0.1.3680043.8.498.12345", "1", "P9", "", "", "", "gone.dcm"])  # no such file
     labels = root / "labels.csv"
     with open(labels, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["sop_instance_uid", "score", "patient_id", "a_lines", "b_lines", "comments"])
+        w.writerow(["sop_instance_uid", "score", "patient_id", "a_lines", "b_lines", "comments", "file"])
         w.writerows(rows)
+    with open(dicom / "labels.csv", "w", newline="") as fh:  # `lusai eval` reads labels by file name
+        w = csv.writer(fh)
+        w.writerow(["file", "score"])
+        w.writerows([r[6], r[1]] for r in rows[:-1])
     return dicom, labels
 
 
@@ -77,9 +82,8 @@ def test_adapt_writes_a_verified_package_deterministically(
     again = load_package(tmp_path / "again")
     assert again.sha256s["scorer_torch"] == pkg.sha256s["scorer_torch"]
 
-    result = runner.invoke(
-        app, ["analyze", str(dicom / "c1.bin"), "--model", str(tmp_path / "pkg"), "--json"]
-    )
+    pkg_dir = str(tmp_path / "pkg")
+    result = runner.invoke(app, ["analyze", str(dicom / "c1.bin"), "--model", pkg_dir, "--json"])
     assert result.exit_code == 0, result.output
     line = json.loads(result.output.strip().splitlines()[-1])
     assert line["score_method"] == "learned"
@@ -89,6 +93,27 @@ def test_adapt_writes_a_verified_package_deterministically(
     if line["gradable"]:
         assert line["score"] in range(4)
         assert len(line["frame_scores"]) == 6
+
+    # `lusai eval --model` scores an adapted package with its head, counting a flag as 0.
+    evaluation = tmp_path / "eval.json"
+    args = [
+        "eval",
+        str(dicom),
+        "--model",
+        pkg_dir,
+        "--phantom",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(evaluation),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ev = json.loads(evaluation.read_text())
+    assert ev["video_agreement"]["n"] == 8 and len(ev["videos"]) == 8
+    c1 = next(v for v in ev["videos"] if v["file"] == "c1.bin")
+    assert c1["model"] == line["score"]
 
 
 def test_adapt_refuses_too_little_data(labelled: tuple[Path, Path], tmp_path: Path) -> None:

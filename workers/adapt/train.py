@@ -181,7 +181,7 @@ def _losses(
         pooled = pool(aux.transpose(1, 2), cfg.pool_tau, dim=2)
         side = F.binary_cross_entropy_with_logits(pooled[known], aux_y[known])
     else:
-        side = torch.zeros(())
+        side = torch.zeros((), device=sev.device)
     return main, side
 
 
@@ -199,9 +199,11 @@ def fit(
     torch.set_num_threads(cfg.threads)
     gen = torch.Generator().manual_seed(cfg.seed)
     spec = ScorerSpec(base=segmenter.base, rows=cfg.rows, pool_tau=cfg.pool_tau)
+    dev = torch.device(cfg.device)  # data and augmentation stay on the CPU: one seeded generator
     model = ScoreNet(spec)
     model.init_from_segmenter(segmenter)
-    cuts = _Cuts()
+    model.to(dev)
+    cuts = _Cuts().to(dev)
     frozen = min(cfg.first_trainable, 4)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -228,8 +230,8 @@ def fit(
             idx = order[s : s + cfg.videos_per_batch]
             x, m = bags.sample(idx, cfg.frames_per_video, gen)
             x, m = augment(x, m, gen)
-            sev, aux = _forward_bag(model, x, m, frozen)
-            main, side = _losses(sev, aux, bags.y[idx], bags.aux[idx], cuts(), cfg)
+            sev, aux = _forward_bag(model, x.to(dev), m.to(dev), frozen)
+            main, side = _losses(sev, aux, bags.y[idx].to(dev), bags.aux[idx].to(dev), cuts(), cfg)
             loss = main + cfg.aux_weight * side
             opt.zero_grad()
             loss.backward()
@@ -268,14 +270,15 @@ def _freeze_norm(model: ScoreNet, frozen: int) -> None:
 
 def _validate(model: ScoreNet, bags: _Bags, cuts: torch.Tensor, cfg: AdaptConfig) -> tuple[float, list[int]]:
     model.eval()
+    dev = cuts.device
     sevs = []
     with torch.no_grad():
         for i in range(len(bags.x)):
             x, m = bags.even(i, cfg.val_frames)
-            sev, _ = _forward_bag(model, x, m, 4)
+            sev, _ = _forward_bag(model, x.to(dev), m.to(dev), 4)
             sevs.append(pool(sev, cfg.pool_tau, dim=1))
     video = torch.cat(sevs)
-    loss = float(ordinal_loss(video, cuts, bags.y))
+    loss = float(ordinal_loss(video, cuts, bags.y.to(dev)))
     pred = (video[:, None] > cuts[None, :]).sum(1).tolist()
     return loss, [int(p) for p in pred]
 
@@ -285,12 +288,13 @@ def score_cine(model: ScoreNet, spec: ScorerSpec, cine: Cine, batch: int = 64) -
     x, m = head_input(cine.frames, cine.valid, spec)
     sev, aux = [], []
     model.eval()
+    dev = next(model.parameters()).device
     with torch.no_grad():
-        mt = torch.from_numpy(m)
+        mt = torch.from_numpy(m).to(dev)
         for k in range(0, len(x), batch):
-            s, a = model(torch.from_numpy(x[k : k + batch]), mt)
-            sev.append(s.numpy())
-            aux.append(a.numpy())
+            s, a = model(torch.from_numpy(x[k : k + batch]).to(dev), mt)
+            sev.append(s.cpu().numpy())
+            aux.append(a.cpu().numpy())
     return summarize(np.concatenate(sev), np.concatenate(aux), spec)
 
 
