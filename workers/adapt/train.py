@@ -37,9 +37,13 @@ class AdaptConfig:
     first_trainable: int = 2
     max_epochs: int = 30
     patience: int = 8  # epochs without a better inner-validation loss before stopping
+    min_epochs: int = 8  # never stop before: the first epochs' flat predictions look "best" on noise
+    #: Weights of this many consecutive epochs are averaged, and chosen by their mean validation
+    #: loss: one epoch's loss on a few dozen videos is too noisy to pick a model by.
+    window: int = 3
     frames_per_video: int = 8  # frames sampled per video and step (the MIL bag)
     videos_per_batch: int = 8
-    val_frames: int = 16  # evenly spaced frames per validation video
+    val_frames: int = 32  # evenly spaced frames per validation video
     lr_head: float = 1e-3
     lr_encoder: float = 3e-4
     weight_decay: float = 1e-2
@@ -215,10 +219,13 @@ def fit(
     if enc_params:
         groups.append({"params": enc_params, "lr": cfg.lr_encoder})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    # The schedule depends on max_epochs only, so the final fit's first E epochs are the folds' E.
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs, eta_min=0.0)
     bags = _Bags(train, spec)
     vbags = _Bags(val, spec) if val else None
     n_epochs = epochs if epochs is not None else cfg.max_epochs
-    best: tuple[float, int, dict[str, Any], list[float]] | None = None
+    best: tuple[float, int, dict[str, Any]] | None = None
+    recent: list[tuple[float, dict[str, Any]]] = []  # (validation loss, weights) of the last epochs
     history: list[dict[str, Any]] = []
     for epoch in range(1, n_epochs + 1):
         t0 = time.perf_counter()
@@ -238,27 +245,43 @@ def fit(
             opt.step()
             total += float(main.detach())
             steps += 1
+        sched.step()
         row: dict[str, Any] = {"epoch": epoch, "loss": round(total / max(steps, 1), 4)}
+        vloss = math.nan
         if vbags is not None:
             vloss, vpred = _validate(model, vbags, cuts().detach(), cfg)
             row["val_loss"] = round(vloss, 4)
             row["val_scores"] = vpred
-            if best is None or vloss < best[0] - 1e-4:
-                best = (vloss, epoch, copy.deepcopy(model.state_dict()), cuts().detach().tolist())
+        model.cutpoints.copy_(cuts().detach())  # the cut-points travel with the weights
+        recent = [*recent, (vloss, copy.deepcopy(model.state_dict()))][-cfg.window :]
+        if vbags is not None and len(recent) == cfg.window:
+            mean_loss = float(np.mean([v for v, _ in recent]))
+            row["window_val_loss"] = round(mean_loss, 4)
+            if best is None or mean_loss < best[0] - 1e-4:
+                best = (mean_loss, epoch, _average([w for _, w in recent]))
         row["seconds"] = round(time.perf_counter() - t0, 1)
         history.append(row)
         if progress is not None:
             progress(epoch, row)
-        if vbags is not None and best is not None and epoch - best[1] >= cfg.patience:
+        if best is not None and epoch >= cfg.min_epochs and epoch - best[1] >= cfg.patience:
             break
     if best is not None:
         model.load_state_dict(best[2])
-        cut_values, best_epoch = best[3], best[1]
-    else:
-        cut_values, best_epoch = cuts().detach().tolist(), n_epochs
-    model.cutpoints.copy_(torch.tensor(cut_values))
-    spec = ScorerSpec(base=spec.base, rows=spec.rows, pool_tau=spec.pool_tau, cutpoints=tuple(cut_values))  # type: ignore[arg-type]
+        best_epoch = best[1]
+    else:  # no validation: the last window, as the folds' chosen models were
+        model.load_state_dict(_average([w for _, w in recent]))
+        best_epoch = n_epochs
+    cut_values = tuple(float(c) for c in model.cutpoints.tolist())
+    spec = ScorerSpec(base=spec.base, rows=spec.rows, pool_tau=spec.pool_tau, cutpoints=cut_values)  # type: ignore[arg-type]
     return FitResult(model.eval(), spec, best_epoch, history)
+
+
+def _average(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of floating-point weights and statistics over epochs; counters from the last epoch."""
+    out = {}
+    for key, last in states[-1].items():
+        out[key] = torch.stack([s[key] for s in states]).mean(0) if last.is_floating_point() else last
+    return out
 
 
 def _freeze_norm(model: ScoreNet, frozen: int) -> None:
