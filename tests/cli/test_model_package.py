@@ -30,7 +30,7 @@ def broken_package(tmp_path: Path) -> Path:
 def test_verify_exit_codes(tmp_path: Path, broken_package: Path) -> None:
     runner = CliRunner()
     ok = runner.invoke(app, ["model", "verify"])
-    assert ok.exit_code == 0 and "ok: lusai-lus-attention-unet 0.2.0" in ok.stdout
+    assert ok.exit_code == 0 and "ok: lusai-lus-attention-unet 0.2.1" in ok.stdout
     assert load_package(DEFAULT_PACKAGE).package_sha256 in ok.stdout
     bad = runner.invoke(app, ["model", "verify", str(broken_package)])
     assert bad.exit_code == 1 and "score_config.json (role score_config)" in bad.stderr
