@@ -42,8 +42,9 @@ DEFAULT_FRAME_RATE = 25.0
 @dataclass(frozen=True)
 class ScoreConfig:
     """Every threshold of the scoring rule. Defaults are the clinical cut-offs (Soldati), used to
-    score phantom ground truth; a model ships its own operating point, calibrated on labelled real
-    cine (``score_config.json`` beside the weights, see :func:`load_score_config`).
+    score phantom ground truth; a model ships its own operating point (``score_config.json`` beside
+    the weights, see :func:`load_score_config`): the default one fitted on the phantom, a site's on
+    its own labelled cine (``workers.infer.calibrate``).
 
     Fractions refer to pleural scan lines, sizes to millimetres at the pleura.
     """
