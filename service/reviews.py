@@ -17,10 +17,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from sqlalchemy import Select, func, null, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from service.settings import Settings
@@ -73,12 +72,6 @@ def _agreement(pairs: Sequence[tuple[int, int]]) -> Agreement | None:
 # --- queries ------------------------------------------------------------------------------------
 
 
-def optional_result_column(name: str) -> Any:
-    """A column of ``results`` that later migrations add (``gradable``, ``model_package_sha256``), or
-    None while the schema has not got it: the reviews code works before and after them."""
-    return getattr(Result, name, None)
-
-
 def model_gradable(score: int | None, gradable: bool | None) -> int | None:
     """The model's score, or None when it did not grade the clip."""
     return None if score is None or gradable is False else int(score)
@@ -118,8 +111,6 @@ def agreement_by_package(
     model_version: str | None = None,
 ) -> list[PackageAgreement]:
     """Model-reader agreement per model package, over the latest review of each (result, reviewer)."""
-    gradable = optional_result_column("gradable")
-    package = optional_result_column("model_package_sha256")
     stmt = (
         select(
             Review.result_id,
@@ -130,8 +121,8 @@ def agreement_by_package(
             Result.model_name,
             Result.model_version,
             Result.weights_sha256,
-            gradable if gradable is not None else null(),
-            package if package is not None else null(),
+            Result.gradable,
+            Result.model_package_sha256,
         )
         .join(Result, Review.result_id == Result.id)
         .where(Review.id.in_(counted_reviews(since=since, reviewer=reviewer)))

@@ -149,7 +149,12 @@ def test_agreement_per_model_package(api: Api, tmp_path: Path) -> None:
     body = api.get("/api/v1/agreement").json()
     assert [p["model"]["version"] for p in body["packages"]] == ["1.0.0", "2.0.0"]
     v1, v2 = body["packages"]
-    assert v1["model"] == {"name": "lusnet", "version": "1.0.0", "weights_sha256": "ab" * 32}
+    assert v1["model"] == {
+        "name": "lusnet",
+        "version": "1.0.0",
+        "weights_sha256": "ab" * 32,
+        "package_sha256": None,
+    }
     assert (v1["reviewed_results"], v1["reviewers"], v1["reviews"]) == (5, 1, 5)
     assert (v1["not_gradable_by_model"], v1["not_gradable_by_reviewer"]) == (0, 1)
     # Pairs (reader, model): (0,0) (2,1) (2,2) (3,3). Weighted disagreement observed: 1/9; expected
@@ -180,7 +185,6 @@ def test_agreement_per_model_package(api: Api, tmp_path: Path) -> None:
     assert api.get("/api/v1/agreement", params={"since": "-407"}).status_code == 422
 
 
-@pytest.mark.skipif(not hasattr(Result, "gradable"), reason="results have no gradable column before 0004")
 def test_agreement_counts_model_not_gradable(api: Api, tmp_path: Path) -> None:
     s = seed_study(api, tmp_path, zones=[("LUS R1", 1), ("LUS R2", 2), ("LUS R3", 0)], with_seg=False)
     r1, r2, r3 = s.result_ids
