@@ -10,6 +10,7 @@ augmentation stands in for the scanner and operator variation a single site's da
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -44,6 +45,9 @@ class AdaptConfig:
     #: Choose the stopping epoch on the inner validation patients; off: train max_epochs, keep the
     #: last window (validation is then only reported).
     early_stopping: bool = True
+    normalize: bool = False  # per-cine brightness normalisation (ScorerSpec.normalize)
+    #: Weight videos by the inverse frequency of their score in the training set (score 3 is rare).
+    balance_classes: bool = False
     frames_per_video: int = 8  # frames sampled per video and step (the MIL bag)
     videos_per_batch: int = 8
     val_frames: int = 32  # evenly spaced frames per validation video
@@ -80,11 +84,15 @@ class _Cuts(nn.Module):
         return torch.cat([self.first[None], self.first + torch.cumsum(F.softplus(self.gaps), 0)])
 
 
-def ordinal_loss(video: torch.Tensor, cuts: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """Cumulative-logit loss: one binary 'score > k' decision per cut-point, sharing one severity."""
+def ordinal_loss(
+    video: torch.Tensor, cuts: torch.Tensor, score: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cumulative-logit loss: one binary 'score > k' decision per cut-point, sharing one severity;
+    ``weight`` (per video) rebalances rare scores."""
     logits = video[:, None] - cuts[None, :]
     target = (score[:, None] > torch.arange(3, device=score.device)[None, :]).to(logits.dtype)
-    return F.binary_cross_entropy_with_logits(logits, target)
+    w = None if weight is None else weight[:, None].expand_as(logits)
+    return F.binary_cross_entropy_with_logits(logits, target, weight=w)
 
 
 def augment(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,22 +165,11 @@ def _forward_bag(
     mask = m.repeat_interleave(k, dim=0)
     if frozen >= 2:  # the frozen stages need no graph: the largest saving of a CPU run
         with torch.no_grad():
-            h = flat
-            for enc in model.enc[:2]:
-                h = F.max_pool2d(enc(h), 2)
-        sev, aux = _tail(model, h, mask)
+            h = model.stem(flat)
+        sev, aux = model.tail(h, mask)
     else:
         sev, aux = model(flat, mask)
     return sev.reshape(v, k), aux.reshape(v, k, -1)
-
-
-def _tail(model: ScoreNet, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from workers.infer.scorer import _masked_pool
-
-    mid = model.enc[2](h)
-    deep = model.bottom(F.max_pool2d(mid, 2))
-    z = model.frame(torch.cat([_masked_pool(mid, mask, 4), _masked_pool(deep, mask, 8)], dim=1))
-    return model.severity(z)[:, 0], model.findings(z)
 
 
 def _losses(
@@ -182,9 +179,10 @@ def _losses(
     aux_y: torch.Tensor,
     cuts: torch.Tensor,
     cfg: AdaptConfig,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     video = pool(sev, cfg.pool_tau, dim=1)
-    main = ordinal_loss(video, cuts, y)
+    main = ordinal_loss(video, cuts, y, weight)
     known = ~torch.isnan(aux_y)
     if known.any():
         pooled = pool(aux.transpose(1, 2), cfg.pool_tau, dim=2)
@@ -207,7 +205,7 @@ def fit(
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     gen = torch.Generator().manual_seed(cfg.seed)
-    spec = ScorerSpec(base=segmenter.base, rows=cfg.rows, pool_tau=cfg.pool_tau)
+    spec = ScorerSpec(base=segmenter.base, rows=cfg.rows, pool_tau=cfg.pool_tau, normalize=cfg.normalize)
     dev = torch.device(cfg.device)  # data and augmentation stay on the CPU: one seeded generator
     model = ScoreNet(spec)
     model.init_from_segmenter(segmenter)
@@ -228,6 +226,7 @@ def fit(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs, eta_min=0.0)
     bags = _Bags(train, spec)
     vbags = _Bags(val, spec) if val else None
+    class_w = _class_weights(bags.y) if cfg.balance_classes else None
     n_epochs = epochs if epochs is not None else cfg.max_epochs
     best: tuple[float, int, dict[str, Any]] | None = None
     recent: list[tuple[float, dict[str, Any]]] = []  # (validation loss, weights) of the last epochs
@@ -243,7 +242,8 @@ def fit(
             x, m = bags.sample(idx, cfg.frames_per_video, gen)
             x, m = augment(x, m, gen)
             sev, aux = _forward_bag(model, x.to(dev), m.to(dev), frozen)
-            main, side = _losses(sev, aux, bags.y[idx].to(dev), bags.aux[idx].to(dev), cuts(), cfg)
+            w = None if class_w is None else class_w[bags.y[idx]].to(dev)
+            main, side = _losses(sev, aux, bags.y[idx].to(dev), bags.aux[idx].to(dev), cuts(), cfg, w)
             loss = main + cfg.aux_weight * side
             opt.zero_grad()
             loss.backward()
@@ -254,7 +254,7 @@ def fit(
         row: dict[str, Any] = {"epoch": epoch, "loss": round(total / max(steps, 1), 4)}
         vloss = math.nan
         if vbags is not None:
-            vloss, vpred = _validate(model, vbags, cuts().detach(), cfg)
+            vloss, vpred = _validate(model, vbags, cuts().detach(), cfg, class_w)
             row["val_loss"] = round(vloss, 4)
             row["val_scores"] = vpred
         model.cutpoints.copy_(cuts().detach())  # the cut-points travel with the weights
@@ -276,8 +276,8 @@ def fit(
     else:  # no validation: the last window, as the folds' chosen models were
         model.load_state_dict(_average([w for _, w in recent]))
         best_epoch = n_epochs
-    cut_values = tuple(float(c) for c in model.cutpoints.tolist())
-    spec = ScorerSpec(base=spec.base, rows=spec.rows, pool_tau=spec.pool_tau, cutpoints=cut_values)  # type: ignore[arg-type]
+    c1, c2, c3 = (float(c) for c in model.cutpoints.tolist())
+    spec = dataclasses.replace(spec, cutpoints=(c1, c2, c3))
     return FitResult(model.eval(), spec, best_epoch, history)
 
 
@@ -296,7 +296,16 @@ def _freeze_norm(model: ScoreNet, frozen: int) -> None:
         s.eval()
 
 
-def _validate(model: ScoreNet, bags: _Bags, cuts: torch.Tensor, cfg: AdaptConfig) -> tuple[float, list[int]]:
+def _class_weights(y: torch.Tensor) -> torch.Tensor:
+    """Per-score weights, inverse to the score's frequency, averaging 1 over the training videos."""
+    counts = torch.bincount(y, minlength=4).clamp_min(1).float()
+    w = 1.0 / counts
+    return w / (w[y].mean())
+
+
+def _validate(
+    model: ScoreNet, bags: _Bags, cuts: torch.Tensor, cfg: AdaptConfig, class_w: torch.Tensor | None = None
+) -> tuple[float, list[int]]:
     model.eval()
     dev = cuts.device
     sevs = []
@@ -306,7 +315,8 @@ def _validate(model: ScoreNet, bags: _Bags, cuts: torch.Tensor, cfg: AdaptConfig
             sev, _ = _forward_bag(model, x.to(dev), m.to(dev), 4)
             sevs.append(pool(sev, cfg.pool_tau, dim=1))
     video = torch.cat(sevs)
-    loss = float(ordinal_loss(video, cuts, bags.y.to(dev)))
+    w = None if class_w is None else class_w[bags.y].to(dev)  # the training set's weights
+    loss = float(ordinal_loss(video, cuts, bags.y.to(dev), w))
     pred = (video[:, None] > cuts[None, :]).sum(1).tolist()
     return loss, [int(p) for p in pred]
 

@@ -46,6 +46,9 @@ class ScorerSpec:
     rows: int = 96  # grid rows (from the skin) the head looks at; rows and cols divisible by 8
     cols: int = 128
     pool_tau: float = 4.0  # soft-max temperature over frames (large: max, small: mean)
+    #: Scale each cine so its bright echoes (99th percentile inside the sector) sit at one level:
+    #: gain and preset differ between operators and scanners, the lung's pattern does not.
+    normalize: bool = False
     cutpoints: tuple[float, float, float] = (-1.0, 0.0, 1.0)  # severity thresholds for scores 1, 2, 3
     aux: tuple[str, ...] = AUX_FINDINGS
     extra: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +63,7 @@ class ScorerSpec:
     def from_json(d: dict[str, Any]) -> ScorerSpec:
         return ScorerSpec(
             base=int(d["base"]), rows=int(d["rows"]), cols=int(d["cols"]), pool_tau=float(d["pool_tau"]),
+            normalize=bool(d.get("normalize", False)),
             cutpoints=tuple(float(c) for c in d["cutpoints"]),  # type: ignore[arg-type]
             aux=tuple(d.get("aux", AUX_FINDINGS)), extra=dict(d.get("extra", {})),
         )  # fmt: skip
@@ -105,9 +109,16 @@ class ScoreNet(nn.Module):
         return [p for s in stages[first_trainable:] for p in s.parameters()]
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tail(self.stem(image), mask)
+
+    def stem(self, image: torch.Tensor) -> torch.Tensor:
+        """Encoder stages 1-2 (frozen by default adaptation: training runs them without a graph)."""
         h = image
         for enc in self.enc[:2]:
             h = F.max_pool2d(enc(h), 2)
+        return h
+
+    def tail(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mid = self.enc[2](h)
         deep = self.bottom(F.max_pool2d(mid, 2))
         z = self.frame(torch.cat([_masked_pool(mid, mask, 4), _masked_pool(deep, mask, 8)], dim=1))
@@ -125,10 +136,17 @@ def scores_from_severity(severity: np.ndarray, cutpoints: np.ndarray) -> np.ndar
     return (np.asarray(severity)[..., None] > np.sort(cutpoints)).sum(axis=-1)
 
 
+#: Where :attr:`ScorerSpec.normalize` puts a cine's 99th-percentile echo (of 1.0).
+BRIGHT_LEVEL = 0.8
+
+
 def head_input(grid_frames: np.ndarray, valid: np.ndarray, spec: ScorerSpec) -> tuple[np.ndarray, np.ndarray]:
     """Network input (float32 ``(n, 1, rows, cols)``) and sector mask (``(1, 1, rows, cols)``)."""
     x = grid_frames[:, None, : spec.rows, : spec.cols].astype(np.float32) * (1.0 / 255.0)
     m = valid[None, None, : spec.rows, : spec.cols].astype(np.float32)
+    if spec.normalize and m.any():
+        bright = float(np.percentile(x[::4, 0][:, m[0, 0] > 0], 99))
+        x = np.clip(x * (BRIGHT_LEVEL / max(bright, 0.05)), 0.0, 1.0)
     return x * m, m
 
 

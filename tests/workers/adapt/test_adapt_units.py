@@ -11,13 +11,14 @@ import torch
 
 from workers.adapt.cv import patient_folds
 from workers.adapt.data import read_labels, weak_findings
-from workers.adapt.train import _Cuts, augment, ordinal_loss
+from workers.adapt.train import _class_weights, _Cuts, augment, ordinal_loss
 from workers.infer.package import DEFAULT_PACKAGE
 from workers.infer.scorer import (
     LearnedScorer,
     ScoreNet,
     ScorerSpec,
     export_scorer_onnx,
+    head_input,
     pool,
     save_scorer,
     scores_from_severity,
@@ -126,3 +127,25 @@ def test_summarize_frame_and_video_scores() -> None:
     assert out.frame_scores.tolist() == [0, 0, 3, 0]
     assert out.score == 3  # one severe frame in four decides, as the 1% rule wants
     assert max(out.probabilities) == out.probabilities[3]
+
+
+def test_normalised_input_ignores_gain() -> None:
+    rng = np.random.default_rng(1)
+    pattern = rng.integers(0, 200, (6, 128, 128)).astype(np.float32)
+    valid = np.ones((128, 128), bool)
+    spec = ScorerSpec(normalize=True)
+    dim, _ = head_input((pattern * 0.5).astype(np.uint8), valid, spec)
+    bright, _ = head_input((pattern * 1.2).astype(np.uint8), valid, spec)
+    np.testing.assert_allclose(dim, bright, atol=0.02)
+    plain, _ = head_input((pattern * 0.5).astype(np.uint8), valid, ScorerSpec())
+    assert abs(float(plain.mean()) - float(dim.mean())) > 0.05  # off by default: raw levels
+
+
+def test_class_weights_favour_rare_scores() -> None:
+    y = torch.tensor([0] * 6 + [1] * 3 + [3])
+    w = _class_weights(y)
+    assert float(w[y].mean()) == pytest.approx(1.0)
+    assert float(w[3]) > float(w[1]) > float(w[0])
+    plain = ordinal_loss(torch.zeros(2), torch.tensor([-1.0, 0.0, 1.0]), torch.tensor([0, 3]))
+    same = ordinal_loss(torch.zeros(2), torch.tensor([-1.0, 0.0, 1.0]), torch.tensor([0, 3]), torch.ones(2))
+    assert float(plain) == pytest.approx(float(same))
