@@ -44,6 +44,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 
 # Uncompressed first (cheapest for us), then every compressed syntax scanners really send; the
 # object is stored exactly as received, so accepting a syntax costs nothing but a decoder later.
+# A compressed syntax the sender proposes first still wins (prefer_senders_syntax).
 TRANSFER_SYNTAXES: list[str] = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -127,6 +128,31 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+def prefer_senders_syntax(event: evt.Event) -> None:
+    """EVT_REQUESTED: accept the sender's own compressed syntax rather than our first choice.
+
+    pynetdicom gives each proposed context the first of OUR syntaxes that was proposed, so a
+    context [JPEG Baseline, Explicit LE, Implicit LE] (a JPEG cine from an SCU that offers to
+    decompress) was agreed as Explicit LE: the sender had to transcode, or failed when it could
+    not, and we stored a decompressed copy. When a context proposes an encapsulated syntax first
+    and we support it, that syntax moves to the front of this association's own copy of our list;
+    the choice stays among syntaxes both sides support, and uncompressed proposals are unchanged.
+    """
+    proposed: dict[str, list[str]] = {}
+    for cx in event.assoc.requestor.requested_contexts:
+        first = UID(cx.transfer_syntax[0]) if cx.transfer_syntax else UID("")
+        if cx.abstract_syntax and first.is_transfer_syntax and first.is_encapsulated:
+            proposed.setdefault(cx.abstract_syntax, []).append(first)
+    if not proposed:
+        return
+    contexts = event.assoc.acceptor.supported_contexts  # a per-association copy of the AE's
+    for cx in contexts:
+        front = [ts for ts in proposed.get(cx.abstract_syntax or "", []) if ts in cx.transfer_syntax]
+        if front:
+            cx.transfer_syntax = [ts for ts in dict.fromkeys([*front, *cx.transfer_syntax])]
+    event.assoc.acceptor.supported_contexts = contexts
+
+
 def _recv_exact(self: AssociationSocket, nr_bytes: int) -> bytearray:
     """``AssociationSocket.recv`` with one ``recv_into`` per kernel buffer instead of 4 KiB reads.
 
@@ -186,6 +212,7 @@ def make_server(settings: Settings, store: ObjectStore) -> ReusePortServer:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
     ae = build_ae(settings)
     handlers: list[Any] = [
+        (evt.EVT_REQUESTED, prefer_senders_syntax),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, make_store_handler(settings, store)),
         (evt.EVT_ABORTED, handle_connection_lost),
