@@ -56,7 +56,7 @@ class Predictor:
         if backend == "onnx" and onnx is None:
             raise ValueError(f"model package {pkg.path} has no segmenter_onnx file")
         use_ort = onnx is not None and (backend == "onnx" or (backend == "auto" and self.device == "cpu"))
-        self._ort = _ort_session(onnx) if use_ort and onnx is not None else None
+        self._ort = ort_session(onnx) if use_ort and onnx is not None else None
         self.backend = "onnxruntime" if self._ort is not None else "torch"
         log.info(
             "model %s %s loaded (%s, %s, package %s)",
@@ -92,7 +92,8 @@ class Predictor:
             return self.model(t).float().cpu().numpy()
 
 
-def _ort_session(path: Path) -> Any:
+def ort_session(path: Path) -> Any:
+    """A CPU onnxruntime session with the worker's thread budget (segmenter and score head alike)."""
     try:
         import onnxruntime as ort
     except ImportError:  # torch remains a complete fallback

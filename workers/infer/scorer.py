@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from workers.infer.predict import ort_session
 from workers.infer.unet import AttentionUNet
 
 log = logging.getLogger(__name__)
@@ -194,14 +194,8 @@ class LearnedScorer:
         self.model, self.spec = load_scorer(weights, device)
         self.device = device
         self.batch = batch
-        self._ort = None
-        if onnx is not None and onnx.exists() and device == "cpu":
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = int(os.environ.get("LUSAI_THREADS", torch.get_num_threads()))
-            opts.inter_op_num_threads = 1
-            self._ort = ort.InferenceSession(str(onnx), opts, providers=["CPUExecutionProvider"])
+        use_ort = onnx is not None and onnx.exists() and device == "cpu"  # as the segmenter does
+        self._ort = ort_session(onnx) if use_ort and onnx is not None else None
 
     def frame_outputs(self, grid_frames: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(severity ``(n,)``, finding logits ``(n, aux)``) for every frame."""
