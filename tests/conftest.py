@@ -6,6 +6,7 @@ not a skip, so CI can never pass by skipping the tests that matter.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -91,23 +92,32 @@ def storescu(
     )
 
 
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """A real DCMTK storescp (AE PACS, every transfer syntax) writing into a folder: (port, folder)."""
+@contextlib.contextmanager
+def run_storescp(out: Path, ae_title: str = "PACS", *options: str) -> Iterator[int]:
+    """A real DCMTK storescp writing into ``out`` with extra ``options``; yields its port."""
     import time
 
     port = free_port()
-    out = tmp_path / "received"
-    out.mkdir()
+    out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [which("storescp"), "-aet", "PACS", "+xa", "-od", str(out), str(port)],
+        [which("storescp"), "-aet", ae_title, *options, "-od", str(out), str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     time.sleep(0.5)
-    yield port, out
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A real DCMTK storescp (AE PACS, every transfer syntax) writing into a folder: (port, folder)."""
+    out = tmp_path / "received"
+    with run_storescp(out, "PACS", "+xa") as port:
+        yield port, out
 
 
 @pytest.fixture

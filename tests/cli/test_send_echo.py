@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import subprocess
-import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from pynetdicom.association import Association
 from typer.testing import CliRunner
 
 from service.cli import app
-from tests.conftest import free_port, which
+from tests.conftest import free_port, run_storescp
 from tests.factories import noise_cine_file, phantom_cine_file
 
 send_cli = importlib.import_module("service.cli.send")
@@ -65,18 +63,9 @@ def test_echo(storescp: tuple[int, Path]) -> None:
 @pytest.fixture
 def storescp_uncompressed(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """DCMTK storescp with its default transfer syntaxes: uncompressed only, so JPEG is refused."""
-    port = free_port()
     out = tmp_path / "received-raw"
-    out.mkdir()
-    proc = subprocess.Popen(
-        [which("storescp"), "-aet", "RAWONLY", "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(0.5)
-    yield port, out
-    proc.terminate()
-    proc.wait(timeout=10)
+    with run_storescp(out, "RAWONLY") as port:
+        yield port, out
 
 
 def test_send_jpeg_to_uncompressed_only_peer_fails_that_file(
