@@ -99,12 +99,12 @@ def adapt(
             prog.update(task, completed=done, description=f"cross-validation {stage} epoch {epoch}")
 
         cv = cross_validate(cines, segmenter, cfg, k=k, progress=step)
-    _print_cv(cv.summary())
+    summary = cv.summary()
+    _print_cv(summary)
     epochs = chosen_epochs(cv)
     with _progress() as prog:
         task = prog.add_task(f"final fit on all {len(cines)} cine", total=epochs)
         final = final_fit(cines, segmenter, cfg, epochs, progress=lambda *_: prog.advance(task))
-    summary = cv.summary()
     with tempfile.TemporaryDirectory() as tmp:
         weights, onnx, report_file = Path(tmp) / "scorer.pt", Path(tmp) / "scorer.onnx", Path(tmp) / "cv.json"
         save_scorer(final.model, final.spec, weights)

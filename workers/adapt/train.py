@@ -336,7 +336,3 @@ def score_cine(model: ScoreNet, spec: ScorerSpec, cine: Cine, batch: int = 64) -
             sev.append(s.cpu().numpy())
             aux.append(a.cpu().numpy())
     return summarize(np.concatenate(sev), np.concatenate(aux), spec)
-
-
-def nan_to_none(v: float) -> float | None:
-    return None if math.isnan(v) else v
