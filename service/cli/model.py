@@ -233,22 +233,15 @@ def _eval_full_pipeline(folder: Path, pkg: Any, device: str) -> dict[str, Any]:
     """Agreement of the whole pipeline's reported score; a not-gradable cine counts as 0 (and is listed),
     so flagging cannot hide hard cine from the figure."""
     import numpy as np
-    import pydicom
 
-    from workers.infer.evaluate import agreement, labelled_items, read_mp4_gray
+    from workers.infer.evaluate import agreement, labelled_items
     from workers.pipeline import Analyzer, InputError
-    from workers.preprocess.wrap import frames_to_dataset
 
     analyzer = Analyzer(pkg, device)
     videos = []
     for it in labelled_items(folder):
         try:
-            ds = (
-                frames_to_dataset(read_mp4_gray(it.path))
-                if it.path.suffix == ".mp4"
-                else pydicom.dcmread(it.path)
-            )
-            score = analyzer.analyze(ds).findings.reported_score
+            score = analyzer.analyze(it.dataset()).findings.reported_score
         except (InputError, ValueError, OSError) as exc:
             log.warning("%s skipped: %s", it.path.name, exc)
             continue

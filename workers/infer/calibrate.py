@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.infer.evaluate import LabelledItem, agreement, labelled_items, read_mp4_gray
+from workers.infer.evaluate import LabelledItem, agreement, labelled_items
 from workers.score.lus import GridSpacing, ScoreConfig, frame_findings, soldati, video_findings, video_score
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,6 @@ def cache_segmentations(
 ) -> list[Cached]:
     """Run the network once per labelled video (or reuse ``cache``); unusable videos are skipped."""
     from workers.pipeline import Analyzer, InputError
-    from workers.preprocess.wrap import frames_to_dataset
 
     cache.mkdir(parents=True, exist_ok=True)
     analyzer: Analyzer | None = None
@@ -98,12 +97,7 @@ def cache_segmentations(
         if not f.exists():
             analyzer = analyzer or Analyzer(weights, device)
             try:
-                if it.path.suffix == ".mp4":
-                    seg = analyzer.segment(frames_to_dataset(read_mp4_gray(it.path)))
-                else:
-                    import pydicom
-
-                    seg = analyzer.segment(pydicom.dcmread(it.path))
+                seg = analyzer.segment(it.dataset())
             except InputError as exc:
                 log.warning("%s skipped: %s", it.path.name, exc)
                 continue

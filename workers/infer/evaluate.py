@@ -6,6 +6,7 @@ import csv
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +49,16 @@ class LabelledItem:
     path: Path
     score: int
     patient: str
+
+    def dataset(self) -> Any:
+        """The cine as a DICOM dataset: the file itself, or an mp4 wrapped as a scanner would."""
+        import pydicom
+
+        from workers.preprocess.wrap import frames_to_dataset
+
+        if self.path.suffix == ".mp4":
+            return frames_to_dataset(read_mp4_gray(self.path))
+        return pydicom.dcmread(self.path)
 
 
 def labelled_items(folder: Path) -> Iterator[LabelledItem]:
