@@ -45,7 +45,7 @@ from sqlalchemy import create_engine, func, insert, select, text
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.store.models import Instance, InstanceState, Job, JobState, Result, Series, Study  # noqa: E402
+from service.core.models import Instance, InstanceState, Job, JobState, Result, Series, Study  # noqa: E402
 
 ZONES = ["R1", "R2", "R3", "L1", "L2", "L3"]
 PER_STUDY = 5
@@ -69,7 +69,7 @@ def ensure_database(url: str) -> None:
 
 def seed(url: str, n_results: int) -> dict[str, Any]:
     """Bulk-insert studies/series/instances/jobs/results with explicit IDs; returns the UIDs to query."""
-    from service.store.migrate import upgrade
+    from service.core.migrate import upgrade
 
     if url.startswith("postgresql"):
         ensure_database(url)
@@ -168,7 +168,7 @@ def seed(url: str, n_results: int) -> dict[str, Any]:
 
 def make_key(url: str) -> str:
     from service.api.auth import create_api_key
-    from service.store.db import session_scope
+    from service.core.db import session_scope
 
     with session_scope(url) as s:
         _row, token = create_api_key(s, "bench", ["read"], rate_limit=0)

@@ -48,9 +48,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     from workers.infer.predict import Predictor
-    from workers.phantom import make_cine
     from workers.pipeline import Analyzer
     from workers.preprocess.wrap import frames_to_dataset
+    from workers.training.phantom import make_cine
 
     cine = make_cine(
         np.random.default_rng(0), n_frames=a.frames, src=(350, 350), scenario="b_lines", kind="convex"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from service.settings import get_settings
-from service.store.models import Base
+from service.core.models import Base
+from service.core.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

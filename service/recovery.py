@@ -13,16 +13,16 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import or_, select
 
-from service.logs import ctx
-from service.queue import enqueue_delivery
+from service.core.db import session_scope
+from service.core.logs import ctx
+from service.core.models import Job, JobState
+from service.core.outbox import lost_deliveries
+from service.core.queue import enqueue_delivery
+from service.core.settings import Settings
+from service.core.storage import ObjectStore
 from service.receive import spool
 from service.receive.ingest import enqueue_job, index_object, rules_from
 from service.receive.validate import RejectedObject, read_header
-from service.settings import Settings
-from service.store.db import session_scope
-from service.store.files import ObjectStore
-from service.store.models import Job, JobState
-from service.store.outbox import lost_deliveries
 
 log = logging.getLogger(__name__)
 

@@ -60,9 +60,9 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _reset_caches() -> None:
-    from service.queue import producer
-    from service.settings import get_settings
-    from service.store.db import get_engine
+    from service.core.db import get_engine
+    from service.core.queue import producer
+    from service.core.settings import get_settings
 
     get_settings.cache_clear()
     producer.cache_clear()
@@ -135,7 +135,7 @@ def pg_url() -> Iterator[str]:
         missing(f"PostgreSQL at {PG_ADMIN_URL} ({type(exc).__name__})")
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     yield url
-    from service.store.db import get_engine
+    from service.core.db import get_engine
 
     get_engine.cache_clear()
     with admin.connect() as c:

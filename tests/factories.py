@@ -85,7 +85,7 @@ def phantom_cine_file(
     """Write a cine rendered by the project's own phantom generator, so analysis has lung to find."""
     import numpy as np
 
-    from workers.phantom import make_cine
+    from workers.training.phantom import make_cine
 
     cine = make_cine(np.random.default_rng(seed), n_frames=frames, src=(300, 320), kind="convex")
     ds = us_cine(cine.frames, jpeg=jpeg, **kw)  # type: ignore[arg-type]

@@ -58,7 +58,7 @@ def test_dockerfile_is_multistage_non_root_with_healthcheck() -> None:
 def test_env_template_names_only_real_settings() -> None:
     import re
 
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     known = {f"LUSAI_{n.upper()}" for n in Settings.model_fields}
     text = (REPO / "deploy" / "env" / "production.env.example").read_text()

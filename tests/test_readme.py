@@ -1,6 +1,6 @@
 """The README documents every setting and shows the two commands CI relies on."""
 
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.conftest import REPO
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Destination, Settings
+from service.core.settings import Destination, Settings
 
 
 def test_embedded_defaults_live_under_data_dir(tmp_path: Path) -> None:

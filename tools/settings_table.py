@@ -1,4 +1,4 @@
-"""Regenerate the README's configuration table from :class:`service.settings.Settings`.
+"""Regenerate the README's configuration table from :class:`service.core.settings.Settings`.
 
 Usage: python tools/settings_table.py  (rewrites the block between the settings-table markers)
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -8,9 +8,9 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_init, worker_process_init
 
-from service.logs import configure_logging
-from service.queue import ANALYZE_QUEUE, celery_config
-from service.settings import get_settings
+from service.core.logs import configure_logging
+from service.core.queue import ANALYZE_QUEUE, celery_config
+from service.core.settings import get_settings
 
 
 def create_app() -> Celery:

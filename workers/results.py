@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from pydicom.dataset import Dataset
 from sqlalchemy import delete, select
 
-from service.settings import Settings
-from service.store.db import session_scope
-from service.store.files import ObjectStore
-from service.store.models import Delivery, DeliveryState, Job, JobState, Result
+from service.core.db import session_scope
+from service.core.models import Delivery, DeliveryState, Job, JobState, Result
+from service.core.settings import Settings
+from service.core.storage import ObjectStore
 from workers.domain import Analysis
 
 

@@ -18,12 +18,12 @@ import pydicom
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from service.logs import ctx
-from service.queue import ANALYZE_TASK, DELIVER_TASK, enqueue_delivery
-from service.settings import get_settings
-from service.store.db import session_scope
-from service.store.files import ObjectStore
-from service.store.models import Job, JobState
+from service.core.db import session_scope
+from service.core.logs import ctx
+from service.core.models import Job, JobState
+from service.core.queue import ANALYZE_TASK, DELIVER_TASK, enqueue_delivery
+from service.core.settings import get_settings
+from service.core.storage import ObjectStore
 from workers.celery_app import app
 from workers.results import save_result
 

@@ -27,9 +27,9 @@ from sqlalchemy.exc import DBAPIError
 
 from service.api.auth import Principal
 from service.api.metrics import AUDIT_FAILURES
-from service.logs import ctx
-from service.store.db import make_engine
-from service.store.models import AuditEvent
+from service.core.db import make_engine
+from service.core.logs import ctx
+from service.core.models import AuditEvent
 
 log = logging.getLogger("lusai.api")
 

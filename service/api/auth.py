@@ -25,8 +25,8 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.settings import Settings
-from service.store.models import ApiKey
+from service.core.models import ApiKey
+from service.core.settings import Settings
 
 SCOPES = ("read", "write", "admin")
 TOKEN_PREFIX = "lusai_"

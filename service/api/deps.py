@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.api.audit import AuditWriter
 from service.api.auth import ApiKeyVerifier, OidcVerifier, Principal, RateLimiter, expand_scopes
 from service.api.problems import ProblemError
-from service.settings import Settings
-from service.store.files import ObjectStore
+from service.core.settings import Settings
+from service.core.storage import ObjectStore
 
 
 @dataclass

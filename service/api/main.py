@@ -24,10 +24,10 @@ from service.api.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from service.api.routes import audit as audit_routes
 from service.api.routes import deliveries, health, instances, jobs, results, reviews, studies
 from service.api.zones import ZoneRule
-from service.logs import ctx
-from service.settings import Settings, get_settings
-from service.store.db import get_engine, get_sessionmaker
-from service.store.files import ObjectStore
+from service.core.db import get_engine, get_sessionmaker
+from service.core.logs import ctx
+from service.core.settings import Settings, get_settings
+from service.core.storage import ObjectStore
 
 log = logging.getLogger("lusai.api")
 _RID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")

@@ -13,8 +13,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from service.store.db import session_scope
-from service.store.models import Delivery, Instance, Job
+from service.core.db import session_scope
+from service.core.models import Delivery, Instance, Job
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 HTTP_REQUESTS = Counter(

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 OUTPUT = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 

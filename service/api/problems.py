@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.logs import ctx
+from service.core.logs import ctx
 
 log = logging.getLogger("lusai.api")
 

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from service.api.problems import not_found
 from service.api.schemas import JobOut, ResultLinks, ResultOut
-from service.store.models import Instance, Job, Result, Series, Study
+from service.core.models import Instance, Job, Result, Series, Study
 
 API = "/api/v1"
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from service.store.models import DeliveryState, InstanceState, JobState
+from service.core.models import DeliveryState, InstanceState, JobState
 
 T = TypeVar("T")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 
 class ZoneRule:

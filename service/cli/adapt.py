@@ -23,7 +23,7 @@ err = Console(stderr=True)
 #: Below this the folds cannot hold a patient each and the figures mean nothing.
 MIN_PATIENTS = 4
 MIN_CINES = 8
-#: workers.adapt.train.method_config names (not imported here: torch loads only when adapting).
+#: workers.training.adapt.train.method_config names (not imported here: torch loads only when adapting).
 METHODS = ("finetune", "head")
 
 
@@ -51,13 +51,13 @@ def adapt(
     force: bool = typer.Option(False, help="Replace a non-empty --out folder that is not a package."),
 ) -> None:
     """Fine-tune the score head on video-level expert scores, with patient-wise nested CV figures."""
-    from workers.adapt.cv import chosen_epochs, cross_validate, final_fit
-    from workers.adapt.data import index_dicom, load_cines, read_labels
-    from workers.adapt.train import method_config
     from workers.infer.package import DEFAULT_PACKAGE, PackageError, load_package, write_package
     from workers.infer.predict import resolve_device
     from workers.infer.scorer import export_scorer_onnx, save_scorer
-    from workers.infer.train import load_model
+    from workers.training.adapt.cv import chosen_epochs, cross_validate, final_fit
+    from workers.training.adapt.data import index_dicom, load_cines, read_labels
+    from workers.training.adapt.train import method_config
+    from workers.training.train import load_model
 
     t0 = time.perf_counter()
     if method not in METHODS:

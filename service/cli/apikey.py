@@ -11,7 +11,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from service.cli.app import app
-from service.settings import get_settings
+from service.core.settings import get_settings
 
 apikey_app = typer.Typer(help="REST API keys.", no_args_is_help=True)
 app.add_typer(apikey_app, name="apikey")
@@ -34,7 +34,7 @@ def create(
 ) -> None:
     """Create a key and print its token once; store it in the integrator's secret store."""
     from service.api.auth import create_api_key
-    from service.store.db import session_scope
+    from service.core.db import session_scope
 
     scope = scope or ["read"]
     if len(name) > 64:
@@ -54,8 +54,8 @@ def create(
 @apikey_app.command("list")
 def list_keys() -> None:
     """Keys with their scopes and state (never the secrets)."""
-    from service.store.db import session_scope
-    from service.store.models import ApiKey
+    from service.core.db import session_scope
+    from service.core.models import ApiKey
 
     table = Table()
     for col in ("key id", "name", "scopes", "rate/min", "created", "expires", "revoked"):
@@ -77,8 +77,8 @@ def list_keys() -> None:
 @apikey_app.command("revoke")
 def revoke(key_id: Annotated[str, typer.Argument(help="The key id shown by create/list.")]) -> None:
     """Revoke a key (running API processes stop accepting it within LUSAI_API_KEY_CACHE_SECONDS)."""
-    from service.store.db import session_scope
-    from service.store.models import ApiKey
+    from service.core.db import session_scope
+    from service.core.models import ApiKey
 
     with session_scope(get_settings().db_url) as session:
         row = session.scalar(select(ApiKey).where(ApiKey.key_id == key_id))

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from service.cli.app import app
-from service.settings import get_settings
+from service.core.settings import get_settings
 
 
 class Role(StrEnum):
@@ -46,8 +46,8 @@ def check(role: Annotated[Role, typer.Argument(help="Which part to check.")]) ->
     elif role is Role.scp:
         ok = c_echo("127.0.0.1", s.dicom_port, s.ae_title, calling_ae=s.ae_title)
     else:
-        from service.queue import broker_ping
-        from service.store.db import ping
+        from service.core.db import ping
+        from service.core.queue import broker_ping
         from workers.infer.package import DEFAULT_PACKAGE, PackageError, load_package
 
         try:
@@ -68,7 +68,7 @@ def check(role: Annotated[Role, typer.Argument(help="Which part to check.")]) ->
 @app.command()
 def echo(to: Annotated[str, typer.Option("--to", help="Peer AET@host:port.")]) -> None:
     """C-ECHO a DICOM peer (to test a route or a destination)."""
-    from service.settings import Destination
+    from service.core.settings import Destination
 
     dest = Destination.parse(to)
     ok = c_echo(dest.host, dest.port, dest.ae_title, calling_ae=get_settings().ae_title)

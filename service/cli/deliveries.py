@@ -10,11 +10,11 @@ from rich.table import Table
 from sqlalchemy import select
 
 from service.cli.app import app
-from service.queue import enqueue_delivery
-from service.settings import get_settings
-from service.store.db import session_scope
-from service.store.models import Delivery, DeliveryState
-from service.store.outbox import reset_for_resend
+from service.core.db import session_scope
+from service.core.models import Delivery, DeliveryState
+from service.core.outbox import reset_for_resend
+from service.core.queue import enqueue_delivery
+from service.core.settings import get_settings
 
 deliveries_app = typer.Typer(help="Result deliveries to PACS (the outbox).", no_args_is_help=True)
 app.add_typer(deliveries_app, name="deliveries")

@@ -147,8 +147,8 @@ def train(
         write_package,
     )
     from workers.infer.predict import resolve_device
-    from workers.infer.train import METRICS_NAME, ONNX_NAME, WEIGHTS_NAME, TrainConfig
-    from workers.infer.train import train as run
+    from workers.training.train import METRICS_NAME, ONNX_NAME, WEIGHTS_NAME, TrainConfig
+    from workers.training.train import train as run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     out = out or Path("lusai-models") / f"phantom-{seed}"
@@ -198,11 +198,11 @@ def evaluate(
     """Dice per class on held-out phantom frames and video-score agreement with experts."""
     import numpy as np
 
-    from workers.infer.calibrate import cache_segmentations, video_scores
-    from workers.infer.evaluate import agreement
     from workers.infer.predict import Predictor
-    from workers.infer.train import dice_per_class, phantom_set
     from workers.pipeline import operating_point
+    from workers.training.calibrate import cache_segmentations, video_scores
+    from workers.training.evaluate import agreement
+    from workers.training.train import dice_per_class, phantom_set
 
     pkg = _load(model, weights)
     report: dict[str, Any] = {"model": pkg.identity()}
@@ -234,8 +234,8 @@ def _eval_full_pipeline(folder: Path, pkg: Any, device: str) -> dict[str, Any]:
     so flagging cannot hide hard cine from the figure."""
     import numpy as np
 
-    from workers.infer.evaluate import agreement, labelled_items
     from workers.pipeline import Analyzer, InputError
+    from workers.training.evaluate import agreement, labelled_items
 
     analyzer = Analyzer(pkg, device)
     videos = []

@@ -12,10 +12,10 @@ from rich.table import Table
 from sqlalchemy import select
 
 from service.cli.app import app
-from service.reviews import label_rows, pseudonym_key, write_labels
-from service.settings import get_settings
-from service.store.db import session_scope
-from service.store.models import Instance, Result, Review
+from service.core.db import session_scope
+from service.core.models import Instance, Result, Review
+from service.core.reviews import label_rows, pseudonym_key, write_labels
+from service.core.settings import get_settings
 
 reviews_app = typer.Typer(help="Readers' reviews of results.", no_args_is_help=True)
 app.add_typer(reviews_app, name="reviews")

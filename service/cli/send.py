@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from service.cli.app import app
-from service.settings import Destination, get_settings
+from service.core.settings import Destination, get_settings
 
 console = Console(stderr=True)
 

@@ -15,8 +15,8 @@ from typing import Annotated
 import typer
 
 from service.cli.app import app
-from service.logs import configure_logging, ctx
-from service.settings import Settings, get_settings
+from service.core.logs import configure_logging, ctx
+from service.core.settings import Settings, get_settings
 
 log = logging.getLogger("lusai.cli")
 
@@ -31,7 +31,7 @@ def _settings() -> Settings:
 def _upgrade_embedded(s: Settings) -> None:
     """Embedded SQLite is migrated on start; production runs ``lusai db upgrade`` as a release step."""
     if s.db_url.startswith("sqlite"):
-        from service.store.migrate import upgrade
+        from service.core.migrate import upgrade
 
         upgrade(s.db_url)
 
@@ -55,8 +55,8 @@ def require_model_package(s: Settings) -> None:
 def run_scp(s: Settings, *, with_recovery: bool = True) -> None:
     """Serve DICOM in this process until SIGTERM/SIGINT."""
     from service import recovery
+    from service.core.storage import ObjectStore
     from service.receive.scp import make_server
-    from service.store.files import ObjectStore
 
     store = ObjectStore(s.storage)
     server = make_server(s, store)
@@ -151,7 +151,7 @@ def worker(
         require_model_package(s)
     _upgrade_embedded(s)
     from service import recovery
-    from service.store.files import ObjectStore
+    from service.core.storage import ObjectStore
 
     recovery.start_background(s, ObjectStore(s.storage), interval=s.recovery_interval)
     proc = subprocess.Popen(worker_argv(s, queues), preexec_fn=_die_with_parent)

@@ -17,7 +17,9 @@ from pathlib import Path
 from pynetdicom import events
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.logs import ctx
+from service.core.logs import ctx
+from service.core.settings import Settings
+from service.core.storage import ObjectStore, StorageFull
 from service.receive.ingest import ingest_file
 from service.receive.spool import spool_object
 from service.receive.stream import discard_partial, incoming_of
@@ -26,8 +28,6 @@ from service.receive.validate import (
     STATUS_PROCESSING_FAILURE,
     RejectedObject,
 )
-from service.settings import Settings
-from service.store.files import ObjectStore, StorageFull
 
 log = logging.getLogger(__name__)
 

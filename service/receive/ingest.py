@@ -17,8 +17,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from service.logs import ctx
-from service.queue import enqueue_analysis
+from service.core.db import session_scope
+from service.core.logs import ctx
+from service.core.models import Instance, InstanceState, Job, JobState, Series, Study
+from service.core.queue import enqueue_analysis
+from service.core.settings import Settings
+from service.core.storage import ObjectStore
 from service.receive.routing import RoutingRules
 from service.receive.validate import (
     STATUS_DATA_SET_MISMATCH,
@@ -29,10 +33,6 @@ from service.receive.validate import (
     check_image,
     read_header,
 )
-from service.settings import Settings
-from service.store.db import session_scope
-from service.store.files import ObjectStore
-from service.store.models import Instance, InstanceState, Job, JobState, Series, Study
 
 log = logging.getLogger(__name__)
 

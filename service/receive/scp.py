@@ -29,12 +29,12 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
-from service.logs import ctx
+from service.core.logs import ctx
+from service.core.settings import Settings
+from service.core.storage import ObjectStore
 from service.receive import stream
 from service.receive.handlers import handle_connection_lost, handle_echo, make_store_handler
 from service.receive.validate import US_IMAGE_RETIRED, US_MULTIFRAME_RETIRED, US_SOP_CLASSES
-from service.settings import Settings
-from service.store.files import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service.logs import ctx
-from service.settings import Settings
+from service.core.logs import ctx
+from service.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from pydicom.pixels import pack_bits
 from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage, generate_uid
 from sqlalchemy import create_engine, text
 
-from service.settings import Settings
-from service.store.files import ObjectStore
-from service.store.models import Base, Instance, InstanceState, Job, JobState, Result, Series, Study
+from service.core.models import Base, Instance, InstanceState, Job, JobState, Result, Series, Study
+from service.core.settings import Settings
+from service.core.storage import ObjectStore
 from tests.factories import us_cine
 
 REQUIRE_EXTERNAL = os.environ.get("LUSAI_REQUIRE_EXTERNAL") == "1"
@@ -34,9 +34,9 @@ PG_ADMIN_URL = os.environ.get("LUSAI_TEST_PG_URL", "postgresql+psycopg2://postgr
 
 
 def _reset_caches() -> None:
-    from service.queue import producer
-    from service.settings import get_settings
-    from service.store.db import get_engine
+    from service.core.db import get_engine
+    from service.core.queue import producer
+    from service.core.settings import get_settings
 
     get_settings.cache_clear()
     producer.cache_clear()
@@ -46,7 +46,7 @@ def _reset_caches() -> None:
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One migrated SQLite file, copied per test (migrating each time would dominate the run)."""
-    from service.store.migrate import upgrade
+    from service.core.migrate import upgrade
 
     path = tmp_path_factory.mktemp("template") / "lusai.sqlite"
     upgrade(f"sqlite:///{path}")
@@ -56,7 +56,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str | None]:
     """A migrated PostgreSQL database for the session; None when the server is unreachable."""
-    from service.store.migrate import upgrade
+    from service.core.migrate import upgrade
 
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     name = f"lusai_api_test_{uuid.uuid4().hex[:8]}"
@@ -124,7 +124,7 @@ class Api:
         return self.client.post(url, headers={**self.headers(scope), **kw.pop("headers", {})}, **kw)
 
     def session(self) -> Any:
-        from service.store.db import session_scope
+        from service.core.db import session_scope
 
         return session_scope(self.settings.db_url)
 
@@ -132,7 +132,7 @@ class Api:
 def make_api(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any) -> Iterator[Api]:
     from service.api.auth import create_api_key
     from service.api.main import create_app
-    from service.store.db import session_scope
+    from service.core.db import session_scope
 
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select, text
 
 from service.api.auth import create_api_key, split_token
-from service.store.models import ApiKey, AuditEvent
+from service.core.models import ApiKey, AuditEvent
 from tests.api.conftest import Api, make_sqlite_api, seed_study
 
 PROBLEM = "application/problem+json"

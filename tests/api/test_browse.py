@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from service.api.zones import ZoneRule
-from service.store.models import Delivery, DeliveryState, Job, JobState
+from service.core.models import Delivery, DeliveryState, Job, JobState
 from tests.api.conftest import Api, make_sqlite_api, seed_study
 
 

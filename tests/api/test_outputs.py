@@ -139,7 +139,7 @@ def test_class_maps_read_back_from_the_workers_seg(tmp_path: Path, options: dict
 
 def test_api_process_does_not_import_torch(tmp_path: Path) -> None:
     code = (
-        "import sys; from service.settings import Settings; from service.api.main import create_app; "
+        "import sys; from service.core.settings import Settings; from service.api.main import create_app; "
         f"create_app(Settings(data_dir={str(tmp_path)!r})); "
         "from service.api import previews; import workers.preprocess.decode; "
         "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from service.reviews import reader_agreement
-from service.store.models import AuditEvent, Result, Review
+from service.core.models import AuditEvent, Result, Review
+from service.core.reviews import reader_agreement
 from tests.api.conftest import Api, seed_study
 
 REVIEWS = "/api/v1/results/{}/reviews"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from service.store.models import Instance, Job, JobState
+from service.core.models import Instance, Job, JobState
 from tests.api.conftest import Api, make_sqlite_api
 from tests.factories import us_cine
 

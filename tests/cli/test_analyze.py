@@ -9,8 +9,8 @@ import numpy as np
 from typer.testing import CliRunner
 
 from service.cli.app import app
-from workers.phantom import make_cine
 from workers.preprocess.wrap import frames_to_dataset
+from workers.training.phantom import make_cine
 
 
 def _write(path: Path, seed: int) -> str:

@@ -10,8 +10,8 @@ import numpy as np
 from typer.testing import CliRunner
 
 from service.cli.app import app
-from workers.phantom import make_cine
 from workers.preprocess.wrap import frames_to_dataset
+from workers.training.phantom import make_cine
 
 
 def test_eval_reports_dice_and_agreement(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from service.cli import app
-from service.settings import get_settings
-from service.store.models import Job, JobState, Result
+from service.core.models import Job, JobState, Result
+from service.core.settings import get_settings
 from tests.api.conftest import Api, database_url, make_api, pg_database, seed_study, sqlite_template
 
 __all__ = ["pg_database", "sqlite_template"]  # fixtures the database_url helper asks for

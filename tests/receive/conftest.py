@@ -33,12 +33,12 @@ from pynetdicom import AE, _config, dimse_messages
 from pynetdicom.transport import AssociationSocket
 from sqlalchemy import select
 
-from service import queue
+from service.core import db as store_db
+from service.core import queue
+from service.core.models import Instance, Job
+from service.core.settings import Settings, get_settings
+from service.core.storage import ObjectStore
 from service.receive import stream
-from service.settings import Settings, get_settings
-from service.store import db as store_db
-from service.store.files import ObjectStore
-from service.store.models import Instance, Job
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
@@ -114,8 +114,8 @@ def _env(data_dir: Path, port: int, extra: dict[str, str]) -> dict[str, str]:
 @contextmanager
 def inprocess_scp(data_dir: Path, **env_extra: str) -> Iterator[Running]:
     """Run the SCP in a thread of this process, configured through LUSAI_* like production."""
+    from service.core.models import Base
     from service.receive.scp import make_server
-    from service.store.models import Base
 
     port = free_port()
     with pytest.MonkeyPatch.context() as mp:

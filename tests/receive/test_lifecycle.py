@@ -10,12 +10,12 @@ import pytest
 from pydicom.uid import generate_uid
 
 from service import recovery
+from service.core import db as store_db
+from service.core.models import Base
+from service.core.settings import get_settings
+from service.core.storage import ObjectStore
 from service.receive.routing import RoutingRules
 from service.receive.validate import read_header
-from service.settings import get_settings
-from service.store import db as store_db
-from service.store.files import ObjectStore
-from service.store.models import Base
 
 from .conftest import Running, inprocess_scp, send
 from .dicomgen import cine, save

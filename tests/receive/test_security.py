@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE
 
+from service.core.settings import Settings
 from service.receive.scp import ReusePortServer
-from service.settings import Settings
 
 from .conftest import Running, echo, require_external, send, storescu
 from .dicomgen import cine, save

@@ -9,8 +9,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from service.store.migrate import downgrade, upgrade
-from service.store.models import Base
+from service.core.migrate import downgrade, upgrade
+from service.core.models import Base
 
 
 def _roundtrip(url: str) -> None:

@@ -11,9 +11,9 @@ import pytest
 
 from workers.domain import SegmentClass as C
 from workers.infer.package import DEFAULT_PACKAGE, load_package, write_package
-from workers.phantom import make_cine
 from workers.pipeline import Analyzer, InputError
 from workers.preprocess.wrap import frames_to_dataset
+from workers.training.phantom import make_cine
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
+from service.core.db import session_scope
+from service.core.migrate import upgrade
+from service.core.models import Delivery, Job, JobState, Result
+from service.core.settings import Settings, get_settings
+from service.core.storage import ObjectStore
 from service.receive.ingest import index_object
 from service.receive.validate import read_header
-from service.settings import Settings, get_settings
-from service.store.db import session_scope
-from service.store.files import ObjectStore
-from service.store.migrate import upgrade
-from service.store.models import Delivery, Job, JobState, Result
 from tests.factories import phantom_cine_file
 from workers.infer.package import DEFAULT_PACKAGE, load_package, write_package
 from workers.pipeline import Analyzer

@@ -12,7 +12,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from service.settings import Destination, Settings
+from service.core.settings import Destination, Settings
 
 
 class DeliveryError(Exception):

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
-from service.logs import ctx
-from service.settings import Destination, Settings
-from service.store.db import session_scope
-from service.store.files import ObjectStore
-from service.store.models import Delivery, DeliveryState
+from service.core.db import session_scope
+from service.core.logs import ctx
+from service.core.models import Delivery, DeliveryState
+from service.core.settings import Destination, Settings
+from service.core.storage import ObjectStore
 from workers.deliver.dimse import DeliveryError, c_store
 
 log = logging.getLogger(__name__)

@@ -380,7 +380,7 @@ def training_from_metrics(metrics_path: Path) -> dict[str, Any]:
     return {
         "method": "lusai train: Attention U-Net from scratch, AdamW + one-cycle LR, cross-entropy with "
         "inverse-sqrt-frequency class weights + soft Dice; best epoch by mean foreground held-out Dice",
-        "data": "synthetic phantom only (workers.phantom); no real image was used for the weights",
+        "data": "synthetic phantom only (workers.training.phantom); no real image was used for the weights",
         "reproduce": f"lusai train --seed {cfg.get('seed', 0)} --epochs {cfg.get('epochs')} "
         f"--samples {cfg.get('samples')} --val-samples {cfg.get('val_samples')} --batch {cfg.get('batch')}",
         "seed": cfg.get("seed"),

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from workers.infer.package import DEFAULT_PACKAGE, ModelPackage, load_package
-from workers.infer.train import load_model
 from workers.preprocess.grid import GridShape
+from workers.training.train import load_model
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ class ScoreConfig:
     """Every threshold of the scoring rule. Defaults are the clinical cut-offs (Soldati), used to
     score phantom ground truth; a model ships its own operating point (``score_config.json`` beside
     the weights, see :func:`load_score_config`): the default one fitted on the phantom, a site's on
-    its own labelled cine (``workers.infer.calibrate``).
+    its own labelled cine (``workers.training.calibrate``).
 
     Fractions refer to pleural scan lines, sizes to millimetres at the pleura.
     """

@@ -12,7 +12,7 @@ from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate
 from service.api.problems import responses
 from service.api.queries import utc
 from service.api.schemas import AuditOut, IsoDateTime, Page
-from service.store.models import AuditEvent
+from service.core.models import AuditEvent
 
 router = APIRouter(prefix="/api/v1", tags=["audit"], dependencies=[Depends(admin_scope)])
 _SORTS = {"id": SortKey(AuditEvent.id, "int")}

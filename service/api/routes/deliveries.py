@@ -14,10 +14,10 @@ from service.api.deps import DbSession, read_scope, write_scope
 from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate, sort_pattern
 from service.api.problems import ProblemError, not_found, responses
 from service.api.schemas import UID_PATTERN, DeliveryOut, DestinationOut, Page
-from service.logs import ctx
-from service.queue import enqueue_delivery
-from service.store.models import Delivery, DeliveryState
-from service.store.outbox import reset_for_resend
+from service.core.logs import ctx
+from service.core.models import Delivery, DeliveryState
+from service.core.outbox import reset_for_resend
+from service.core.queue import enqueue_delivery
 
 log = logging.getLogger("lusai.api")
 router = APIRouter(prefix="/api/v1", tags=["deliveries"])

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.metrics import REGISTRY
-from service.queue import broker_ping
-from service.settings import get_settings
-from service.store.db import ping
-from service.store.files import ObjectStore
+from service.core.db import ping
+from service.core.queue import broker_ping
+from service.core.settings import get_settings
+from service.core.storage import ObjectStore
 
 router = APIRouter(tags=["health"])
 

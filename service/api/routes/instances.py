@@ -26,12 +26,12 @@ from service.api.schemas import (
     ResultOut,
     UploadOut,
 )
-from service.logs import ctx
-from service.queue import enqueue_analysis
+from service.core.logs import ctx
+from service.core.models import Instance, InstanceState, Job, JobState, Result, Series, Study
+from service.core.queue import enqueue_analysis
+from service.core.storage import StorageFull
 from service.receive.ingest import ingest_file
 from service.receive.validate import RejectedObject
-from service.store.files import StorageFull
-from service.store.models import Instance, InstanceState, Job, JobState, Result, Series, Study
 
 log = logging.getLogger("lusai.api")
 router = APIRouter(prefix="/api/v1", tags=["instances"])

@@ -14,7 +14,7 @@ from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate, so
 from service.api.problems import ProblemError, not_found, responses
 from service.api.queries import job_out, job_result_ids, utc
 from service.api.schemas import UID_PATTERN, IsoDateTime, JobOut, Page
-from service.store.models import Instance, Job, JobState
+from service.core.models import Instance, Job, JobState
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
 JobId = Annotated[int, Path(ge=1, le=2**62, description="Job ID")]

@@ -16,7 +16,7 @@ from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate, so
 from service.api.problems import ProblemError, not_found, responses
 from service.api.queries import SUMMARY_COLUMNS, result_by_id, result_out, result_summary, utc
 from service.api.schemas import UID_PATTERN, IsoDateTime, Page, ResultOut, ResultSummary
-from service.store.models import Instance, Result, Series, Study
+from service.core.models import Instance, Result, Series, Study
 
 router = APIRouter(prefix="/api/v1", tags=["results"], dependencies=[Depends(read_scope)])
 

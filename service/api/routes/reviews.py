@@ -27,9 +27,9 @@ from service.api.schemas import (
     ReviewIn,
     ReviewOut,
 )
-from service.logs import ctx
-from service.reviews import ReaderAgreement, agreement_by_package
-from service.store.models import Instance, Result, Review
+from service.core.logs import ctx
+from service.core.models import Instance, Result, Review
+from service.core.reviews import ReaderAgreement, agreement_by_package
 
 log = logging.getLogger("lusai.api")
 router = APIRouter(prefix="/api/v1", tags=["reviews"])

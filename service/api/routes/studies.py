@@ -25,7 +25,7 @@ from service.api.schemas import (
     ZoneScore,
 )
 from service.api.zones import ZoneRule
-from service.store.models import Instance, InstanceState, Job, JobState, Result, Series, Study
+from service.core.models import Instance, InstanceState, Job, JobState, Result, Series, Study
 
 router = APIRouter(prefix="/api/v1", tags=["studies"], dependencies=[Depends(read_scope)])
 

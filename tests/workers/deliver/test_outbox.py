@@ -8,11 +8,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from service.settings import Settings, get_settings
-from service.store.db import session_scope
-from service.store.files import ObjectStore
-from service.store.migrate import upgrade
-from service.store.models import Delivery, DeliveryState
+from service.core.db import session_scope
+from service.core.migrate import upgrade
+from service.core.models import Delivery, DeliveryState
+from service.core.settings import Settings, get_settings
+from service.core.storage import ObjectStore
 from tests.conftest import free_port
 from tests.factories import noise_cine_file
 from workers.deliver import outbox

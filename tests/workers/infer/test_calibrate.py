@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from workers.domain import SegmentClass as C
-from workers.infer.calibrate import Cached, measure, rescore, search, video_scores
-from workers.infer.evaluate import LabelledItem
 from workers.score.lus import GridSpacing, ScoreConfig
+from workers.training.calibrate import Cached, measure, rescore, search, video_scores
+from workers.training.evaluate import LabelledItem
 
 
 def _video(b_width: int) -> np.ndarray:
@@ -43,7 +43,7 @@ def test_search_raises_score1_cutoff_when_experts_call_narrow_b_lines_normal() -
 
 
 def test_cross_validation_is_patient_wise_and_reports_each_split() -> None:
-    from workers.infer.calibrate import CV_SPLITS, cross_validate, measure_all
+    from workers.training.calibrate import CV_SPLITS, cross_validate, measure_all
 
     report: dict[str, object] = {}
     cv = cross_validate(measure_all(_data()), report)
@@ -54,7 +54,7 @@ def test_cross_validation_is_patient_wise_and_reports_each_split() -> None:
 
 
 def test_search_with_slack_takes_the_most_conservative_of_equal_cut_offs() -> None:
-    from workers.infer.calibrate import SEARCH, measure_all, search_all
+    from workers.training.calibrate import SEARCH, measure_all, search_all
 
     data = _data()
     default = ScoreConfig(confluent_min_mm=30.0)
@@ -74,8 +74,8 @@ def test_search_with_slack_takes_the_most_conservative_of_equal_cut_offs() -> No
 
 
 def test_phantom_source_segments_cine_and_labels_them_with_their_true_score(tmp_path: Path) -> None:
-    from workers.infer.calibrate import PHANTOM_FRAMES, phantom_segmentations
-    from workers.phantom import SCENARIOS
+    from workers.training.calibrate import PHANTOM_FRAMES, phantom_segmentations
+    from workers.training.phantom import SCENARIOS
 
     data = phantom_segmentations(3, 2027, tmp_path)
     scenarios = [list(SCENARIOS)[int(np.load(d.item.path)["scenario"])] for d in data]
@@ -102,8 +102,8 @@ def test_phantom_calibration_command_writes_an_operating_point(
     import json
     import sys
 
-    from workers.infer.calibrate import main
     from workers.score.lus import load_score_config
+    from workers.training.calibrate import main
 
     out, cfg = tmp_path / "report.json", tmp_path / "score_config.json"
     argv = ["calibrate", "--phantom", "3", "--seed", "2027", "--check-seed", "7",

@@ -7,8 +7,8 @@ import pytest
 
 from workers.infer.package import DEFAULT_PACKAGE, load_package
 from workers.infer.predict import Predictor, resolve_device
-from workers.infer.train import sha256
-from workers.phantom import make_sample
+from workers.training.phantom import make_sample
+from workers.training.train import sha256
 
 DEFAULT_WEIGHTS = DEFAULT_PACKAGE / "lus_unet.pt"
 

@@ -76,7 +76,7 @@ def test_no_pleura_no_change() -> None:
 def test_phantom_truth_survives_refinement() -> None:
     """On phantom truth most B-line and consolidation pixels survive (the texture test sits at the
     equal-error point of B-line and A-line scan lines, so some faint true B-lines go)."""
-    from workers.phantom import make_sample
+    from workers.training.phantom import make_sample
 
     rng = np.random.default_rng(3)
     kept = []

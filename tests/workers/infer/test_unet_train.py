@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from workers.infer.evaluate import agreement, quadratic_kappa
-from workers.infer.train import TrainConfig, dice_per_class, train
 from workers.infer.unet import N_CLASSES, AttentionGate, AttentionUNet
+from workers.training.evaluate import agreement, quadratic_kappa
+from workers.training.train import TrainConfig, dice_per_class, train
 
 
 def test_unet_output_shape() -> None:

@@ -7,8 +7,8 @@ import pytest
 from scipy.ndimage import binary_dilation
 
 from workers.domain import SegmentClass as C
-from workers.phantom import SCENARIOS, make_cine, make_sample, random_scene, render
 from workers.preprocess import Grid, GridShape
+from workers.training.phantom import SCENARIOS, make_cine, make_sample, random_scene, render
 
 
 def test_same_seed_same_sample() -> None:

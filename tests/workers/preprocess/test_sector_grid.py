@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from workers.phantom import make_cine
 from workers.preprocess import Grid, GridShape, InputError, Sector, detect_sector
 from workers.preprocess.grid import scan_convert
+from workers.training.phantom import make_cine
 
 SHARED = Path(__file__).resolve().parents[3] / ".." / "shared"
 
@@ -75,7 +75,7 @@ def test_convex_spacing_widens_with_depth() -> None:
 
 @pytest.mark.skipif(not (SHARED / "datasets" / "blus-dev").is_dir(), reason="../shared not present")
 def test_blus_video_has_convex_fan() -> None:
-    from workers.infer.evaluate import read_mp4_gray
+    from workers.training.evaluate import read_mp4_gray
 
     frames = read_mp4_gray(SHARED / "datasets" / "blus-dev" / "lus_videos" / "patient_10_L1.mp4")
     s = detect_sector(frames)

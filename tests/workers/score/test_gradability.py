@@ -10,10 +10,10 @@ import pytest
 from service.cli.model import _table
 from tests.factories import noise_cine_file, us_cine
 from workers.domain import FrameFindings
-from workers.phantom import make_cine
 from workers.pipeline import Analyzer
 from workers.preprocess.wrap import frames_to_dataset
 from workers.score.gradability import REASONS, GradabilityConfig, assess, echo_fractions, structure
+from workers.training.phantom import make_cine
 
 ROWS = COLS = 128
 

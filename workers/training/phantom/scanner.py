@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
-from workers.phantom.scene import random_scene, render
 from workers.preprocess.grid import Grid, GridShape, scan_convert
 from workers.preprocess.sector import Sector
 from workers.score.lus import ScoreConfig, frame_findings
+from workers.training.phantom.scene import random_scene, render
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.adapt.data import Cine
 from workers.infer.scorer import ScoreNet, ScoreOutput, ScorerSpec, head_input, pool, summarize
 from workers.infer.unet import AttentionUNet
+from workers.training.adapt.data import Cine
 
 log = logging.getLogger(__name__)
 

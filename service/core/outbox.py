@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from service.store.models import Delivery, DeliveryState
+from service.core.models import Delivery, DeliveryState
 
 #: A delivery whose retry time passed this long ago lost its countdown message (broker restart).
 LOST_AFTER = timedelta(minutes=5)

@@ -2,7 +2,7 @@
 
 Everything is drawn in (depth row, scan line) coordinates, the model's working grid, where
 reverberation artefacts are straight: A-lines repeat the pleura at multiples of its depth, B-lines
-run down whole scan lines. :mod:`workers.phantom.scanner` adds speckle, the imaging chain and the
+run down whole scan lines. :mod:`workers.training.phantom.scanner` adds speckle, the imaging chain and the
 scan conversion to a convex or linear probe.
 """
 

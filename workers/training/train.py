@@ -1,6 +1,6 @@
 """Train the Attention U-Net on phantom frames only; reproducible from a seed.
 
-Every sample comes from :mod:`workers.phantom` with its pixel-exact labels; real cine (BLUS) is
+Every sample comes from :mod:`workers.training.phantom` with its pixel-exact labels; real cine (BLUS) is
 never used for weights, only for calibrating score thresholds afterwards. The run writes the best
 weights (by mean held-out Dice), an ONNX export and a metrics JSON with per-epoch Dice per class.
 """
@@ -21,8 +21,8 @@ from torch.nn import functional as F
 
 from workers.domain import SegmentClass
 from workers.infer.unet import N_CLASSES, AttentionUNet
-from workers.phantom import make_sample
 from workers.preprocess.grid import GridShape
+from workers.training.phantom import make_sample
 
 log = logging.getLogger(__name__)
 

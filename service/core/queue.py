@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery
 
-from service.settings import Settings, get_settings
+from service.core.settings import Settings, get_settings
 
 ANALYZE_TASK = "lusai.analyze"
 DELIVER_TASK = "lusai.deliver"

@@ -18,11 +18,11 @@ records its new hash (until then the package no longer verifies). In phantom mod
 them apart; a real normal lung should not reach score 2-3 on a small spurious finding), and
 ``--check-seed`` reports agreement on a second, independent phantom set instead of patient CV.
 
-    python -m workers.infer.calibrate --phantom 400 --seed 2027 --check-seed 2028 \
+    python -m workers.training.calibrate --phantom 400 --seed 2027 --check-seed 2028 \
         --cache /tmp/phantom-cache --out calibration.json \
         --write-config workers/infer/weights/score_config.json
     lusai model package workers/infer/weights
-    python -m workers.infer.calibrate SITE_FOLDER --cache /tmp/site-cache --out site.json  # a site's own
+    python -m workers.training.calibrate SITE_FOLDER --cache /tmp/site-cache --out site.json  # a site's own
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from workers.infer.evaluate import LabelledItem, agreement, labelled_items
 from workers.score.lus import GridSpacing, ScoreConfig, frame_findings, soldati, video_findings, video_score
+from workers.training.evaluate import LabelledItem, agreement, labelled_items
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,10 @@ def phantom_segmentations(
     """
     import cv2
 
-    from workers.phantom import SCENARIOS, make_cine
     from workers.pipeline import Analyzer, InputError
     from workers.preprocess import Grid
     from workers.preprocess.wrap import encode_jpeg_ybr422, frames_to_dataset
+    from workers.training.phantom import SCENARIOS, make_cine
 
     cache.mkdir(parents=True, exist_ok=True)
     analyzer: Analyzer | None = None
