@@ -69,7 +69,7 @@ def ensure_database(url: str) -> None:
 
 def seed(url: str, n_results: int) -> dict[str, Any]:
     """Bulk-insert studies/series/instances/jobs/results with explicit IDs; returns the UIDs to query."""
-    from service.core.migrate import upgrade
+    from migrations.runner import upgrade
 
     if url.startswith("postgresql"):
         ensure_database(url)
@@ -168,10 +168,14 @@ def seed(url: str, n_results: int) -> dict[str, Any]:
 
 def make_key(url: str) -> str:
     from service.api.auth import create_api_key
-    from service.core.db import session_scope
+    from service.core.db import Database
 
-    with session_scope(url) as s:
-        _row, token = create_api_key(s, "bench", ["read"], rate_limit=0)
+    db = Database(url)
+    try:
+        with db.session() as s:
+            _row, token = create_api_key(s, "bench", ["read"], rate_limit=0)
+    finally:
+        db.dispose()
     return token
 
 

@@ -6,16 +6,15 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 
 from service.core.models import Base
-from service.core.settings import get_settings
+from service.core.settings import Settings
 
 config = context.config
 target_metadata = Base.metadata
 
 
 def _url() -> str:
-    return config.get_main_option("sqlalchemy.url") or context.get_x_argument(as_dictionary=True).get(
-        "url", get_settings().db_url
-    )
+    url = config.get_main_option("sqlalchemy.url") or context.get_x_argument(as_dictionary=True).get("url")
+    return url or Settings().db_url  # the ``alembic`` command line: the environment's database
 
 
 def run_offline() -> None:

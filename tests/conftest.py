@@ -15,8 +15,12 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from service.core.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -49,24 +53,27 @@ def free_port() -> int:
 
 @pytest.fixture
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh LUSAI_DATA_DIR with embedded defaults, and settings caches reset."""
+    """A fresh LUSAI_DATA_DIR with embedded defaults, for code that reads the environment itself
+    (the CLI commands, a task run without an installed runtime)."""
     d = tmp_path / "data"
     monkeypatch.setenv("LUSAI_DATA_DIR", str(d))
     for var in ("LUSAI_DATABASE_URL", "LUSAI_BROKER_URL", "LUSAI_STORAGE_ROOT"):
         monkeypatch.delenv(var, raising=False)
-    _reset_caches()
-    yield d
-    _reset_caches()
+    return d
 
 
-def _reset_caches() -> None:
-    from service.core.db import get_engine
-    from service.core.queue import producer
-    from service.core.settings import get_settings
+@pytest.fixture
+def runtime(data_dir: Path) -> Iterator[Runtime]:
+    """The runtime an entry point would build on ``data_dir`` (database migrated), closed afterwards."""
+    from migrations.runner import upgrade
+    from service.core.runtime import Runtime
+    from service.core.settings import Settings
 
-    get_settings.cache_clear()
-    producer.cache_clear()
-    get_engine.cache_clear()
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.db_url)
+    with Runtime.from_settings(settings) as rt:
+        yield rt
 
 
 def storescu(
@@ -135,10 +142,7 @@ def pg_url() -> Iterator[str]:
         missing(f"PostgreSQL at {PG_ADMIN_URL} ({type(exc).__name__})")
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     yield url
-    from service.core.db import get_engine
-
-    get_engine.cache_clear()
-    with admin.connect() as c:
+    with admin.connect() as c:  # FORCE: connections a test left open do not keep it
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
 

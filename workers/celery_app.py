@@ -1,28 +1,101 @@
-"""The Celery application the workers run (``celery -A workers.celery_app worker``)."""
+"""The Celery application the workers run (``celery -A workers.celery_app worker``), and each worker
+process's runtime.
+
+The tasks (:mod:`workers.tasks`) import this module, never the reverse: Celery loads them through
+``include`` when the worker starts. A pool process builds its :class:`WorkerRuntime` in
+``worker_process_init``, after the fork, so no database or broker connection is shared between
+processes, and its tasks read it as ``self.runtime`` (:class:`LusaiTask`).
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery import Celery, Task
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
+from service.core.libraries import configure_libraries
 from service.core.logs import configure_logging
 from service.core.queue import ANALYZE_QUEUE, celery_config
-from service.core.settings import get_settings
+from service.core.runtime import Runtime
+from service.core.settings import Settings
+
+if TYPE_CHECKING:
+    from workers.pipeline import Analyzer
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRuntime(Runtime):
+    """A worker process's runtime: the core's, plus the model when the process analyses."""
+
+    @cached_property
+    def analyzer(self) -> Analyzer:
+        """The network, loaded once per process (a failed load is tried again on the next use)."""
+        from workers.pipeline import Analyzer
+
+        return Analyzer(package=self.settings.model_path, device=self.settings.device)
+
+
+class LusaiTask(Task):
+    """The base class of lusai's tasks: ``self.runtime`` is the runtime of the process they run in.
+
+    Celery's task guide ("Custom task classes") recommends a base class for resources a task keeps
+    per process: a task is instantiated once per process, and its property is where the guide keeps
+    a database connection. The runtime is built by ``worker_process_init`` in each pool process
+    (:func:`_start_process`; the prefork and solo pools send it); a task run without that signal (the
+    threads pool, a direct call) builds it on first use. Tests install their own with :meth:`use`.
+    """
+
+    _process_runtime: ClassVar[WorkerRuntime | None] = None
+
+    @property
+    def runtime(self) -> WorkerRuntime:
+        runtime = LusaiTask._process_runtime
+        if runtime is None:
+            runtime = LusaiTask.use(WorkerRuntime.from_settings(Settings()))
+        return runtime
+
+    @staticmethod
+    def use(runtime: WorkerRuntime) -> WorkerRuntime:
+        """Make ``runtime`` this process's (returned, for chaining)."""
+        LusaiTask._process_runtime = runtime
+        return runtime
+
+    @staticmethod
+    def release() -> None:
+        """Close and forget this process's runtime (at process shutdown, and after a test)."""
+        runtime, LusaiTask._process_runtime = LusaiTask._process_runtime, None
+        if runtime is not None:
+            runtime.close()
 
 
 def create_app() -> Celery:
-    settings = get_settings()
+    settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
-    app = Celery("lusai", include=["workers.tasks"])
+    app = Celery("lusai", include=["workers.tasks"], task_cls=LusaiTask)
     app.conf.update(celery_config(settings))
     return app
 
 
 app = create_app()
-_analyzes = True  # does this worker consume the analyze queue (set before the pool forks)?
+
+
+def consumes_analyze(celery: Celery) -> bool:
+    """Whether this worker consumes the analyze queue (``--queues``); a deliver-only one needs no model.
+
+    Set in the main process before the pool forks, so pool processes read the same answer.
+    """
+    queues = celery.amqp.queues
+    return ANALYZE_QUEUE in (getattr(queues, "consume_from", None) or queues)
+
+
+@worker_init.connect
+def _configure_libraries(**_: Any) -> None:
+    """Library switches once at worker start (pool processes inherit them), not on import."""
+    configure_libraries()
 
 
 @worker_init.connect
@@ -32,31 +105,30 @@ def _verify_model_package(sender: Any = None, **_: Any) -> None:
     One clear log line and exit code 1, instead of pool processes that fail every job (or a restart
     loop of tracebacks). ``lusai worker`` checks the same before it starts Celery at all.
     """
-    from workers.infer.package import DEFAULT_PACKAGE, PackageError, load_package
+    from service.core.model_package import DEFAULT_PACKAGE, PackageError, load_package
 
-    global _analyzes
-    queues = sender.app.amqp.queues if sender is not None else {ANALYZE_QUEUE: None}
-    _analyzes = ANALYZE_QUEUE in (getattr(queues, "consume_from", None) or queues)
-    if not _analyzes:  # a deliver-only worker needs no model
+    if sender is not None and not consumes_analyze(sender.app):
         return
     try:
-        pkg = load_package(get_settings().model_path or DEFAULT_PACKAGE)
+        pkg = load_package(Settings().model_path or DEFAULT_PACKAGE)
     except PackageError as exc:
-        logging.getLogger(__name__).error("worker not started: bad model package (LUSAI_MODEL_PATH): %s", exc)
+        log.error("worker not started: bad model package (LUSAI_MODEL_PATH): %s", exc)
         raise SystemExit(1) from None
-    logging.getLogger(__name__).info(
-        "model package %s %s verified (package %s)", pkg.name, pkg.version, pkg.package_sha256[:12]
-    )
+    log.info("model package %s %s verified (package %s)", pkg.name, pkg.version, pkg.package_sha256[:12])
 
 
 @worker_process_init.connect
-def _load_model(**_: Any) -> None:
-    """Load the network when a pool process starts, so the first cine does not pay for it."""
-    from workers.tasks import get_analyzer
-
-    if not _analyzes:
+def _start_process(**_: Any) -> None:
+    """Build this pool process's runtime and load the network, so the first cine does not pay for it."""
+    runtime = LusaiTask.use(WorkerRuntime.from_settings(Settings()))
+    if not consumes_analyze(app):
         return
     try:
-        get_analyzer()
+        runtime.analyzer  # noqa: B018  (loads the network)
     except Exception:  # the task will try again and fail the job with the reason
-        logging.getLogger(__name__).exception("model could not be loaded at worker start")
+        log.exception("model could not be loaded at worker start")
+
+
+@worker_process_shutdown.connect
+def _stop_process(**_: Any) -> None:
+    LusaiTask.release()

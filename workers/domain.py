@@ -8,38 +8,11 @@ torch, pydicom and database imports so every stage can be tested alone.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from enum import IntEnum
 from typing import Any
 
 import numpy as np
 
-
-class SegmentClass(IntEnum):
-    """Label values of the model's class map (one label per pixel)."""
-
-    BACKGROUND = 0
-    PLEURAL_LINE = 1
-    A_LINE = 2
-    B_LINE = 3
-    CONSOLIDATION = 4
-    EFFUSION = 5
-    RIB_SHADOW = 6
-
-
-#: Classes written as SEG segments, in segment-number order (segment number = value).
-SEGMENT_CLASSES: tuple[SegmentClass, ...] = tuple(c for c in SegmentClass if c != SegmentClass.BACKGROUND)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Identifies the algorithm in every output (SEG AlgorithmIdentification, SR observer, API)."""
-
-    name: str
-    version: str
-    weights_sha256: str
-    #: SHA-256 of the model package's manifest (workers/infer/package.py); empty only for hand-built
-    #: infos. It names every file of the package, so output UIDs change when any of them does.
-    package_sha256: str = ""
+from service.core.model_package import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -110,7 +83,7 @@ class Analysis:
     sop_instance_uid: str
     frames: int
     findings: VideoFindings
-    labels: np.ndarray  # (frames, rows, cols) uint8 of SegmentClass values
+    labels: np.ndarray  # (frames, rows, cols) uint8 of service.core.segments.SegmentClass values
     model: ModelInfo
     timings_ms: dict[str, float]
     probabilities: np.ndarray | None = None  # optional (frames, classes, rows, cols) float16

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
 
-from workers.domain import Analysis, ModelInfo, VideoFindings
-from workers.infer.package import DEFAULT_PACKAGE, ModelPackage, load_package
+from service.core.dicom import US_SOP_CLASSES
+from service.core.model_package import DEFAULT_PACKAGE, ModelInfo, ModelPackage, load_package
+from workers.domain import Analysis, VideoFindings
 from workers.infer.predict import Predictor
 from workers.infer.refine import RefineConfig, refine
 from workers.infer.scorer import LearnedScorer, ScoreOutput
@@ -31,17 +31,6 @@ from workers.score.lus import ScoreConfig, load_score_config, video_findings
 __all__ = ["Analyzer", "InputError", "Segmentation"]
 
 log = logging.getLogger(__name__)
-
-#: Ultrasound Image, Ultrasound Multi-frame Image and their retired predecessors.
-ACCEPTED_SOP_CLASSES = frozenset(
-    UID(u)
-    for u in (
-        "1.2.840.10008.5.1.4.1.1.6.1",
-        "1.2.840.10008.5.1.4.1.1.3.1",
-        "1.2.840.10008.5.1.4.1.1.6",
-        "1.2.840.10008.5.1.4.1.1.3",
-    )
-)
 
 
 class Analyzer:
@@ -100,7 +89,7 @@ class Analyzer:
     def segment(self, ds: pydicom.Dataset) -> Segmentation:
         """Class maps in the working grid, before scoring (used by threshold calibration)."""
         sop_class = ds.get("SOPClassUID")
-        if sop_class not in ACCEPTED_SOP_CLASSES:
+        if sop_class not in US_SOP_CLASSES:
             raise InputError(f"SOP class {sop_class or '(none)'} is not an ultrasound image")
         timings: dict[str, float] = {}
         with _timed(timings, "decode"):

@@ -1,4 +1,4 @@
-"""Persist one analysis: DICOM outputs into storage, the Result row, and the delivery outbox.
+"""Persist one analysis: DICOM outputs and previews into storage, the Result row, and the delivery outbox.
 
 All in one transaction so a crash leaves either nothing (the job is retried) or everything; the
 outputs' UIDs are deterministic, so a retry rewrites the same objects rather than adding copies.
@@ -7,16 +7,22 @@ outputs' UIDs are deterministic, so a retry rewrites the same objects rather tha
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 
-from service.core.db import session_scope
-from service.core.models import Delivery, DeliveryState, Job, JobState, Result
+from service.core import lifecycle
+from service.core.dicom import OutputKind
+from service.core.models import Job, Result
+from service.core.runtime import Runtime
 from service.core.settings import Settings
 from service.core.storage import ObjectStore
 from workers.domain import Analysis
+from workers.write_dicom.previews import Caption, store_previews
+
+if TYPE_CHECKING:
+    from workers.write_dicom.build import Output
 
 
 def _store_dataset(ds: Dataset, store: ObjectStore) -> str:
@@ -26,7 +32,7 @@ def _store_dataset(ds: Dataset, store: ObjectStore) -> str:
     return key
 
 
-def build_output_datasets(source: Dataset, analysis: Analysis, settings: Settings) -> list[Dataset]:
+def build_result_outputs(source: Dataset, analysis: Analysis, settings: Settings) -> list[Output]:
     """SEG and SR always; the burned-in overlay SC when enabled (it needs the frames decoded again)."""
     from workers.write_dicom.build import OutputOptions, build_outputs
 
@@ -40,17 +46,22 @@ def build_output_datasets(source: Dataset, analysis: Analysis, settings: Setting
     )
 
 
-def save_result(
-    job_id: int, analysis: Analysis, source: Dataset, *, settings: Settings, store: ObjectStore
-) -> list[int] | None:
+def save_result(job_id: int, analysis: Analysis, source: Dataset, *, runtime: Runtime) -> list[int] | None:
     """Write outputs and rows; returns the IDs of deliveries to send now, None if the job was
     cancelled (or deleted) while it ran and nothing was kept."""
-    outputs = build_output_datasets(source, analysis, settings)
-    stored = [(ds, _store_dataset(ds, store)) for ds in outputs]
+    settings, store = runtime.settings, runtime.store
+    outputs = build_result_outputs(source, analysis, settings)
+    stored = [(o, _store_dataset(o.dataset, store)) for o in outputs]
     f = analysis.findings
-    with session_scope(settings.db_url) as session:
+    seg = next((o.dataset for o in outputs if o.kind == OutputKind.SEG), None)
+    caption = Caption.of(analysis)
+    previews = store_previews(store, source, seg, caption, key_frame=f.key_frame, settings=settings)
+    with runtime.db.session() as session:
+        won = lifecycle.succeed(
+            session, job_id, model_version=analysis.model.version, timings_ms=analysis.timings_ms
+        )
         job = session.get(Job, job_id)
-        if job is None or job.state == JobState.CANCELLED:
+        if not won or job is None:
             return None  # cancelled while running: keep nothing, send nothing
         session.execute(delete(Result).where(Result.job_id == job_id))
         session.flush()
@@ -71,59 +82,41 @@ def save_result(
             model_version=analysis.model.version,
             weights_sha256=analysis.model.weights_sha256,
             model_package_sha256=analysis.model.package_sha256 or None,
+            preview_png_key=previews.png,
+            preview_gif_key=previews.gif,
+            preview_webp_key=previews.webp,
+            preview_error=previews.error,
         )
-        for ds, key in stored:
-            kind = _kind(ds)
-            setattr(result, f"{kind}_sop_instance_uid", str(ds.SOPInstanceUID))
-            setattr(result, f"{kind}_storage_key", key)
+        for output, key in stored:
+            _record(result, output, key)
         session.add(result)
-        job.state = JobState.SUCCEEDED
-        job.finished_at = datetime.now(UTC)
-        job.model_version = analysis.model.version
-        job.timings_ms = {k: round(v, 1) for k, v in analysis.timings_ms.items()}
         session.flush()
         destination = settings.destination_for(job.instance.calling_ae)
         delivery_ids: list[int] = []
         if destination is not None:
-            for ds, key in stored:
-                if (
-                    _kind(ds) == "sc"
-                    and settings.overlay_sc_destinations
-                    and (destination.ae_title not in settings.overlay_sc_destinations)
-                ):
+            for output, key in stored:
+                if not settings.wants(output.kind, destination):
                     continue
-                uid = str(ds.SOPInstanceUID)
-                existing = session.scalar(
-                    select(Delivery).where(
-                        Delivery.destination == str(destination), Delivery.sop_instance_uid == uid
-                    )
-                )
-                if existing is not None:
-                    existing.result_id = result.id
-                    if existing.state == DeliveryState.DELIVERED:
-                        continue  # identical deterministic object already in PACS
-                    existing.state = DeliveryState.PENDING
-                    existing.storage_key = key
-                    delivery_ids.append(existing.id)
-                    continue
-                d = Delivery(
+                delivery_id = lifecycle.upsert_delivery(
+                    session,
                     result_id=result.id,
                     destination=str(destination),
-                    sop_class_uid=str(ds.SOPClassUID),
-                    sop_instance_uid=uid,
+                    sop_class_uid=str(output.dataset.SOPClassUID),
+                    sop_instance_uid=str(output.dataset.SOPInstanceUID),
                     storage_key=key,
-                    state=DeliveryState.PENDING,
                 )
-                session.add(d)
-                session.flush()
-                delivery_ids.append(d.id)
+                if delivery_id is not None:  # None: the identical object is already in PACS
+                    delivery_ids.append(delivery_id)
     return delivery_ids
 
 
-def _kind(ds: Dataset) -> str:
-    modality = str(ds.get("Modality", ""))
-    if modality == "SEG":
-        return "seg"
-    if modality == "SR":
-        return "sr"
-    return "sc"
+def _record(result: Result, output: Output, key: str) -> None:
+    """Fill the Result columns of one output: its SOP Instance UID and storage key."""
+    uid = str(output.dataset.SOPInstanceUID)
+    match output.kind:
+        case OutputKind.SEG:
+            result.seg_sop_instance_uid, result.seg_storage_key = uid, key
+        case OutputKind.SR:
+            result.sr_sop_instance_uid, result.sr_storage_key = uid, key
+        case OutputKind.SC:
+            result.sc_sop_instance_uid, result.sc_storage_key = uid, key

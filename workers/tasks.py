@@ -2,7 +2,8 @@
 
 Tasks take row IDs, never datasets, and are idempotent: outputs have UIDs derived from the source
 instance and model version, the Result row is replaced, and a job that already succeeded is skipped,
-so ``acks_late`` redelivery after a killed worker is safe.
+so ``acks_late`` redelivery after a killed worker is safe. Each reads its process's runtime (the
+database, store, queue and model) as ``self.runtime`` (:class:`workers.celery_app.LusaiTask`).
 """
 
 from __future__ import annotations
@@ -11,67 +12,80 @@ import logging
 import os
 import socket
 import time
-from datetime import UTC, datetime
-from typing import Any
 
 import pydicom
-from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from service.core.db import session_scope
+from service.core import lifecycle
 from service.core.logs import ctx
 from service.core.models import Job, JobState
-from service.core.queue import ANALYZE_TASK, DELIVER_TASK, enqueue_delivery
-from service.core.settings import get_settings
-from service.core.storage import ObjectStore
-from workers.celery_app import app
+from service.core.queue import ANALYZE_TASK, DELIVER_TASK
+from service.core.runtime import Runtime
+from workers.celery_app import LusaiTask, app
 from workers.results import save_result
 
 log = logging.getLogger(__name__)
-_analyzer: Any = None
 
 
-def get_analyzer() -> Any:
-    """One model per worker process, loaded on first use (not at import: the API imports nothing here)."""
-    global _analyzer
-    if _analyzer is None:
-        from workers.pipeline import Analyzer
-
-        s = get_settings()
-        _analyzer = Analyzer(package=s.model_path, device=s.device)
-    return _analyzer
-
-
-def _claim(job_id: int) -> tuple[str, str | None] | None:
-    """Mark the job running; None when there is nothing to do (done, cancelled, vanished).
+def _claim(runtime: Runtime, job_id: int) -> tuple[str, str | None] | None:
+    """Mark the job running; None when there is nothing to do (done, cancelled, vanished, or
+    another live worker holds it).
 
     Returns the storage key and the model version the job asked for (None: whatever is loaded).
     """
-    with session_scope() as session:
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    with runtime.db.session() as session:
+        won = lifecycle.claim(session, job_id, me)
+        if not won:
+            job = session.get(Job, job_id)
+            lost = (
+                _dead_local_holder(job.worker) if job is not None and job.state == JobState.RUNNING else None
+            )
+            if job is None or lost is None:
+                return None
+            if job.attempts >= runtime.settings.job_max_attempts:  # it killed its worker every time
+                lifecycle.fail(session, job_id, "worker lost on the last attempt")
+                log.warning("job failed: worker lost on every attempt", extra=ctx(job_id=job_id))
+                return None
+            if not lifecycle.claim(session, job_id, me, lost_worker=lost):
+                return None
+            log.info("job taken over from a dead worker process", extra=ctx(job_id=job_id))
         job = session.get(Job, job_id)
-        if job is None or job.state in (JobState.SUCCEEDED, JobState.CANCELLED, JobState.FAILED):
-            return None
-        job.state = JobState.RUNNING
-        job.attempts += 1
-        job.started_at = datetime.now(UTC)
-        job.worker = f"{socket.gethostname()}:{os.getpid()}"[:128]
-        job.error = None
+        assert job is not None
         return job.instance.storage_key, job.model_version
 
 
+def _dead_local_holder(worker: str | None) -> str | None:
+    """``worker`` when it names a process of this host that no longer exists, else None.
+
+    Celery redelivers the message of a killed pool process at once (``reject_on_worker_lost``);
+    the job is still RUNNING under the dead process's name. Holders on other hosts cannot be
+    checked from here: the recovery sweep frees those after ``LUSAI_STALE_JOB_AFTER``.
+    """
+    host, _, pid = (worker or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return worker
+    except OSError:  # exists but not ours to signal: alive
+        return None
+    return None
+
+
 @app.task(name=ANALYZE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
-def analyze(self: Task, job_id: int) -> str:
-    settings = get_settings()
-    claimed = _claim(job_id)
+def analyze(self: LusaiTask, job_id: int) -> str:
+    runtime = self.runtime
+    claimed = _claim(runtime, job_id)
     if claimed is None:
         return "skipped"
     storage_key, wanted_version = claimed
-    store = ObjectStore(settings.storage)
     t0 = time.perf_counter()
     try:
         from workers.pipeline import InputError
 
-        analyzer = get_analyzer()
+        analyzer = runtime.analyzer
         if wanted_version and wanted_version != analyzer.model.version:
             # Not retried: every worker of a deployment loads the same LUSAI_MODEL_PATH package.
             m = analyzer.model
@@ -79,25 +93,25 @@ def analyze(self: Task, job_id: int) -> str:
                 f"model version {wanted_version} is not on this worker (it runs {m.name} {m.version}, "
                 f"package {m.package_sha256[:12]})"
             )
-        source = pydicom.dcmread(store.path(storage_key))
+        source = pydicom.dcmread(runtime.store.path(storage_key))
         analysis = analyzer.analyze(source)
-        delivery_ids = save_result(job_id, analysis, source, settings=settings, store=store)
+        delivery_ids = save_result(job_id, analysis, source, runtime=runtime)
     except SoftTimeLimitExceeded:
-        _fail_or_retry(self, job_id, "time limit exceeded", retry=True)
+        _fail_or_retry(self, job_id, "time limit exceeded")
         return "timeout"
     except InputError as exc:
-        _finish_failed(job_id, f"input rejected: {exc}")
+        _finish_failed(runtime, job_id, f"input rejected: {exc}")
         log.warning("job failed: unusable input", extra=ctx(job_id=job_id, reason=str(exc)))
         return "failed"
     except Exception as exc:
         log.exception("job error", extra=ctx(job_id=job_id))
-        _fail_or_retry(self, job_id, f"{type(exc).__name__}: {exc}"[:2000], retry=True)
+        _fail_or_retry(self, job_id, f"{type(exc).__name__}: {exc}")
         return "error"
     if delivery_ids is None:
         log.info("job cancelled while running: result discarded", extra=ctx(job_id=job_id))
         return "cancelled"
     for delivery_id in delivery_ids:
-        enqueue_delivery(delivery_id)
+        runtime.queue.enqueue_delivery(delivery_id)
     log.info(
         "job succeeded",
         extra=ctx(job_id=job_id, score=analysis.findings.score, ms=round((time.perf_counter() - t0) * 1000)),
@@ -105,40 +119,28 @@ def analyze(self: Task, job_id: int) -> str:
     return "succeeded"
 
 
-def _finish_failed(job_id: int, error: str) -> None:
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is not None and job.state != JobState.CANCELLED:
-            job.state = JobState.FAILED
-            job.error = error
-            job.finished_at = datetime.now(UTC)
+def _finish_failed(runtime: Runtime, job_id: int, error: str) -> None:
+    with runtime.db.session() as session:
+        lifecycle.fail(session, job_id, error)
 
 
-def _fail_or_retry(task: Task, job_id: int, error: str, *, retry: bool) -> None:
-    settings = get_settings()
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.state == JobState.CANCELLED:
-            return
-        job.error = error
-        if retry and job.attempts < settings.job_max_attempts:
-            job.state = JobState.RETRYING
-            job.enqueued_at = datetime.now(UTC)
-            countdown = min(300, 10 * 2 ** (job.attempts - 1))
-        else:
-            job.state = JobState.FAILED
-            job.finished_at = datetime.now(UTC)
-            return
-    task.apply_async(args=[job_id], countdown=countdown)
+def _fail_or_retry(task: LusaiTask, job_id: int, error: str) -> None:
+    runtime = task.runtime
+    with runtime.db.session() as session:
+        countdown = lifecycle.fail_or_retry(
+            session, job_id, error, max_attempts=runtime.settings.job_max_attempts
+        )
+    if countdown is not None:
+        task.apply_async(args=[job_id], countdown=countdown)
 
 
 @app.task(name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
-def deliver(self: Task, delivery_id: int) -> str:
+def deliver(self: LusaiTask, delivery_id: int) -> str:
     """C-STORE one output object to its destination (outbox pattern with backoff and dead-letter)."""
     from workers.deliver import send_delivery
 
-    settings = get_settings()
-    outcome, retry_in = send_delivery(delivery_id, settings=settings, store=ObjectStore(settings.storage))
+    runtime = self.runtime
+    outcome, retry_in = send_delivery(delivery_id, runtime=runtime)
     if retry_in is not None:
-        enqueue_delivery(delivery_id, countdown=retry_in)
+        runtime.queue.enqueue_delivery(delivery_id, countdown=retry_in)
     return outcome

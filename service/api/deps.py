@@ -1,4 +1,4 @@
-"""Request dependencies: settings, a database session, and the authenticated, rate-limited caller."""
+"""Request dependencies: the app's runtime, a database session, and the authenticated, rate-limited caller."""
 
 from __future__ import annotations
 
@@ -9,32 +9,36 @@ from typing import Annotated, TypeVar
 
 import anyio
 from fastapi import Depends, Request
+from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.audit import AuditWriter
 from service.api.auth import ApiKeyVerifier, OidcVerifier, Principal, RateLimiter, expand_scopes
 from service.api.problems import ProblemError
-from service.core.settings import Settings
-from service.core.storage import ObjectStore
+from service.core.runtime import Runtime
 
 
 @dataclass
 class ApiState:
-    """Everything the routes share, built once in ``create_app``."""
+    """Everything the routes share, built once in ``create_app`` and kept in ``app.state.lusai``:
+    the process's runtime (settings, database, store, queue) and the API's own parts on it."""
 
-    settings: Settings
-    sessions: sessionmaker[Session]
+    runtime: Runtime
     read_sessions: sessionmaker[Session]  # autocommit: no BEGIN/ROLLBACK round trips for GETs
     audit: AuditWriter
-    store: ObjectStore
     keys: ApiKeyVerifier
     oidc: OidcVerifier | None
     limiter: RateLimiter
+    gauges: CollectorRegistry  # queue and delivery gauges on this app's database (``/metrics``)
 
 
 def api_state(request: Request) -> ApiState:
     state: ApiState = request.app.state.lusai
     return state
+
+
+def get_runtime(request: Request) -> Runtime:
+    return api_state(request).runtime
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
@@ -46,7 +50,7 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
     """
     st = api_state(request)
     # Reads need no transaction (PostgreSQL's READ COMMITTED snapshots each statement anyway).
-    session = st.read_sessions() if request.method in ("GET", "HEAD") else st.sessions()
+    session = st.read_sessions() if request.method in ("GET", "HEAD") else st.runtime.db.sessions()
     try:
         yield session
     finally:
@@ -63,7 +67,7 @@ async def run_db(request: Request, work: Callable[[Session], T]) -> T:
     async handler that sends only its database work to a thread costs one.
     """
     st = api_state(request)
-    maker = st.read_sessions if request.method in ("GET", "HEAD") else st.sessions
+    maker = st.read_sessions if request.method in ("GET", "HEAD") else st.runtime.db.sessions
 
     def run() -> T:
         with maker() as session:
@@ -74,6 +78,8 @@ async def run_db(request: Request, work: Callable[[Session], T]) -> T:
 
 #: The handler's session (connection released before the response is sent).
 DbSession = Annotated[Session, Depends(get_session, scope="function")]
+#: The app's runtime, for handlers that send to the queue or read settings and storage.
+AppRuntime = Annotated[Runtime, Depends(get_runtime)]
 
 _ANONYMOUS = Principal(name="anonymous", method="anonymous", scopes=expand_scopes(["read"]))
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="lusai"'}
@@ -105,7 +111,7 @@ async def authenticate(request: Request) -> Principal:
         if scheme.lower() == "bearer" and credentials.strip():
             token = credentials.strip()
     if not token:
-        if not st.settings.api_keys_required:
+        if not st.runtime.settings.api_keys_required:
             return _ANONYMOUS
         raise ProblemError(
             401, "unauthorized", "send an API key (X-API-Key) or a bearer token", headers=_CHALLENGE

@@ -7,6 +7,8 @@ import re
 import time
 import traceback
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,14 +22,13 @@ from service.api import problems
 from service.api.audit import AuditWriter, audit_engine, event_row
 from service.api.auth import ApiKeyVerifier, OidcVerifier, Principal, RateLimiter
 from service.api.deps import SECURITY_SCHEMES, ApiState
-from service.api.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from service.api.metrics import HTTP_LATENCY, HTTP_REQUESTS, database_registry
 from service.api.routes import audit as audit_routes
 from service.api.routes import deliveries, health, instances, jobs, results, reviews, studies
-from service.api.zones import ZoneRule
-from service.core.db import get_engine, get_sessionmaker
 from service.core.logs import ctx
-from service.core.settings import Settings, get_settings
-from service.core.storage import ObjectStore
+from service.core.runtime import Runtime
+from service.core.settings import Settings
+from service.core.study import ZoneRule
 
 log = logging.getLogger("lusai.api")
 _RID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -120,23 +121,36 @@ class RequestContext:
             HTTP_LATENCY.labels(path).observe(time.perf_counter() - t0)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app on ``settings`` (default: the environment); tests pass their own."""
-    settings = settings or get_settings()
+def create_app(runtime: Runtime | None = None) -> FastAPI:
+    """The app on ``runtime``, kept in ``app.state.lusai`` for the routes and dependencies.
+
+    Without one (``uvicorn --factory service.api.main:create_app``, each uvicorn worker) the app
+    is its own entry point: it builds a runtime from the environment and closes it at shutdown. A
+    runtime passed in stays the caller's to close (``lusai serve`` shares its own with the SCP).
+    """
+    owned = runtime is None
+    rt = Runtime.from_settings(Settings()) if runtime is None else runtime
+    settings = rt.settings
     state = ApiState(
-        settings=settings,
-        sessions=get_sessionmaker(settings.db_url),
+        runtime=rt,
         read_sessions=sessionmaker(
-            bind=get_engine(settings.db_url).execution_options(isolation_level="AUTOCOMMIT"),
-            expire_on_commit=False,
+            bind=rt.db.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
         ),
         audit=AuditWriter(audit_engine(settings.db_url), durable=settings.audit_durable_commit),
-        store=ObjectStore(settings.storage),
-        keys=ApiKeyVerifier(get_sessionmaker(settings.db_url), settings.api_key_cache_seconds),
+        keys=ApiKeyVerifier(rt.db.sessions, settings.api_key_cache_seconds),
         oidc=OidcVerifier.from_settings(settings),
         limiter=RateLimiter(settings.api_rate_limit, settings.api_rate_burst),
+        gauges=database_registry(rt.db),
     )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:
+            rt.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="lusai",
         version=__version__,
         description=DESCRIPTION,

@@ -1,7 +1,9 @@
 """Prometheus metrics: request counters here, queue and delivery gauges read from the database.
 
 The gauges come from the database at scrape time, so they are right whichever process (SCP,
-worker, API) did the work, with no multiprocess registry to keep in sync.
+worker, API) did the work, with no multiprocess registry to keep in sync. The counters are the
+process's (:data:`REGISTRY`); the gauges read the app's own database (:func:`database_registry`),
+and ``/metrics`` serves both.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from service.core.db import session_scope
+from service.core.db import Database
 from service.core.models import Delivery, Instance, Job
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -29,12 +31,15 @@ HTTP_LATENCY = Histogram(
 
 
 class DatabaseCollector(Collector):
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         jobs = GaugeMetricFamily("lusai_jobs", "Analysis jobs by state", labels=["state"])
         deliveries = GaugeMetricFamily("lusai_deliveries", "Deliveries by state", labels=["state"])
         instances = GaugeMetricFamily("lusai_instances", "Received instances by state", labels=["state"])
         try:
-            with session_scope() as s:
+            with self.db.session() as s:
                 for model, fam in ((Job, jobs), (Delivery, deliveries), (Instance, instances)):
                     for state, count in s.execute(select(model.state, func.count()).group_by(model.state)):
                         fam.add_metric([str(state.value if hasattr(state, "value") else state)], count)
@@ -45,9 +50,15 @@ class DatabaseCollector(Collector):
         yield instances
 
 
-REGISTRY.register(DatabaseCollector())
 AUDIT_FAILURES = Counter(
     "lusai_audit_write_failures_total",
     "Audit rows that could not be written (the request got a 503)",
     registry=REGISTRY,
 )
+
+
+def database_registry(db: Database) -> CollectorRegistry:
+    """The gauges of one app, read from its database at scrape time."""
+    registry = CollectorRegistry()
+    registry.register(DatabaseCollector(db))
+    return registry

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from service.core.runtime import Runtime
 from service.core.settings import Settings
 
 OUTPUT = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
@@ -21,8 +22,8 @@ def spec() -> dict[str, Any]:
     """The spec of an app on default settings (nothing in it depends on the environment)."""
     from service.api.main import create_app
 
-    with tempfile.TemporaryDirectory() as tmp:
-        return create_app(Settings(data_dir=Path(tmp))).openapi()
+    with tempfile.TemporaryDirectory() as tmp, Runtime.from_settings(Settings(data_dir=Path(tmp))) as runtime:
+        return create_app(runtime).openapi()
 
 
 def render() -> str:

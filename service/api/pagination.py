@@ -1,7 +1,8 @@
 """Keyset (cursor) pagination: stable under concurrent inserts and as fast on page 1000 as page 1.
 
 A cursor is base64url JSON of the sort name and the last row's (sort value, id); it is opaque to
-clients and checked against the requested sort, so a cursor from another query is a 400.
+clients and checked against the requested sort, so a cursor from another query is a 400. Every list
+endpoint pages through :func:`paginate`.
 """
 
 from __future__ import annotations
@@ -9,26 +10,74 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-from sqlalchemy import Select, and_, or_
-from sqlalchemy.sql.elements import SQLCoreOperations
+from fastapi import Query
+from sqlalchemy import Connection, Row, Select, and_, or_
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import SQLColumnExpression
 
 from service.api.problems import ProblemError
 
 MAX_LIMIT = 500
-S = TypeVar("S", bound=Select)
+#: The query parameters every list takes besides its sort (default page sizes differ per list).
+Cursor = Annotated[str | None, Query(max_length=512)]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+
+# Labels of the two columns paginate adds: the cursor is read from them, whatever the statement selects.
+_VALUE, _ID = "page_value", "page_id"
 
 
 @dataclass(frozen=True)
 class SortKey:
     """One sortable column: ``expr`` must be non-null (wrap nullable columns in coalesce)."""
 
-    expr: SQLCoreOperations[Any]
+    expr: SQLColumnExpression[Any]
     kind: Literal["int", "float", "str", "datetime"]
+
+
+@dataclass(frozen=True)
+class Order:
+    """One requested order: ``sort`` as the client named it ("-" first: descending)."""
+
+    sort: str
+    key: SortKey
+    id_col: SQLColumnExpression[Any]
+
+    @property
+    def desc(self) -> bool:
+        return self.sort.startswith("-")
+
+
+@dataclass(frozen=True)
+class Sorts:
+    """The orders a list offers; ``id_col`` breaks ties, so the order is total and a cursor exact."""
+
+    keys: Mapping[str, SortKey]
+    id_col: SQLColumnExpression[Any]
+
+    @property
+    def pattern(self) -> str:
+        """The regex of the ``sort`` query parameter: a key name, optionally after "-"."""
+        return "^-?(" + "|".join(self.keys) + ")$"
+
+    def order(self, sort: str) -> Order:
+        return Order(sort, self.keys[sort.lstrip("-")], self.id_col)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One page of rows and the cursor of the next (None: this is the last page).
+
+    Each row holds the statement's columns (read them by name, e.g. ``row.Job``, ``row.version``)
+    and, after them, the two columns the cursor was read from.
+    """
+
+    rows: Sequence[Row[Any]]
+    next_cursor: str | None
 
 
 def _encode_value(value: Any) -> Any:
@@ -68,33 +117,25 @@ def decode_cursor(cursor: str, sort: str, kind: str) -> tuple[Any, int]:
 
 
 def paginate(
-    stmt: S,
-    *,
-    sort: str,
-    keys: dict[str, SortKey],
-    id_col: SQLCoreOperations[Any],
-    cursor: str | None,
-    limit: int,
-) -> tuple[S, SortKey, bool]:
-    """Order, seek past the cursor and fetch ``limit + 1`` rows (the extra one says 'more')."""
-    desc = sort.startswith("-")
-    key = keys[sort.lstrip("-")]
+    db: Session | Connection, stmt: Select[*tuple[Any, ...]], cursor: str | None, limit: int, order: Order
+) -> Slice:
+    """Seek past ``cursor`` in ``order`` and fetch one page of ``stmt`` (``limit + 1`` rows: the extra
+    one says there is a next page).
+
+    ``db`` is the session; a statement of plain columns may run on its connection instead, which
+    returns the same rows without the ORM's per-row work.
+    """
+    key, id_col = order.key, order.id_col
     if cursor:
-        value, last_id = decode_cursor(cursor, sort, key.kind)
-        if desc:
+        value, last_id = decode_cursor(cursor, order.sort, key.kind)
+        if order.desc:
             stmt = stmt.where(or_(key.expr < value, and_(key.expr == value, id_col < last_id)))
         else:
             stmt = stmt.where(or_(key.expr > value, and_(key.expr == value, id_col > last_id)))
-    order = (key.expr.desc(), id_col.desc()) if desc else (key.expr.asc(), id_col.asc())
-    return stmt.order_by(*order).limit(limit + 1), key, desc
-
-
-def next_cursor(rows: Sequence[Any], limit: int, sort: str, value_of: Any, id_of: Any) -> str | None:
+    by = (key.expr.desc(), id_col.desc()) if order.desc else (key.expr.asc(), id_col.asc())
+    stmt = stmt.add_columns(key.expr.label(_VALUE), id_col.label(_ID)).order_by(*by).limit(limit + 1)
+    rows = db.execute(stmt).all()
     if len(rows) <= limit:
-        return None
+        return Slice(rows, None)
     last = rows[limit - 1]
-    return encode_cursor(sort, value_of(last), id_of(last))
-
-
-def sort_pattern(names: Sequence[str]) -> str:
-    return "^-?(" + "|".join(names) + ")$"
+    return Slice(rows[:limit], encode_cursor(order.sort, last[-2], last[-1]))

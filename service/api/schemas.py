@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from service.core.models import DeliveryState, InstanceState, JobState
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -31,6 +32,17 @@ def _iso_only(value: object) -> object:
 IsoDateTime = Annotated[datetime, BeforeValidator(_iso_only)]
 
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
+
+
+def from_row(schema: type[M], row: object, /, **values: Any) -> M:
+    """``schema`` from ``row``'s attributes of the same names; ``values`` give the fields it lacks.
+
+    Response bodies mostly repeat a table's columns: naming each one again is how copies drift.
+    """
+    return schema.model_validate(
+        {name: values[name] if name in values else getattr(row, name) for name in schema.model_fields},
+        from_attributes=True,  # nested bodies from objects too
+    )
 
 
 class Page(BaseModel, Generic[T]):
@@ -339,3 +351,92 @@ class PackageAgreementOut(BaseModel):
 
 class AgreementOut(BaseModel):
     packages: list[PackageAgreementOut]
+
+
+# --- list filters: the query parameters of each list (FastAPI reads them as ``Annotated[F, Query()]``) ---
+# A parameter left out is None and filters nothing. Field order is the order in docs/openapi.json.
+
+OptUid = Annotated[str | None, Field(pattern=UID_PATTERN, max_length=64)]
+OptName = Annotated[str | None, Field(max_length=64)]
+OptAe = Annotated[str | None, Field(max_length=16)]
+CreatedFrom = Annotated[IsoDateTime | None, Field(description="Created at or after (ISO 8601).")]
+CreatedTo = Annotated[IsoDateTime | None, Field(description="Created before (ISO 8601).")]
+
+
+class StudyFilter(BaseModel):
+    patient_id: OptName = None
+    accession_number: OptName = None
+    date_from: date | None = Field(None, description="Study date on or after (YYYY-MM-DD).")
+    date_to: date | None = Field(None, description="Study date on or before (YYYY-MM-DD).")
+    calling_ae: str | None = Field(None, max_length=16, description="Has an instance from this AE.")
+    job_state: JobState | None = Field(None, description="Has a job in this state.")
+    score_min: int | None = Field(None, ge=0, le=3, description="Has a result scoring at least this.")
+    score_max: int | None = Field(None, ge=0, le=3, description="Has a result scoring at most this.")
+
+
+class SeriesFilter(BaseModel):
+    study_instance_uid: OptUid = None
+    modality: OptAe = None
+    zone: str | None = Field(None, max_length=16, description="Only series of this lung zone (e.g. R1).")
+
+
+class InstanceFilter(BaseModel):
+    study_instance_uid: OptUid = None
+    series_instance_uid: OptUid = None
+    patient_id: OptName = None
+    accession_number: OptName = None
+    calling_ae: OptAe = None
+    state: InstanceState | None = None
+    received_from: IsoDateTime | None = Field(None, description="Received at or after (ISO 8601)")
+    received_to: IsoDateTime | None = Field(None, description="Received before (ISO 8601).")
+
+
+class JobFilter(BaseModel):
+    state: JobState | None = None
+    sop_instance_uid: OptUid = None
+    model_version: OptName = None
+    created_from: CreatedFrom = None
+    created_to: CreatedTo = None
+
+
+class ResultFilter(BaseModel):
+    score_min: int | None = Field(
+        None, ge=0, le=3, description="Score at least this (not gradable results never match)."
+    )
+    score_max: int | None = Field(
+        None, ge=0, le=3, description="Score at most this (not gradable results never match)."
+    )
+    gradable: bool | None = Field(None, description="false: only results whose cine could not be graded.")
+    model_version: OptName = None
+    created_from: CreatedFrom = None
+    created_to: CreatedTo = None
+    study_instance_uid: OptUid = None
+    sop_instance_uid: OptUid = None
+    consolidation: bool | None = None
+    effusion: bool | None = None
+
+
+class DeliveryFilter(BaseModel):
+    state: DeliveryState | None = None
+    destination: str | None = Field(None, max_length=128, description="AET@host:port")
+    sop_instance_uid: str | None = Field(
+        None, pattern=UID_PATTERN, max_length=64, description="UID of the delivered SEG/SR/SC."
+    )
+    result_id: int | None = Field(None, ge=1, le=2**62)
+
+
+class ReviewFilter(BaseModel):
+    """Of the review lists and of the agreement."""
+
+    reviewer: str | None = Field(
+        None, max_length=160, pattern=TEXT_PATTERN, description="Only this reviewer (principal)."
+    )
+    model_version: str | None = Field(None, max_length=64, pattern=TEXT_PATTERN)
+    since: IsoDateTime | None = Field(None, description="Reviews recorded at or after (ISO 8601).")
+
+
+class AuditFilter(BaseModel):
+    principal: str | None = Field(None, max_length=160)
+    resource_prefix: str | None = Field(None, max_length=512, description="Path prefix, e.g. a study URL.")
+    at_from: IsoDateTime | None = Field(None, description="At or after (ISO 8601).")
+    at_to: IsoDateTime | None = Field(None, description="Before (ISO 8601).")

@@ -51,13 +51,13 @@ def adapt(
     force: bool = typer.Option(False, help="Replace a non-empty --out folder that is not a package."),
 ) -> None:
     """Fine-tune the score head on video-level expert scores, with patient-wise nested CV figures."""
-    from workers.infer.package import DEFAULT_PACKAGE, PackageError, load_package, write_package
+    from service.core.model_package import DEFAULT_PACKAGE, PackageError, load_package, write_package
     from workers.infer.predict import resolve_device
     from workers.infer.scorer import export_scorer_onnx, save_scorer
+    from workers.infer.unet import load_model
     from workers.training.adapt.cv import chosen_epochs, cross_validate, final_fit
     from workers.training.adapt.data import index_dicom, load_cines, read_labels
     from workers.training.adapt.train import method_config
-    from workers.training.train import load_model
 
     t0 = time.perf_counter()
     if method not in METHODS:

@@ -11,7 +11,8 @@ from rich.table import Table
 from sqlalchemy import select
 
 from service.cli.app import app
-from service.core.settings import get_settings
+from service.core.runtime import Runtime
+from service.core.settings import Settings
 
 apikey_app = typer.Typer(help="REST API keys.", no_args_is_help=True)
 app.add_typer(apikey_app, name="apikey")
@@ -34,14 +35,13 @@ def create(
 ) -> None:
     """Create a key and print its token once; store it in the integrator's secret store."""
     from service.api.auth import create_api_key
-    from service.core.db import session_scope
 
     scope = scope or ["read"]
     if len(name) > 64:
         raise typer.BadParameter("at most 64 characters", param_hint="NAME")
     expires = datetime.now(UTC) + timedelta(days=expires_days) if expires_days else None
     try:
-        with session_scope(get_settings().db_url) as session:
+        with Runtime.from_settings(Settings()) as runtime, runtime.db.session() as session:
             row, token = create_api_key(session, name, scope, rate_limit=rate_limit, expires_at=expires)
             key_id = row.key_id
     except ValueError as exc:
@@ -54,13 +54,12 @@ def create(
 @apikey_app.command("list")
 def list_keys() -> None:
     """Keys with their scopes and state (never the secrets)."""
-    from service.core.db import session_scope
     from service.core.models import ApiKey
 
     table = Table()
     for col in ("key id", "name", "scopes", "rate/min", "created", "expires", "revoked"):
         table.add_column(col, no_wrap=True)
-    with session_scope(get_settings().db_url) as session:
+    with Runtime.from_settings(Settings()) as runtime, runtime.db.session() as session:
         for k in session.scalars(select(ApiKey).order_by(ApiKey.id)):
             table.add_row(
                 k.key_id,
@@ -77,10 +76,9 @@ def list_keys() -> None:
 @apikey_app.command("revoke")
 def revoke(key_id: Annotated[str, typer.Argument(help="The key id shown by create/list.")]) -> None:
     """Revoke a key (running API processes stop accepting it within LUSAI_API_KEY_CACHE_SECONDS)."""
-    from service.core.db import session_scope
     from service.core.models import ApiKey
 
-    with session_scope(get_settings().db_url) as session:
+    with Runtime.from_settings(Settings()) as runtime, runtime.db.session() as session:
         row = session.scalar(select(ApiKey).where(ApiKey.key_id == key_id))
         if row is None:
             console.print(f"no key {key_id}", style="red")

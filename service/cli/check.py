@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from service.cli.app import app
-from service.core.settings import get_settings
+from service.core.settings import Settings
 
 
 class Role(StrEnum):
@@ -34,7 +34,7 @@ def c_echo(host: str, port: int, called_ae: str, calling_ae: str = "LUSAI-CHECK"
 @app.command()
 def check(role: Annotated[Role, typer.Argument(help="Which part to check.")]) -> None:
     """Health check for one role (used by Docker HEALTHCHECK and compose)."""
-    s = get_settings()
+    s = Settings()
     ok = False
     if role is Role.api:
         import httpx
@@ -46,13 +46,13 @@ def check(role: Annotated[Role, typer.Argument(help="Which part to check.")]) ->
     elif role is Role.scp:
         ok = c_echo("127.0.0.1", s.dicom_port, s.ae_title, calling_ae=s.ae_title)
     else:
-        from service.core.db import ping
-        from service.core.queue import broker_ping
-        from workers.infer.package import DEFAULT_PACKAGE, PackageError, load_package
+        from service.core.model_package import DEFAULT_PACKAGE, PackageError, load_package
+        from service.core.runtime import Runtime
 
         try:
-            ping()
-            broker_ping()
+            with Runtime.from_settings(s) as runtime:
+                runtime.db.ping()
+                runtime.queue.ping()
             ok = True
         except Exception:
             ok = False
@@ -71,6 +71,6 @@ def echo(to: Annotated[str, typer.Option("--to", help="Peer AET@host:port.")]) -
     from service.core.settings import Destination
 
     dest = Destination.parse(to)
-    ok = c_echo(dest.host, dest.port, dest.ae_title, calling_ae=get_settings().ae_title)
+    ok = c_echo(dest.host, dest.port, dest.ae_title, calling_ae=Settings().ae_title)
     typer.echo(f"C-ECHO {dest}: {'success' if ok else 'failed'}")
     raise typer.Exit(0 if ok else 1)

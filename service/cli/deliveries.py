@@ -10,11 +10,10 @@ from rich.table import Table
 from sqlalchemy import select
 
 from service.cli.app import app
-from service.core.db import session_scope
+from service.core import lifecycle
 from service.core.models import Delivery, DeliveryState
-from service.core.outbox import reset_for_resend
-from service.core.queue import enqueue_delivery
-from service.core.settings import get_settings
+from service.core.runtime import Runtime
+from service.core.settings import Settings
 
 deliveries_app = typer.Typer(help="Result deliveries to PACS (the outbox).", no_args_is_help=True)
 app.add_typer(deliveries_app, name="deliveries")
@@ -27,7 +26,7 @@ def list_(
     limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
 ) -> None:
     """Newest deliveries first."""
-    with session_scope(get_settings().db_url) as s:
+    with Runtime.from_settings(Settings()) as runtime, runtime.db.session() as s:
         q = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
         if state is not None:
             q = q.where(Delivery.state == state)
@@ -56,16 +55,20 @@ def resend(
     ] = (DeliveryState.DEAD),
     destination: Annotated[str | None, typer.Option(help="Only this destination (AET@host:port).")] = None,
 ) -> None:
-    """Reset deliveries to pending with a fresh attempt budget and queue them now."""
-    with session_scope(get_settings().db_url) as s:
-        q = select(Delivery)
-        q = q.where(Delivery.id.in_(ids)) if ids else q.where(Delivery.state == state)
-        if destination:
-            q = q.where(Delivery.destination == destination)
-        rows = s.scalars(q).all()
-        for d in rows:
-            reset_for_resend(d)
-        chosen = [d.id for d in rows]
-    for delivery_id in chosen:
-        enqueue_delivery(delivery_id)
+    """Reset deliveries to pending with a fresh attempt budget and queue them now.
+
+    A delivery being sent right now is left alone (as the API's re-send refuses it).
+    """
+    with Runtime.from_settings(Settings()) as runtime:
+        with runtime.db.session() as s:
+            q = select(Delivery.id)
+            q = q.where(Delivery.id.in_(ids)) if ids else q.where(Delivery.state == state)
+            if destination:
+                q = q.where(Delivery.destination == destination)
+            matched = list(s.scalars(q))
+            chosen = [delivery_id for delivery_id in matched if lifecycle.resend(s, delivery_id)]
+        for delivery_id in chosen:
+            runtime.queue.enqueue_delivery(delivery_id)
     console.print(f"re-queued {len(chosen)} deliveries")
+    if busy := sorted(set(matched) - set(chosen)):
+        console.print(f"skipped {len(busy)} being sent right now: {', '.join(map(str, busy))}")

@@ -1,6 +1,6 @@
 """`lusai analyze`, `lusai train`, `lusai eval`, `lusai model`: the model from the command line.
 
-Every command takes a model package (``--model``, workers/infer/package.py; default the shipped
+Every command takes a model package (``--model``, service/core/model_package.py; default the shipped
 one); ``lusai train`` writes one and ``lusai model package`` makes one from loose files.
 """
 
@@ -21,7 +21,7 @@ from rich.table import Table
 from service.cli.app import app
 
 if TYPE_CHECKING:
-    from workers.infer.package import ModelPackage
+    from service.core.model_package import ModelPackage
 
 log = logging.getLogger(__name__)
 err = Console(stderr=True)
@@ -34,7 +34,7 @@ _WEIGHTS_HELP = "Deprecated alias of --model."
 
 def _load(model: Path | None, weights: Path | None = None) -> ModelPackage:
     """The package to run, verified; a bad one ends the command with its reason (exit code 1)."""
-    from workers.infer.package import DEFAULT_PACKAGE, PackageError, load_package
+    from service.core.model_package import DEFAULT_PACKAGE, PackageError, load_package
 
     if weights is not None:
         err.print("--weights is deprecated: use --model PACKAGE", style="yellow")
@@ -122,7 +122,10 @@ def _table(rows: list[tuple[str, dict[str, Any]]]) -> Table:
 @app.command()
 def train(
     out: Path | None = typer.Option(
-        None, help="Model package folder to write (default lusai-models/phantom-SEED)."
+        None,
+        help="Model package folder to write (default $LUSAI_DATA_DIR/models/NAME-VERSION, outside the "
+        "source tree). --out workers/infer/weights replaces the package shipped with lusai: for "
+        "maintainers releasing new default weights (then refit score_config.json and re-package).",
     ),
     seed: int = typer.Option(0),
     epochs: int = typer.Option(3),
@@ -139,19 +142,28 @@ def train(
     force: bool = typer.Option(False, help="Replace a non-empty --out folder that is not a package."),
 ) -> None:
     """Train the segmentation network on the phantom only (reproducible from --seed) into a package."""
-    from workers.infer.package import (
+    from service.core.model_package import (
         DEFAULT_PACKAGE,
         PackageError,
+        check_identity,
         load_package,
         training_from_metrics,
         write_package,
     )
+    from service.core.settings import Settings
     from workers.infer.predict import resolve_device
     from workers.training.train import METRICS_NAME, ONNX_NAME, WEIGHTS_NAME, TrainConfig
     from workers.training.train import train as run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    out = out or Path("lusai-models") / f"phantom-{seed}"
+    name = name or load_package(DEFAULT_PACKAGE, verify=False).name
+    version = version or f"phantom-{seed}"
+    try:
+        check_identity(name, version, "lusai train")
+    except PackageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    out = out or Settings().data_dir / "models" / f"{name}-{version}"
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file() and not force:
         typer.echo(f"error: {out} is not empty and not a model package (--force replaces it)", err=True)
         raise typer.Exit(code=1)  # checked before training, not after 15 minutes of it
@@ -168,8 +180,8 @@ def train(
         try:
             pkg = write_package(
                 out,
-                name=name or load_package(DEFAULT_PACKAGE, verify=False).name,
-                version=version or f"phantom-{seed}",
+                name=name,
+                version=version,
                 files=files,
                 description=f"Attention U-Net trained by `lusai train` on phantom frames only (seed {seed}).",
                 training=training_from_metrics(staging / METRICS_NAME),
@@ -198,10 +210,10 @@ def evaluate(
     """Dice per class on held-out phantom frames and video-score agreement with experts."""
     import numpy as np
 
+    from service.core.agreement import agreement
     from workers.infer.predict import Predictor
     from workers.pipeline import operating_point
     from workers.training.calibrate import cache_segmentations, video_scores
-    from workers.training.evaluate import agreement
     from workers.training.train import dice_per_class, phantom_set
 
     pkg = _load(model, weights)
@@ -234,8 +246,9 @@ def _eval_full_pipeline(folder: Path, pkg: Any, device: str) -> dict[str, Any]:
     so flagging cannot hide hard cine from the figure."""
     import numpy as np
 
+    from service.core.agreement import agreement
     from workers.pipeline import Analyzer, InputError
-    from workers.training.evaluate import agreement, labelled_items
+    from workers.training.evaluate import labelled_items
 
     analyzer = Analyzer(pkg, device)
     videos = []
@@ -300,7 +313,7 @@ def package_cmd(
 
     After replacing weights or score_config.json in a package, run this to record their new hashes.
     """
-    from workers.infer.package import PackageError, repackage
+    from service.core.model_package import PackageError, repackage
 
     extra: dict[str, Path] = {}
     for item in file or []:

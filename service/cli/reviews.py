@@ -9,13 +9,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import select
 
 from service.cli.app import app
-from service.core.db import session_scope
-from service.core.models import Instance, Result, Review
+from service.core.models import Review
 from service.core.reviews import label_rows, pseudonym_key, write_labels
-from service.core.settings import get_settings
+from service.core.runtime import Runtime
+from service.core.settings import Settings
 
 reviews_app = typer.Typer(help="Readers' reviews of results.", no_args_is_help=True)
 app.add_typer(reviews_app, name="reviews")
@@ -49,10 +48,10 @@ def export(
     when = _since(since)
     if not out.parent.is_dir():
         raise typer.BadParameter(f"folder does not exist: {out.parent}", param_hint="--out")
-    settings = get_settings()
-    key = pseudonym_key(settings)
-    with session_scope(settings.db_url) as s:
-        labels = label_rows(s, key, since=when, model_version=model_version)
+    with Runtime.from_settings(Settings()) as runtime:
+        key = pseudonym_key(runtime.settings)
+        with runtime.db.session() as s:
+            labels = label_rows(s, key, since=when, model_version=model_version)
     write_labels(out, labels.rows)
     console.print(
         f"wrote {len(labels.rows)} labels to {out}"
@@ -67,26 +66,24 @@ def list_(
     reviewer: Annotated[str | None, typer.Option(help="Only this reviewer (principal name).")] = None,
 ) -> None:
     """Newest reviews first, with the model's score beside the reader's."""
-    with session_scope(get_settings().db_url) as s:
-        q = (
-            select(Review, Instance.sop_instance_uid, Result.score, Result.model_version)
-            .join(Result, Review.result_id == Result.id)
-            .join(Instance, Review.instance_id == Instance.id)
-            .order_by(Review.id.desc())
-            .limit(limit)
-        )
-        if reviewer is not None:
-            q = q.where(Review.reviewer == reviewer)
+    from service.api.queries.reviews import select_reviews  # the API's query; FastAPI only when used
+    from service.api.schemas import ReviewFilter
+
+    # model_construct: a filter, not input to check (any stored reviewer name can be asked for).
+    which = ReviewFilter.model_construct(reviewer=reviewer)
+    with Runtime.from_settings(Settings()) as runtime, runtime.db.session() as s:
+        q = select_reviews(which).order_by(Review.id.desc()).limit(limit)
         table = Table("id", "result", "instance", "reviewer", "reader", "model", "model version", "at")
-        for rv, uid, model_score, version in s.execute(q):
+        for row in s.execute(q):
+            rv = row.Review
             table.add_row(
                 str(rv.id),
                 str(rv.result_id),
-                uid,
+                row.sop_instance_uid,
                 rv.reviewer,
                 "not gradable" if rv.score is None else str(rv.score),
-                "not graded" if model_score is None else str(model_score),
-                version,
+                "not graded" if row.score is None else str(row.score),
+                row.model_version,
                 rv.created_at.isoformat(timespec="seconds"),
             )
     console.print(table)

@@ -18,7 +18,7 @@ from typing import Annotated
 import pydicom
 import typer
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
@@ -27,13 +27,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from service.cli.app import app
-from service.core.settings import Destination, get_settings
+from service.core.dicom import stored
+from service.core.settings import Destination, Settings
 
 console = Console(stderr=True)
 
-OK_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})  # success, and the storage warnings
 MAX_CONTEXTS = 128  # presentation context IDs are the odd numbers 1-255
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR: an index, not an object to store
 
 
 @dataclass(frozen=True)
@@ -76,8 +75,8 @@ def _scan(files: list[Path]) -> tuple[list[_Item], int, list[str]]:
             errors.append(f"{f}: unreadable: {_reason(exc)}")
             continue
         meta = getattr(ds, "file_meta", None)
-        if meta is not None and meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
-            skipped += 1
+        if meta is not None and meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
+            skipped += 1  # a DICOMDIR: an index, not an object to store
             continue
         sop_class, sop_instance = ds.get("SOPClassUID"), ds.get("SOPInstanceUID")
         ts = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -155,7 +154,7 @@ def _store(assoc: Association, item: _Item) -> str | None:
     if "Status" not in status:
         return "no response from the peer (timed out, or the association was aborted)"
     code = int(status.Status)
-    if code not in OK_STATUSES:
+    if not stored(code):
         comment = " ".join(str(status.get("ErrorComment", "")).split())[:200]
         return f"refused by the peer, status 0x{code:04X}" + (f" ({comment})" if comment else "")
     return None
@@ -195,7 +194,7 @@ def send(
     for text in errors:
         _error(text)
     failed = len(errors)
-    ae = AE(ae_title=calling_ae or get_settings().ae_title)
+    ae = AE(ae_title=calling_ae or Settings().ae_title)
     with Progress(
         TextColumn("[bold]C-STORE"),
         BarColumn(),

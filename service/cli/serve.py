@@ -10,20 +10,26 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from typing import Annotated
 
 import typer
 
 from service.cli.app import app
+from service.core.libraries import configure_libraries
 from service.core.logs import configure_logging, ctx
-from service.core.settings import Settings, get_settings
+from service.core.runtime import Runtime
+from service.core.settings import Settings
 
 log = logging.getLogger("lusai.cli")
 
 
 def _settings() -> Settings:
-    s = get_settings()
+    """Start-up of every long-running command (and of each ``scp --processes`` child): the one
+    place these processes read the environment; their runtime is built from what this returns."""
+    s = Settings()
     configure_logging(s.log_format, s.log_level)
+    configure_libraries()
     s.data_dir.mkdir(parents=True, exist_ok=True)
     return s
 
@@ -31,7 +37,7 @@ def _settings() -> Settings:
 def _upgrade_embedded(s: Settings) -> None:
     """Embedded SQLite is migrated on start; production runs ``lusai db upgrade`` as a release step."""
     if s.db_url.startswith("sqlite"):
-        from service.core.migrate import upgrade
+        from migrations.runner import upgrade
 
         upgrade(s.db_url)
 
@@ -39,7 +45,7 @@ def _upgrade_embedded(s: Settings) -> None:
 def require_model_package(s: Settings) -> None:
     """Verify LUSAI_MODEL_PATH before a worker starts: a bad package stops it with one clear line
     and exit code 1, rather than a worker that fails every job or a restart loop of tracebacks."""
-    from workers.infer.package import DEFAULT_PACKAGE, PackageError, load_package
+    from service.core.model_package import DEFAULT_PACKAGE, PackageError, load_package
 
     try:
         pkg = load_package(s.model_path or DEFAULT_PACKAGE)
@@ -52,15 +58,21 @@ def require_model_package(s: Settings) -> None:
     )
 
 
-def run_scp(s: Settings, *, with_recovery: bool = True) -> None:
+def start_recovery(runtime: Runtime) -> threading.Event:
+    """This process's recovery sweep: index spooled objects (receive), then the core's re-queues."""
+    from service.core import recovery
+    from service.receive.spool import drain_spool
+
+    steps: list[recovery.Step] = [partial(drain_spool, runtime), *recovery.steps(runtime)]
+    return recovery.start_background(steps, interval=runtime.settings.recovery_interval)
+
+
+def run_scp(runtime: Runtime, *, with_recovery: bool = True) -> None:
     """Serve DICOM in this process until SIGTERM/SIGINT."""
-    from service import recovery
-    from service.core.storage import ObjectStore
     from service.receive.scp import make_server
 
-    store = ObjectStore(s.storage)
-    server = make_server(s, store)
-    stop = recovery.start_background(s, store, interval=s.recovery_interval) if with_recovery else None
+    server = make_server(runtime)
+    stop = start_recovery(runtime) if with_recovery else None
     try:
         server.serve_forever()
     finally:
@@ -70,8 +82,8 @@ def run_scp(s: Settings, *, with_recovery: bool = True) -> None:
 
 
 def _scp_child(reserved: int) -> None:  # multiprocessing target; no recovery thread but in #0
-    s = _settings()
-    run_scp(s, with_recovery=reserved == 0)
+    with Runtime.from_settings(_settings()) as runtime:
+        run_scp(runtime, with_recovery=reserved == 0)
 
 
 @app.command()
@@ -86,7 +98,8 @@ def scp(
     _upgrade_embedded(s)
     if processes <= 1:
         _install_term_handler()
-        run_scp(s)
+        with Runtime.from_settings(s) as runtime:
+            run_scp(runtime)
         return
     ctx_ = multiprocessing.get_context("spawn")
     children = [ctx_.Process(target=_scp_child, args=(i,), daemon=True) for i in range(processes)]
@@ -110,7 +123,8 @@ def api() -> None:
     _upgrade_embedded(s)
     from service.api.main import create_app
 
-    uvicorn.run(create_app(), host=s.api_host, port=s.api_port, log_config=None, access_log=False)
+    with Runtime.from_settings(s) as runtime:
+        uvicorn.run(create_app(runtime), host=s.api_host, port=s.api_port, log_config=None, access_log=False)
 
 
 def worker_argv(s: Settings, queues: str) -> list[str]:
@@ -150,13 +164,12 @@ def worker(
     if "analyze" in queues.split(","):
         require_model_package(s)
     _upgrade_embedded(s)
-    from service import recovery
-    from service.core.storage import ObjectStore
-
-    recovery.start_background(s, ObjectStore(s.storage), interval=s.recovery_interval)
-    proc = subprocess.Popen(worker_argv(s, queues), preexec_fn=_die_with_parent)
-    _forward_signals(proc)
-    sys.exit(proc.wait())
+    with Runtime.from_settings(s) as runtime:  # the recovery sweep's; the Celery worker builds its own
+        start_recovery(runtime)
+        proc = subprocess.Popen(worker_argv(s, queues), preexec_fn=_die_with_parent)
+        _forward_signals(proc)
+        code = proc.wait()
+    sys.exit(code)
 
 
 @app.command()
@@ -172,7 +185,8 @@ def serve() -> None:
     # uvicorn re-raises SIGTERM after its shutdown, which ends this process before any `finally`
     # runs: the kernel must stop the worker when we go, or it lives on as an orphan.
     worker_proc = subprocess.Popen(worker_argv(s, "analyze,deliver"), preexec_fn=_die_with_parent)
-    scp_thread = threading.Thread(target=run_scp, args=(s,), name="lusai-scp", daemon=True)
+    runtime = Runtime.from_settings(s)  # one for the SCP thread and the API (the worker builds its own)
+    scp_thread = threading.Thread(target=run_scp, args=(runtime,), name="lusai-scp", daemon=True)
     scp_thread.start()
     log.info(
         "lusai serving",
@@ -184,7 +198,7 @@ def serve() -> None:
         ),
     )
     try:
-        uvicorn.run(create_app(), host=s.api_host, port=s.api_port, log_config=None, access_log=False)
+        uvicorn.run(create_app(runtime), host=s.api_host, port=s.api_port, log_config=None, access_log=False)
     finally:
         worker_proc.terminate()
         try:

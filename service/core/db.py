@@ -1,16 +1,17 @@
-"""Engine and session factory; one engine per process, built from settings."""
+"""The database of one process: its engine and session factory, owned by :class:`Database`.
+
+Built once per process by :class:`service.core.runtime.Runtime` and passed down; nothing here
+reads the environment or keeps a process-wide cache.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
-
-from service.core.settings import get_settings
 
 
 def make_engine(url: str) -> Engine:
@@ -33,30 +34,36 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-@lru_cache(maxsize=4)
-def get_engine(url: str | None = None) -> Engine:
-    return make_engine(url or get_settings().db_url)
+class Database:
+    """One engine (its connection pool) and the session factory on it.
 
+    Creating one opens no connection; :meth:`dispose` closes the pool's connections, so a test's
+    SQLite file can be removed and a PostgreSQL database dropped.
+    """
 
-def get_sessionmaker(url: str | None = None) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        #: Sessions whose objects stay readable after commit (rows are handed to callers).
+        self.sessions: sessionmaker[Session] = sessionmaker(bind=self.engine, expire_on_commit=False)
 
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: commit on success, roll back on error."""
+        session = self.sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
 
-@contextmanager
-def session_scope(url: str | None = None) -> Iterator[Session]:
-    """A transaction: commit on success, roll back on error."""
-    session = get_sessionmaker(url)()
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    def ping(self) -> None:
+        """Raise if the database cannot answer a trivial query (``/health``, ``lusai check``)."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
 
-
-def ping(url: str | None = None) -> None:
-    """Raise if the database cannot answer a trivial query (used by /health)."""
-    with get_engine(url).connect() as conn:
-        conn.execute(text("SELECT 1"))
+    def dispose(self) -> None:
+        self.engine.dispose()

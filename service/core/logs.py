@@ -50,15 +50,16 @@ class TextFormatter(logging.Formatter):
 
 
 def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
-    """Install one stderr handler on the root logger (idempotent)."""
+    """Install one stderr handler on the root logger (idempotent).
+
+    What each third-party library may log is set by
+    :func:`service.core.libraries.configure_libraries`, called right after this one.
+    """
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # pynetdicom logs dataset contents (PHI) at DEBUG and PDU summaries at INFO: keep it quiet.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("multipart").setLevel(logging.WARNING)
 
 
 def ctx(**fields: Any) -> dict[str, Any]:

@@ -181,6 +181,12 @@ class Result(Base):
     sr_storage_key: Mapped[str | None] = mapped_column(String(128))
     sc_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     sc_storage_key: Mapped[str | None] = mapped_column(String(128))
+    # Previews the worker rendered next to the SEG (the API only serves them). All NULL: analysed
+    # before previews were stored (0006); preview_error: the worker could not render them.
+    preview_png_key: Mapped[str | None] = mapped_column(String(128))
+    preview_gif_key: Mapped[str | None] = mapped_column(String(128))
+    preview_webp_key: Mapped[str | None] = mapped_column(String(128))
+    preview_error: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
     job: Mapped[Job] = relationship(back_populates="result")

@@ -2,18 +2,18 @@
 
 Embedded mode uses kombu's filesystem transport under ``LUSAI_DATA_DIR/broker`` (a real Celery
 worker consumes a real queue, no server needed); production uses Redis. The database, not the
-broker, is the source of truth: every job has a row first, and :func:`service.recovery` re-sends
+broker, is the source of truth: every job has a row first, and :mod:`service.core.recovery` re-sends
 jobs whose message was lost (a killed worker, a broker restart), which is why tasks are idempotent.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+import threading
 from typing import Any
 
 from celery import Celery
 
-from service.core.settings import Settings, get_settings
+from service.core.settings import Settings
 
 ANALYZE_TASK = "lusai.analyze"
 DELIVER_TASK = "lusai.deliver"
@@ -61,22 +61,44 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return conf
 
 
-@lru_cache(maxsize=1)
-def producer() -> Celery:
-    app = Celery("lusai-producer")
-    app.conf.update(celery_config(get_settings()))
-    return app
+class TaskQueue:
+    """The producer side of the queue: sends tasks by name on the configured broker.
 
+    The Celery producer (and, in embedded mode, the broker folders) is made on the first send, so a
+    command that never sends creates nothing; it is shared by the process's threads (the SCP's
+    associations, the API's handlers), as Celery's producer pool is.
+    """
 
-def enqueue_analysis(job_id: int) -> None:
-    producer().send_task(ANALYZE_TASK, args=[job_id], queue=ANALYZE_QUEUE)
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._app: Celery | None = None
+        self._lock = threading.Lock()
 
+    @property
+    def producer(self) -> Celery:
+        with self._lock:
+            if self._app is None:
+                app = Celery("lusai-producer")
+                app.conf.update(celery_config(self._settings))
+                self._app = app
+            return self._app
 
-def enqueue_delivery(delivery_id: int, countdown: float = 0) -> None:
-    producer().send_task(DELIVER_TASK, args=[delivery_id], queue=DELIVER_QUEUE, countdown=countdown or None)
+    def enqueue_analysis(self, job_id: int) -> None:
+        self.producer.send_task(ANALYZE_TASK, args=[job_id], queue=ANALYZE_QUEUE)
 
+    def enqueue_delivery(self, delivery_id: int, countdown: float = 0) -> None:
+        self.producer.send_task(
+            DELIVER_TASK, args=[delivery_id], queue=DELIVER_QUEUE, countdown=countdown or None
+        )
 
-def broker_ping(timeout: float = 3.0) -> None:
-    """Raise if the broker cannot be reached (used by /health)."""
-    with producer().connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, timeout=timeout)
+    def ping(self, timeout: float = 3.0) -> None:
+        """Raise if the broker cannot be reached (``/health``, ``lusai check``)."""
+        with self.producer.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+
+    def close(self) -> None:
+        """Release the producer's broker connections (a later send opens new ones)."""
+        with self._lock:
+            app, self._app = self._app, None
+        if app is not None:
+            app.close()

@@ -22,9 +22,9 @@ import numpy as np
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from service.core.agreement import Agreement, agreement
 from service.core.models import Instance, Result, Review, Series, Study
 from service.core.settings import Settings
-from workers.training.evaluate import Agreement, agreement
 
 #: Columns of the labels CSV, as tools/blus_to_dicom.py writes them (without its file column).
 LABEL_COLUMNS = ("sop_instance_uid", "score", "a_lines", "b_lines", "patient_id", "comments")

@@ -3,18 +3,21 @@
 Defaults are the embedded mode (SQLite file, local storage, filesystem Celery broker, all under
 ``LUSAI_DATA_DIR``), so ``lusai serve`` runs with no configuration at all. Production sets
 ``LUSAI_DATABASE_URL`` (PostgreSQL) and ``LUSAI_BROKER_URL`` (Redis). Invalid values fail at
-start-up, not on the first cine.
+start-up, not on the first cine. Each entry point reads them once (``Settings()``) and passes the
+object down inside its :class:`service.core.runtime.Runtime`.
 """
 
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from service.core.dicom import OutputKind
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: 16 chars, no backslash
 
@@ -188,7 +191,9 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     log_level: str = Field("INFO", description="Python logging level.")
 
-    @field_validator("allowed_calling_aes", "cors_origins", "zones_expected", mode="before")
+    @field_validator(
+        "allowed_calling_aes", "cors_origins", "zones_expected", "overlay_sc_destinations", mode="before"
+    )
     @classmethod
     def _split_list(cls, v: object) -> object:
         if isinstance(v, str):
@@ -279,8 +284,12 @@ class Settings(BaseSettings):
             return self.destinations[calling_ae.strip()]
         return self.default_destination
 
+    def wants(self, kind: OutputKind, destination: Destination) -> bool:
+        """Whether ``destination`` is sent outputs of ``kind``. SEG and SR go everywhere; the
+        overlay SC, a burned-in copy for viewers without SEG support, only to the AE titles in
+        ``overlay_sc_destinations`` when that list is set."""
+        from service.core.dicom import OutputKind  # pydicom and pynetdicom only where it is asked
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """Process-wide settings, read once from the environment."""
-    return Settings()
+        if kind != OutputKind.SC or not self.overlay_sc_destinations:
+            return True
+        return destination.ae_title in self.overlay_sc_destinations

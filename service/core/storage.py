@@ -1,9 +1,11 @@
-"""Content-addressed object storage with atomic writes.
+"""Content-addressed object storage with atomic, durable writes.
 
-Keys are ``objects/<sha[:2]>/<sha[2:4]>/<sha>.dcm``, derived only from the bytes, never from a UID
-or any other sender-controlled string, so a hostile UID cannot steer a path and identical sends
-deduplicate for free. Writes go to a temporary file in the same filesystem, are fsynced and then
-renamed into place, so a reader never sees half an object.
+Keys are ``objects/<sha[:2]>/<sha[2:4]>/<sha>.<suffix>``, derived only from the bytes and the kind
+of object (DICOM, or a preview image rendered by the worker), never from a UID or any other
+sender-controlled string, so a hostile UID cannot steer a path and identical sends deduplicate for
+free. Writes go to a temporary file in the same filesystem, are fsynced, renamed into place and the
+rename made durable by fsyncing the directories, so a reader never sees half an object and a crash
+after ``adopt`` returns cannot lose one.
 """
 
 from __future__ import annotations
@@ -16,12 +18,30 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-_KEY_RE = re.compile(r"^objects/[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{64}\.dcm$")
+#: Suffix of each kind of stored object -> its media type: DICOM objects (received and produced)
+#: and the preview images the worker renders next to the SEG. The suffix is chosen by our code,
+#: never by a sender.
+MEDIA_TYPES: dict[str, str] = {
+    "dcm": "application/dicom",
+    "png": "image/png",
+    "gif": "image/gif",
+    "webp": "image/webp",
+}
+# Both are used with fullmatch: "$" would also match before a trailing newline.
+_KEY_RE = re.compile(
+    rf"objects/([0-9a-f]{{2}})/([0-9a-f]{{2}})/\1\2[0-9a-f]{{60}}\.(?:{'|'.join(MEDIA_TYPES)})"
+)
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
 CHUNK = 1 << 20
 
 
 class StorageFull(OSError):
     """No space left for an incoming object (maps to DIMSE 0xA700)."""
+
+
+def suffix_of(key: str) -> str:
+    """The kind of a stored object (``"dcm"``, ``"png"`` ...), from its key."""
+    return key.rsplit(".", 1)[-1]
 
 
 class ObjectStore:
@@ -32,11 +52,13 @@ class ObjectStore:
         (self.root / "objects").mkdir(parents=True, exist_ok=True)
 
     @staticmethod
-    def key_for(sha256: str) -> str:
-        return f"objects/{sha256[:2]}/{sha256[2:4]}/{sha256}.dcm"
+    def key_for(sha256: str, suffix: str = "dcm") -> str:
+        if not _SHA_RE.fullmatch(sha256) or suffix not in MEDIA_TYPES:
+            raise ValueError("not a SHA-256 digest and object kind")
+        return f"objects/{sha256[:2]}/{sha256[2:4]}/{sha256}.{suffix}"
 
     def path(self, key: str) -> Path:
-        if not _KEY_RE.match(key):
+        if not _KEY_RE.fullmatch(key):
             raise ValueError("not a storage key")
         return self.root / key
 
@@ -49,26 +71,33 @@ class ObjectStore:
         os.close(fd)
         return Path(name)
 
-    def adopt(self, tmp: Path) -> tuple[str, str, int]:
-        """Hash a finished temporary file and rename it into place; returns (key, sha256, size)."""
-        digest = hashlib.sha256()
-        size = 0
-        with open(tmp, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-            os.fsync(fh.fileno())
-        sha = digest.hexdigest()
-        key = self.key_for(sha)
+    def adopt(
+        self, tmp: Path, digest: tuple[str, int] | None = None, *, suffix: str = "dcm"
+    ) -> tuple[str, str, int]:
+        """Move a finished temporary file into place durably; returns (key, sha256, size).
+
+        Without ``digest`` the file is hashed and fsynced here. With it, ``digest`` is the
+        (SHA-256, size) computed while the bytes arrived, and ``tmp`` must already be fsynced, so
+        the object is not read twice. Identical bytes already stored make this a no-op.
+        """
+        if digest is None:
+            digest = _hash_and_fsync(tmp)
+        sha, size = digest
+        key = self.key_for(sha, suffix)
         final = self.root / key
+        new_dirs = not final.parent.is_dir()
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
-            tmp.unlink(missing_ok=True)  # identical bytes already stored
-        else:
-            os.replace(tmp, final)
+            tmp.unlink(missing_ok=True)
+            return key, sha, size
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)  # POSIX: the new entry lives in the directory, not in the file
+        if new_dirs:  # objects/ab/cd just created: their own entries must be durable too
+            _fsync_dir(final.parent.parent)
+            _fsync_dir(final.parent.parent.parent)
         return key, sha, size
 
-    def put_bytes(self, chunks: Iterable[bytes]) -> tuple[str, str, int]:
+    def put_bytes(self, chunks: Iterable[bytes], *, suffix: str = "dcm") -> tuple[str, str, int]:
         tmp = self.new_temp()
         try:
             with open(tmp, "wb") as fh:
@@ -79,7 +108,7 @@ class ObjectStore:
             if exc.errno == 28:  # ENOSPC
                 raise StorageFull(str(exc)) from exc
             raise
-        return self.adopt(tmp)
+        return self.adopt(tmp, suffix=suffix)
 
     def put_file(self, src: Path) -> tuple[str, str, int]:
         tmp = self.new_temp()
@@ -102,3 +131,28 @@ class ObjectStore:
             return True
         except OSError:
             return False
+
+
+def _hash_and_fsync(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(fh.fileno())
+    return digest.hexdigest(), size
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable; filesystems that cannot fsync a directory are left as they are."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

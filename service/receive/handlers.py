@@ -1,8 +1,9 @@
 """C-ECHO and C-STORE handlers: transport only, each failure an explicit DIMSE status.
 
 The store handler takes the file pynetdicom streamed to disk (``STORE_RECV_CHUNKED_DATASET`` into
-:class:`service.receive.stream.IncomingObject`, already hashed and size-checked), hands it to
-:func:`service.receive.ingest.ingest_file` and answers. Inference happens later, outside the
+:class:`service.receive.pynetdicom_adapter.IncomingObject`, already hashed and size-checked; or,
+on pynetdicom's public path, its own temporary file, checked and hashed here), hands it to
+:func:`service.core.ingest.ingest_file` and answers. Inference happens later, outside the
 association. No handler lets an exception escape: pynetdicom would answer 0xC211 and log a
 traceback that may quote the dataset, so every outcome is mapped here.
 """
@@ -11,27 +12,23 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from pynetdicom import events
 from sqlalchemy.exc import SQLAlchemyError
 
+from service.core.dicom import STATUS_OUT_OF_RESOURCES, STATUS_PROCESSING_FAILURE, STATUS_SUCCESS
+from service.core.header import RejectedObject
+from service.core.ingest import ingest_file
 from service.core.logs import ctx
-from service.core.settings import Settings
-from service.core.storage import ObjectStore, StorageFull
-from service.receive.ingest import ingest_file
+from service.core.runtime import Runtime
+from service.core.storage import StorageFull
+from service.receive.pynetdicom_adapter import discard_partial, incoming_of
 from service.receive.spool import spool_object
-from service.receive.stream import discard_partial, incoming_of
-from service.receive.validate import (
-    STATUS_OUT_OF_RESOURCES,
-    STATUS_PROCESSING_FAILURE,
-    RejectedObject,
-)
 
 log = logging.getLogger(__name__)
-
-STATUS_SUCCESS = 0x0000  # Success (also for a duplicate and for a stored-and-ignored object)
 
 
 def handle_echo(event: events.Event) -> int:
@@ -50,8 +47,9 @@ def _announced(event: events.Event) -> tuple[str, str] | None:
     return (str(cls), str(inst)) if cls and inst else None
 
 
-def make_store_handler(settings: Settings, store: ObjectStore) -> Callable[[events.Event], int]:
-    """Bind settings and storage into an EVT_C_STORE handler."""
+def make_store_handler(runtime: Runtime) -> Callable[[events.Event], int]:
+    """Bind the SCP process's runtime (settings, storage, database, queue) into an EVT_C_STORE handler."""
+    settings, store = runtime.settings, runtime.store
 
     def handle_store(event: events.Event) -> int:
         calling_ae = event.assoc.requestor.ae_title.strip() or None
@@ -86,7 +84,7 @@ def make_store_handler(settings: Settings, store: ObjectStore) -> Callable[[even
             # The file is ours now: pynetdicom's clean-up after this handler unlinks ``name``, and
             # once we have renamed the file that path could belong to another receive.
             sink.name = ""
-        else:  # pynetdicom's own temporary file (stream.install() not active)
+        else:  # public path: pynetdicom's own temporary file (adapter not installed)
             src = Path(event.dataset_path)
             size = src.stat().st_size
             if size > settings.max_object_bytes:
@@ -95,8 +93,13 @@ def make_store_handler(settings: Settings, store: ObjectStore) -> Callable[[even
                 return STATUS_OUT_OF_RESOURCES  # 0xA700 Refused: Out of Resources (size limit)
             try:
                 tmp = store.new_temp()
-                src.replace(tmp)
+                try:
+                    shutil.move(src, tmp)  # a rename, or a copy when the temp dir is another filesystem
+                except OSError:
+                    tmp.unlink(missing_ok=True)
+                    raise
             except OSError:
+                src.unlink(missing_ok=True)
                 log.exception("could not take over the received file", extra=ctx(calling_ae=calling_ae))
                 return STATUS_OUT_OF_RESOURCES  # 0xA700
         return _ingest(event, tmp, digest, calling_ae)
@@ -108,8 +111,7 @@ def make_store_handler(settings: Settings, store: ObjectStore) -> Callable[[even
             ingest_file(
                 tmp,
                 calling_ae=calling_ae,
-                settings=settings,
-                store=store,
+                runtime=runtime,
                 digest=digest,
                 announced=_announced(event),
             )

@@ -1,11 +1,17 @@
 """The C-STORE SCP: AE, presentation contexts, TLS and handler bindings; nothing else.
 
-Received data sets stream straight into a hashing, size-capped temporary file on the storage
-filesystem (``STORE_RECV_CHUNKED_DATASET`` + :mod:`service.receive.stream`; in-memory data sets
-were 2-3x slower) and are renamed into content-addressed storage. For many concurrent senders run
-several SCP processes on one port (``lusai scp --processes N``): each binds with ``SO_REUSEPORT``
-and the kernel spreads connections between them, so one process's GIL no longer caps throughput.
+Built on pynetdicom's public API, with one exception kept in
+:mod:`service.receive.pynetdicom_adapter`: received data sets stream straight into a hashing,
+size-capped temporary file on the storage filesystem and are renamed into content-addressed
+storage (in-memory data sets were 2-3x slower; pynetdicom's own streamed file is unhashed, uncapped
+and in the system temp dir). The adapter checks pynetdicom's internals when it is installed and
+falls back to the public path when they changed. For many concurrent senders run several SCP
+processes on one port (``lusai scp --processes N``): each binds with ``SO_REUSEPORT`` and the
+kernel spreads connections between them, so one process's GIL no longer caps throughput.
 ``bench/ingest.py`` measures both against DCMTK ``storescp --fork``.
+
+The process must have called :func:`service.core.libraries.configure_libraries` first (the
+entry points do); :func:`make_server` flips no library switch itself.
 """
 
 from __future__ import annotations
@@ -14,10 +20,8 @@ import logging
 import os
 import socket
 import ssl
-import warnings
-from typing import Any, cast
+from typing import Any
 
-import pydicom.config
 from pydicom.uid import (
     UID,
     AllTransferSyntaxes,
@@ -26,19 +30,19 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, _config, evt
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import register_uid, uid_to_service_class
+from pynetdicom.transport import ThreadedAssociationServer
 
+from service.core.dicom import US_IMAGE_RETIRED, US_MULTIFRAME_RETIRED, US_SOP_CLASSES
 from service.core.logs import ctx
+from service.core.runtime import Runtime
 from service.core.settings import Settings
-from service.core.storage import ObjectStore
-from service.receive import stream
+from service.receive import pynetdicom_adapter
 from service.receive.handlers import handle_connection_lost, handle_echo, make_store_handler
-from service.receive.validate import US_IMAGE_RETIRED, US_MULTIFRAME_RETIRED, US_SOP_CLASSES
 
 log = logging.getLogger(__name__)
-
-FAST_RECV = True  # see _recv_exact; bench/ingest.py measures the difference
 
 VERIFICATION = "1.2.840.10008.1.1"
 
@@ -58,14 +62,19 @@ TRANSFER_SYNTAXES: list[str] = [
 ]
 
 
-def _storage_sop_classes() -> list[str]:
-    from pynetdicom.sop_class import _STORAGE_CLASSES
-
-    return list(_STORAGE_CLASSES.values())
+def _storage_sop_classes() -> list[UID]:
+    return [cx.abstract_syntax for cx in AllStoragePresentationContexts if cx.abstract_syntax]
 
 
 class ReusePortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server plus SO_REUSEPORT (several processes, one port) and TCP_NODELAY."""
+    """pynetdicom's threaded server plus SO_REUSEPORT (several processes, one port) and TCP_NODELAY.
+
+    ``settings`` (keyword, passed through ``AE.make_server``) decides which peers may connect.
+    """
+
+    def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
+        self.settings = settings  # set before super(), which binds and listens
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
         assert self.socket is not None
@@ -80,7 +89,7 @@ class ReusePortServer(ThreadedAssociationServer):
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         # With no allow-list configured only local senders may associate (secure by default).
-        settings: Settings = self.lusai_settings  # type: ignore[attr-defined]
+        settings = self.settings
         if settings.allowed_calling_aes:
             return True
         host = str(client_address[0]) if isinstance(client_address, tuple) else "127.0.0.1"
@@ -101,11 +110,8 @@ _RETIRED_US = {
 
 
 def _register_retired_classes() -> None:
-    from pynetdicom.service_class import StorageServiceClass
-    from pynetdicom.sop_class import _STORAGE_CLASSES, register_uid
-
     for uid, keyword in _RETIRED_US.items():
-        if uid not in _STORAGE_CLASSES.values():
+        if uid_to_service_class(uid) is not StorageServiceClass:
             register_uid(uid, keyword, StorageServiceClass)
 
 
@@ -153,32 +159,6 @@ def prefer_senders_syntax(event: evt.Event) -> None:
     event.assoc.acceptor.supported_contexts = contexts
 
 
-def _recv_exact(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` with one ``recv_into`` per kernel buffer instead of 4 KiB reads.
-
-    pynetdicom reads a PDU in 4 KiB ``recv`` calls, each extending a bytearray: 32 syscalls and
-    Python loop turns per 128 KiB PDU, the largest cost of receiving a raw cine after SHA-256.
-    Same contract: exactly ``nr_bytes``, or fewer when the peer closed the connection; socket
-    errors and timeouts propagate as before (the DUL turns them into Evt17).
-    """
-    sock = cast(socket.socket, self.socket)
-    buf = bytearray(nr_bytes)
-    got = 0
-    with memoryview(buf) as view:
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)
-            if not n:
-                break
-            got += n
-    if got < nr_bytes:
-        del buf[got:]
-    return buf
-
-
-def _use_fast_recv() -> None:
-    AssociationSocket.recv = _recv_exact  # type: ignore[method-assign]
-
-
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """Server TLS context (TLS 1.2+, BCP 195) when a certificate is configured, else None."""
     if settings.dicom_tls_cert is None and settings.dicom_tls_key is None:
@@ -194,27 +174,21 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def make_server(settings: Settings, store: ObjectStore) -> ReusePortServer:
-    """Bind the SCP (not yet serving)."""
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    # Stream each data set into a hashing, size-capped file on the storage filesystem.
-    stream.install(store.tmp_dir, settings.max_object_bytes)
-    if FAST_RECV:
-        _use_fast_recv()
-    # pynetdicom's own logging would print identifiers and whole datasets on errors.
-    _config.LOG_HANDLER_LEVEL = "none"
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    # pydicom's reading warnings quote element values (names, IDs): we validate what we use ourselves.
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+def make_server(runtime: Runtime, *, stream_adapter: bool = True) -> ReusePortServer:
+    """Bind the SCP (not yet serving) on the process's runtime and install its receive adapter.
+
+    ``stream_adapter=False`` receives through pynetdicom's public API only (what a changed
+    pynetdicom falls back to); tests use it to run that path.
+    """
+    if not _config.STORE_RECV_CHUNKED_DATASET:
+        raise RuntimeError("call service.core.libraries.configure_libraries() at the entry point first")
+    settings, store = runtime.settings, runtime.store
+    path = pynetdicom_adapter.install(store.tmp_dir, settings.max_object_bytes, enabled=stream_adapter)
     ae = build_ae(settings)
     handlers: list[Any] = [
         (evt.EVT_REQUESTED, prefer_senders_syntax),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, make_store_handler(settings, store)),
+        (evt.EVT_C_STORE, make_store_handler(runtime)),
         (evt.EVT_ABORTED, handle_connection_lost),
         (evt.EVT_CONN_CLOSE, handle_connection_lost),
     ]
@@ -223,8 +197,8 @@ def make_server(settings: Settings, store: ObjectStore) -> ReusePortServer:
         evt_handlers=handlers,
         server_class=ReusePortServer,
         ssl_context=tls_context(settings),
+        settings=settings,
     )
-    server.lusai_settings = settings  # type: ignore[attr-defined]
     log.info(
         "DICOM SCP listening",
         extra=ctx(
@@ -232,6 +206,8 @@ def make_server(settings: Settings, store: ObjectStore) -> ReusePortServer:
             port=settings.dicom_port,
             pid=os.getpid(),
             tls=settings.dicom_tls_cert is not None,
+            streaming_sink=path.sink,
+            fast_recv=path.fast_recv,
         ),
     )
     return server  # type: ignore[return-value]

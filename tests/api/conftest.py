@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -25,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage, generate_ui
 from sqlalchemy import create_engine, text
 
 from service.core.models import Base, Instance, InstanceState, Job, JobState, Result, Series, Study
+from service.core.runtime import Runtime
 from service.core.settings import Settings
 from service.core.storage import ObjectStore
 from tests.factories import us_cine
@@ -33,20 +35,10 @@ REQUIRE_EXTERNAL = os.environ.get("LUSAI_REQUIRE_EXTERNAL") == "1"
 PG_ADMIN_URL = os.environ.get("LUSAI_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
 
-def _reset_caches() -> None:
-    from service.core.db import get_engine
-    from service.core.queue import producer
-    from service.core.settings import get_settings
-
-    get_settings.cache_clear()
-    producer.cache_clear()
-    get_engine.cache_clear()
-
-
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One migrated SQLite file, copied per test (migrating each time would dominate the run)."""
-    from service.core.migrate import upgrade
+    from migrations.runner import upgrade
 
     path = tmp_path_factory.mktemp("template") / "lusai.sqlite"
     upgrade(f"sqlite:///{path}")
@@ -56,7 +48,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str | None]:
     """A migrated PostgreSQL database for the session; None when the server is unreachable."""
-    from service.core.migrate import upgrade
+    from migrations.runner import upgrade
 
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     name = f"lusai_api_test_{uuid.uuid4().hex[:8]}"
@@ -70,8 +62,7 @@ def pg_database() -> Iterator[str | None]:
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     upgrade(url)
     yield url
-    _reset_caches()
-    with admin.connect() as c:
+    with admin.connect() as c:  # FORCE: an app's pooled connections do not keep it
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
 
@@ -107,12 +98,19 @@ def database_url(request: pytest.FixtureRequest, backend: str, folder: Path) -> 
 
 @dataclass
 class Api:
-    """The app under test and handles on its state."""
+    """The app under test and handles on its state: the runtime it was built on, which it shares."""
 
     client: TestClient
-    settings: Settings
-    store: ObjectStore
+    runtime: Runtime
     tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.runtime.store
 
     def headers(self, scope: str = "read") -> dict[str, str]:
         return {"X-API-Key": self.tokens[scope]}
@@ -124,15 +122,14 @@ class Api:
         return self.client.post(url, headers={**self.headers(scope), **kw.pop("headers", {})}, **kw)
 
     def session(self) -> Any:
-        from service.core.db import session_scope
-
-        return session_scope(self.settings.db_url)
+        return self.runtime.db.session()
 
 
 def make_api(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any) -> Iterator[Api]:
+    """The app on ``db_url`` and its own runtime; the environment is set too, for the CLI commands
+    a test runs beside it (they build their own runtime from it, as in production)."""
     from service.api.auth import create_api_key
     from service.api.main import create_app
-    from service.core.db import session_scope
 
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
@@ -142,16 +139,13 @@ def make_api(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **ove
         monkeypatch.delenv(var, raising=False)
     for key, value in overrides.items():
         monkeypatch.setenv(f"LUSAI_{key.upper()}", str(value))
-    _reset_caches()
-    settings = Settings()
-    tokens = {}
-    with session_scope(db_url) as s:
-        for scope in ("read", "write", "admin"):
-            _row, tokens[scope] = create_api_key(s, f"test-{scope}", [scope], rate_limit=0)
-    app = create_app(settings)
-    with TestClient(app, raise_server_exceptions=False) as client:
-        yield Api(client=client, settings=settings, store=ObjectStore(settings.storage), tokens=tokens)
-    _reset_caches()
+    with Runtime.from_settings(Settings()) as runtime:
+        tokens = {}
+        with runtime.db.session() as s:
+            for scope in ("read", "write", "admin"):
+                _row, tokens[scope] = create_api_key(s, f"test-{scope}", [scope], rate_limit=0)
+        with TestClient(create_app(runtime), raise_server_exceptions=False) as client:
+            yield Api(client=client, runtime=runtime, tokens=tokens)
 
 
 @pytest.fixture
@@ -272,9 +266,11 @@ def seed_study(
     calling_ae: str = "MODALITY1",
     with_seg: bool = True,
     seg_frames: list[int] | None = None,
+    previews: bool = True,
 ) -> Seeded:
     """A study with one cine per (series description, score), each analysed with a stored result;
-    a score of None is a clip that was not gradable (reason ``no-pleura``)."""
+    a score of None is a clip that was not gradable (reason ``no-pleura``). ``previews``: render
+    them as the worker does; False leaves a result as analysed before previews were stored."""
     study_uid = generate_uid()
     out = Seeded(study_uid=study_uid, sop_uids=[], result_ids=[], job_ids=[])
     now = datetime.now(UTC)
@@ -372,4 +368,23 @@ def seed_study(
             out.sop_uids.append(str(src.SOPInstanceUID))
             out.result_ids.append(result.id)
             out.job_ids.append(job.id)
+    if previews:
+        for result_id in out.result_ids:
+            render_previews(api, result_id)
     return out
+
+
+def render_previews(api: Api, result_id: int) -> None:
+    """What the worker does when it saves a result: render the previews of the stored source and
+    SEG into storage and record their keys (or why it could not) on the result."""
+    from workers.write_dicom.previews import Caption, store_previews
+
+    with api.session() as s:
+        r = s.get(Result, result_id)
+        inst = s.get(Instance, r.instance_id)
+        source = pydicom.dcmread(api.store.path(inst.storage_key))
+        seg = pydicom.dcmread(api.store.path(r.seg_storage_key)) if r.seg_storage_key else None
+        caption = Caption(r.score, f"{r.model_name} {r.model_version}", r.ungradable_reason)
+        stored = store_previews(api.store, source, seg, caption, key_frame=r.key_frame, settings=api.settings)
+        r.preview_png_key, r.preview_gif_key, r.preview_webp_key = stored.png, stored.gif, stored.webp
+        r.preview_error = stored.error

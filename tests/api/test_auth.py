@@ -201,7 +201,7 @@ def test_unexpected_error_is_an_opaque_problem(
     def boom(*_a: Any) -> Any:
         raise RuntimeError("patient SECRET-PAT-99 broke it")
 
-    monkeypatch.setattr(studies, "_study_counts", boom)
+    monkeypatch.setattr(studies, "study_counts", boom)
     caplog.set_level(logging.DEBUG)
     r = sqlite_api.get("/api/v1/studies")
     body = _problem(r, 500, "internal-error")

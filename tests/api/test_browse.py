@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from service.api.zones import ZoneRule
 from service.core.models import Delivery, DeliveryState, Job, JobState
+from service.core.study import ZoneRule
 from tests.api.conftest import Api, make_sqlite_api, seed_study
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pydicom
 
-from service.receive.ingest import index_object
-from service.receive.validate import read_header
+from service.core.header import read_header
+from service.core.ingest import index_object
 from tests.api.conftest import Api, seed_study
 from tests.factories import noise_cine_file
 from workers.pipeline import Analyzer
@@ -79,11 +79,11 @@ def test_worker_saves_a_noise_cine_as_not_gradable(api: Api, tmp_path: Path) -> 
     f = noise_cine_file(tmp_path / "noise.dcm", frames=5, rows=160, cols=200)
     key, sha, size = api.store.put_file(f)
     header, _ = read_header(f)
-    outcome = index_object(header, key, sha, size, calling_ae=None, ignore_reason=None, settings=api.settings)
+    outcome = index_object(header, key, sha, size, calling_ae=None, ignore_reason=None, db=api.runtime.db)
     assert outcome.job_id is not None
     source = pydicom.dcmread(f)
     analysis = Analyzer(device="cpu").analyze(source)
-    save_result(outcome.job_id, analysis, source, settings=api.settings, store=api.store)
+    save_result(outcome.job_id, analysis, source, runtime=api.runtime)
     (result,) = _all_pages(api, "/api/v1/results", sop_instance_uid=str(source.SOPInstanceUID))
     assert (result["score"], result["gradable"], result["reason"]) == (None, False, "noise")
     detail = api.get(f"/api/v1/results/{result['id']}").json()

@@ -1,21 +1,19 @@
-"""SEG/SR downloads and previews (PNG key frame, animated GIF/WebP) with the overlay read from the SEG."""
+"""SEG/SR downloads and previews (PNG key frame, animated GIF/WebP) with the overlay read from the SEG:
+the worker renders and stores them (seeded here as it does), the API only serves the stored files."""
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 from PIL import Image
 
-from service.api import previews
-from tests.api.conftest import COLS, FRAMES, ROWS, Api, class_maps, seed_study, source_frames
-from tests.factories import us_cine
+from tests.api.conftest import COLS, FRAMES, ROWS, Api, render_previews, seed_study
+from workers.write_dicom.previews import MIN_WIDTH
 
 
 def test_seg_and_sr_download(api: Api, tmp_path: Path) -> None:
@@ -58,12 +56,12 @@ def test_png_preview_has_overlay_and_legend(api: Api, tmp_path: Path) -> None:
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     img = Image.open(io.BytesIO(r.content)).convert("RGB")
     scale = img.width / COLS
-    assert img.width == previews.MIN_WIDTH and img.height > ROWS * scale + 40  # image + legend panel
+    assert img.width == MIN_WIDTH and img.height > ROWS * scale + 40  # image + legend panel
     inside = img.getpixel((int(15 * scale), int(25 * scale)))  # B-line box (cols 10-19, rows 10-39)
     outside = img.getpixel((int(40 * scale), int(25 * scale)))
     assert _reddish(inside) and not _reddish(outside)
     assert abs(outside[0] - outside[1]) < 8 and abs(outside[1] - outside[2]) < 8  # untouched gray
-    cached = list((api.settings.data_dir / "previews").glob("*.png"))
+    cached = list(api.store.root.rglob("*.png"))  # rendered once, by the worker, into object storage
     assert len(cached) == 1 and cached[0].read_bytes() == r.content
     again = api.get(url, headers={"If-None-Match": r.headers["etag"]})
     assert again.status_code == 304 and again.content == b""
@@ -101,47 +99,48 @@ def test_preview_without_seg_has_no_overlay(sqlite_api: Api, tmp_path: Path) -> 
 
 
 def test_preview_of_unreadable_source_is_a_problem(sqlite_api: Api, tmp_path: Path) -> None:
-    s = seed_study(sqlite_api, tmp_path, zones=[("LUS R1", 2)], with_seg=False)
-    for p in sqlite_api.store.root.rglob("*.dcm"):
-        p.write_bytes(b"not dicom")
+    s = seed_study(sqlite_api, tmp_path, zones=[("LUS R1", 2)], with_seg=False, previews=False)
+    for p in sqlite_api.store.root.rglob("*.dcm"):  # pixels the worker cannot decode
+        ds = pydicom.dcmread(p)
+        ds.PixelData = ds.PixelData[:10]
+        ds.save_as(p)
+    render_previews(sqlite_api, s.result_ids[0])
     r = sqlite_api.get(f"/api/v1/results/{s.result_ids[0]}/preview.png")
     assert r.status_code == 409 and r.json()["type"] == "urn:lusai:problem:preview-unavailable"
 
 
-@pytest.mark.parametrize(
-    "options", [{}, {"segmentation_type": "LABELMAP"}, {"segmentation_type": "LABELMAP", "compress": True}]
-)
-def test_class_maps_read_back_from_the_workers_seg(tmp_path: Path, options: dict[str, object]) -> None:
-    """The overlay reader against the real SEG writer (BINARY and LABELMAP, also RLE)."""
-    from workers.domain import Analysis, ModelInfo, VideoFindings
-    from workers.write_dicom.common import SeriesInfo
-    from workers.write_dicom.seg import SegOptions, build_seg
+@pytest.mark.parametrize("url", ["preview.png", "cine.gif", "cine.webp"])
+def test_result_analysed_before_previews_asks_for_a_rerun(sqlite_api: Api, tmp_path: Path, url: str) -> None:
+    """Results from before migration 0006 have no previews: the API never renders, it says what to do."""
+    s = seed_study(sqlite_api, tmp_path, zones=[("LUS R1", 2)], previews=False)
+    r = sqlite_api.get(f"/api/v1/results/{s.result_ids[0]}/{url}")
+    assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
+    assert (
+        r.json()["type"] == "urn:lusai:problem:preview-not-rendered"
+        and "re-run the job" in r.json()["detail"]
+    )
+    assert not list(sqlite_api.store.root.rglob(f"*.{url.rsplit('.', 1)[-1]}"))
 
-    src = us_cine(source_frames())
-    labels = class_maps()
-    findings = VideoFindings(
-        score=2, frame_scores=(2, 1, 0, 2), key_frame=0, b_line_fraction=0.2, b_line_count=2, bla_score=0.1,
-        consolidation=False, effusion=False, consolidation_area_mm2=0.0, effusion_area_mm2=0.0,
-        pleura_irregular=False,
-    )  # fmt: skip
-    analysis = Analysis(src.SOPInstanceUID, FRAMES, findings, labels, ModelInfo("lusnet", "1", "ab" * 32), {})
-    seg = build_seg(
-        src, analysis, SeriesInfo("1.2.3.4.5", "1.2.3.4.6", 100, "seg"),
-        options=SegOptions(**options),  # type: ignore[arg-type]
-        uid_root="1.2.826.0.1.3680043.10.1", now=dt.datetime.now(dt.UTC),
-    )  # fmt: skip
-    path = tmp_path / "seg.dcm"
-    seg.save_as(path, enforce_file_format=True)
-    got, has = previews.class_maps_from_seg(path, labels.shape)
-    assert has.all()
-    np.testing.assert_array_equal(got, labels)
+
+def test_missing_preview_file_is_gone(sqlite_api: Api, tmp_path: Path) -> None:
+    s = seed_study(sqlite_api, tmp_path, zones=[("LUS R1", 2)])
+    url = f"/api/v1/results/{s.result_ids[0]}/cine.webp"
+    etag = sqlite_api.get(url).headers["etag"]
+    for p in sqlite_api.store.root.rglob("*.webp"):
+        p.unlink()
+    for headers in ({}, {"If-None-Match": etag}):
+        gone = sqlite_api.get(url, headers=headers)
+        assert gone.status_code == 410 and gone.json()["type"] == "urn:lusai:problem:gone"
+    assert sqlite_api.get(f"/api/v1/results/{s.result_ids[0]}/preview.png").status_code == 200
 
 
 def test_api_process_does_not_import_torch(tmp_path: Path) -> None:
     code = (
         "import sys; from service.core.settings import Settings; from service.api.main import create_app; "
-        f"create_app(Settings(data_dir={str(tmp_path)!r})); "
-        "from service.api import previews; import workers.preprocess.decode; "
+        "from service.core.runtime import Runtime; "
+        f"create_app(Runtime.from_settings(Settings(data_dir={str(tmp_path)!r}))); "
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'workers'], 'the API imported workers'; "
+        "import workers.write_dicom.previews; "  # and the worker's renderer stays light too
         "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from service.cli.app import app
+from service.core.model_package import DEFAULT_PACKAGE, load_package
 from tests.factories import phantom_cine_file
-from workers.infer.package import DEFAULT_PACKAGE, load_package
 
 runner = CliRunner()
 

@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from service.cli.app import app
+from service.core.model_package import DEFAULT_PACKAGE, MANIFEST_NAME, load_package, write_package
 from tests.factories import phantom_cine_file
-from workers.infer.package import DEFAULT_PACKAGE, MANIFEST_NAME, load_package, write_package
 
 
 @pytest.fixture
@@ -148,3 +148,19 @@ def test_train_writes_a_complete_package(tmp_path: Path) -> None:
     (busy / "keep.txt").write_text("x")
     refused = CliRunner().invoke(app, ["train", "--out", str(busy), "--samples", "4"])
     assert refused.exit_code == 1 and "not a model package" in refused.stderr
+
+
+def test_train_writes_into_the_data_dir_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not into the source tree or the working directory: $LUSAI_DATA_DIR/models/NAME-VERSION."""
+    monkeypatch.setenv("LUSAI_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    bad = CliRunner().invoke(app, ["train", "--version", "../up"])  # refused before any training
+    assert bad.exit_code == 1 and "version '../up' must match" in bad.stderr
+    argv = ["train", "--seed", "3", "--epochs", "1", "--samples", "4", "--val-samples", "2", "--batch", "4",
+            "--threads", "1"]  # fmt: skip
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    shipped = load_package(DEFAULT_PACKAGE, verify=False)
+    pkg = load_package(tmp_path / "data" / "models" / f"{shipped.name}-phantom-3")
+    assert (pkg.name, pkg.version, pkg.classes) == (shipped.name, "phantom-3", shipped.classes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

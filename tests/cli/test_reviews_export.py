@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from service.core.models import Job, JobState, Result
-from service.core.settings import get_settings
 from tests.api.conftest import Api, database_url, make_api, pg_database, seed_study, sqlite_template
 
 __all__ = ["pg_database", "sqlite_template"]  # fixtures the database_url helper asks for
@@ -73,7 +72,7 @@ def test_export_labels(api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     text = out.read_text()
     assert text.splitlines()[0] == "sop_instance_uid,score,a_lines,b_lines,patient_id,comments"
     assert PATIENT not in text and "PAT-OTHER" not in text
-    key = (get_settings().data_dir / "pseudonym.key").read_text().strip().encode()
+    key = (api.settings.data_dir / "pseudonym.key").read_text().strip().encode()
     pid = hmac.new(key, PATIENT.encode(), hashlib.sha256).hexdigest()[:16]
     other_pid = hmac.new(key, b"PAT-OTHER", hashlib.sha256).hexdigest()[:16]
     by_uid = {r["sop_instance_uid"]: r for r in rows}
@@ -94,8 +93,7 @@ def test_export_labels(api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert _export(out, "--since", "2999-01-01")[1] == []
     assert len(_export(out, "--since", datetime.now(UTC).date().isoformat())[1]) == 3
 
-    monkeypatch.setenv("LUSAI_PSEUDONYM_KEY", "site-secret")
-    get_settings.cache_clear()
+    monkeypatch.setenv("LUSAI_PSEUDONYM_KEY", "site-secret")  # each command reads the environment
     keyed = _export(out)[1]
     assert {r["patient_id"] for r in keyed} == {
         hmac.new(b"site-secret", p.encode(), hashlib.sha256).hexdigest()[:16] for p in (PATIENT, "PAT-OTHER")

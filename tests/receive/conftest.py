@@ -33,12 +33,12 @@ from pynetdicom import AE, _config, dimse_messages
 from pynetdicom.transport import AssociationSocket
 from sqlalchemy import select
 
-from service.core import db as store_db
 from service.core import queue
+from service.core.libraries import configure_libraries
 from service.core.models import Instance, Job
-from service.core.settings import Settings, get_settings
+from service.core.runtime import Runtime
+from service.core.settings import Settings
 from service.core.storage import ObjectStore
-from service.receive import stream
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
@@ -62,21 +62,26 @@ def free_port() -> int:
 
 @dataclass
 class Running:
-    """One SCP under test and the state it writes."""
+    """One SCP under test and the state it writes, read through a runtime on the SCP's settings
+    (the in-process SCP's own; for a subprocess, one built on the same environment)."""
 
-    settings: Settings
+    runtime: Runtime
     port: int
 
     @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+    @property
     def store(self) -> ObjectStore:
-        return ObjectStore(self.settings.storage)
+        return self.runtime.store
 
     def instances(self) -> list[Instance]:
-        with store_db.session_scope(self.settings.db_url) as s:
+        with self.runtime.db.session() as s:
             return list(s.scalars(select(Instance).order_by(Instance.id)))
 
     def jobs(self) -> list[Job]:
-        with store_db.session_scope(self.settings.db_url) as s:
+        with self.runtime.db.session() as s:
             return list(s.scalars(select(Job).order_by(Job.id)))
 
     def queued_job_ids(self) -> list[int]:
@@ -112,8 +117,12 @@ def _env(data_dir: Path, port: int, extra: dict[str, str]) -> dict[str, str]:
 
 
 @contextmanager
-def inprocess_scp(data_dir: Path, **env_extra: str) -> Iterator[Running]:
-    """Run the SCP in a thread of this process, configured through LUSAI_* like production."""
+def inprocess_scp(data_dir: Path, *, stream_adapter: bool = True, **env_extra: str) -> Iterator[Running]:
+    """Run the SCP in a thread of this process, configured through LUSAI_* like production: the
+    settings are read from that environment, and the SCP gets a runtime of its own on them.
+
+    ``stream_adapter=False`` receives through pynetdicom's public API only (the fallback path).
+    """
     from service.core.models import Base
     from service.receive.scp import make_server
 
@@ -123,32 +132,35 @@ def inprocess_scp(data_dir: Path, **env_extra: str) -> Iterator[Running]:
             mp.delenv(k)
         for k, v in _env(data_dir, port, env_extra).items():
             mp.setenv(k, v)
-        get_settings.cache_clear()
-        queue.producer.cache_clear()
         _keep_process_globals(mp)
-        levels = {name: logging.getLogger(name).level for name in ("pynetdicom", "pydicom")}
-        settings = get_settings()
+        levels = {name: logging.getLogger(name).level for name in ("pynetdicom", "pydicom", "multipart")}
+        configure_libraries()  # what each entry point does at start-up
+        settings = Settings()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        if settings.db_url.startswith("sqlite"):
-            Base.metadata.create_all(store_db.get_engine(settings.db_url))
-        server = make_server(settings, ObjectStore(settings.storage))
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
         try:
-            yield Running(settings, port)
+            with Runtime.from_settings(settings) as runtime:
+                if settings.db_url.startswith("sqlite"):
+                    Base.metadata.create_all(runtime.db.engine)
+                server = make_server(runtime, stream_adapter=stream_adapter)
+                thread = threading.Thread(
+                    target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+                )
+                thread.start()
+                try:
+                    yield Running(runtime, port)
+                finally:
+                    # make_server() does not register with the AE, so skip pynetdicom's shutdown()
+                    socketserver.TCPServer.shutdown(server)
+                    server.server_close()
         finally:
-            # make_server() does not register with the AE, so skip pynetdicom's shutdown()
-            socketserver.TCPServer.shutdown(server)
-            server.server_close()
             for name, level in levels.items():
                 logging.getLogger(name).setLevel(level)
-            get_settings.cache_clear()
-            queue.producer.cache_clear()
 
 
 def _keep_process_globals(mp: pytest.MonkeyPatch) -> None:
-    """make_server() configures pynetdicom, pydicom and logging for the whole process (right for an
-    SCP process); undo that after each in-process SCP so other tests in this session see defaults."""
+    """configure_libraries() and the receive adapter that make_server() installs change pynetdicom,
+    pydicom and logging for the whole process (right for an SCP process); undo that after each
+    in-process SCP so other tests in this session see defaults."""
     for name in (
         "STORE_RECV_CHUNKED_DATASET",
         "STORE_SEND_CHUNKED_DATASET",
@@ -159,7 +171,6 @@ def _keep_process_globals(mp: pytest.MonkeyPatch) -> None:
         mp.setattr(_config, name, getattr(_config, name))
     mp.setattr(dimse_messages, "NamedTemporaryFile", dimse_messages.NamedTemporaryFile)
     mp.setattr(AssociationSocket, "recv", AssociationSocket.recv)
-    mp.setattr(stream, "_target", stream._target)
     mp.setattr(
         pydicom.config.settings, "reading_validation_mode", pydicom.config.settings.reading_validation_mode
     )
@@ -175,11 +186,12 @@ def scp(tmp_path: Path) -> Iterator[Running]:
 
 @pytest.fixture
 def scp_factory(tmp_path: Path) -> Iterator[Any]:
-    """Start in-process SCPs with extra LUSAI_* settings: ``scp_factory(LUSAI_X="...")``."""
+    """Start in-process SCPs with extra LUSAI_* settings: ``scp_factory(LUSAI_X="...")``;
+    ``stream_adapter=False`` for pynetdicom's public receive path."""
     stack: list[Any] = []
 
-    def start(**env: str) -> Running:
-        cm = inprocess_scp(tmp_path / f"data{len(stack)}", **env)
+    def start(*, stream_adapter: bool = True, **env: str) -> Running:
+        cm = inprocess_scp(tmp_path / f"data{len(stack)}", stream_adapter=stream_adapter, **env)
         stack.append(cm)
         return cm.__enter__()
 
@@ -203,10 +215,9 @@ def subprocess_scp(data_dir: Path, *args: str, **env_extra: str) -> Iterator[Run
         with pytest.MonkeyPatch.context() as mp:
             for k, v in _env(data_dir, port, env_extra).items():
                 mp.setenv(k, v)
-            get_settings.cache_clear()
-            settings = get_settings()
-            get_settings.cache_clear()
-        yield Running(settings, port)
+            settings = Settings()
+        with Runtime.from_settings(settings) as runtime:
+            yield Running(runtime, port)
     finally:
         proc.terminate()
         try:
@@ -307,13 +318,6 @@ def storescu(port: int, *paths: Path, ae_title: str = "STORESCU", extra: tuple[s
         timeout=60,
     )
     return proc.stdout + proc.stderr
-
-
-@pytest.fixture(autouse=True)
-def _fresh_engines() -> Iterator[None]:
-    """Each test's SQLite file gets its own engine; dispose them so files can be removed."""
-    yield
-    store_db.get_engine.cache_clear()
 
 
 def send_then_drop(port: int, path: Path, fraction: float, *, ae_title: str = "TESTSCU") -> None:

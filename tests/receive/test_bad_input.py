@@ -19,7 +19,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.filewriter import write_file_meta_info
 
-from service.receive import stream
+from service.receive import pynetdicom_adapter
 
 from .conftest import Running, send, send_then_drop
 from .dicomgen import CT_IMAGE, base_dataset, cine, frames_array, save
@@ -245,10 +245,10 @@ def test_disk_full_while_receiving_is_out_of_resources(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(stream.os, "write", write)
+    monkeypatch.setattr(pynetdicom_adapter.os, "write", write)
     assert send(scp.port, [cine("raw", frames=10)]) == [OUT_OF_RESOURCES]
     assert_nothing_kept(scp)
-    monkeypatch.setattr(stream.os, "write", real_write)
+    monkeypatch.setattr(pynetdicom_adapter.os, "write", real_write)
     assert_still_serving(scp, tmp_path)
 
 

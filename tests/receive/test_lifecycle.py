@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from service import recovery
-from service.core import db as store_db
+from service.core import recovery
+from service.core.db import make_engine
+from service.core.header import read_header
 from service.core.models import Base
-from service.core.settings import get_settings
-from service.core.storage import ObjectStore
-from service.receive.routing import RoutingRules
-from service.receive.validate import read_header
+from service.core.routing import RoutingRules
+from service.receive.spool import drain_spool
 
 from .conftest import Running, inprocess_scp, send
 from .dicomgen import cine, save
@@ -102,8 +101,7 @@ def test_database_down_object_spooled_then_indexed_and_queued(tmp_path: Path) ->
         stored = scp.stored_files()[0]
     # The database is back (here: the embedded SQLite); the recovery sweep drains the spool.
     with inprocess_scp(data) as scp:
-        settings = get_settings()
-        assert recovery.drain_spool(settings, ObjectStore(settings.storage)) == 1
+        assert drain_spool(scp.runtime) == 1
         [inst] = scp.instances()
         assert inst.sop_instance_uid == sent.SOPInstanceUID and inst.state == "accepted"
         assert scp.store.path(inst.storage_key) == stored
@@ -119,7 +117,9 @@ def test_locked_sqlite_is_database_down(tmp_path: Path) -> None:
     data.mkdir()
     db = data / "ro.sqlite"
     url = f"sqlite:///{db}"
-    Base.metadata.create_all(store_db.make_engine(url))
+    engine = make_engine(url)
+    Base.metadata.create_all(engine)
+    engine.dispose()
     os.chmod(db, 0o444)
     ro_url = f"sqlite:///file:{db}?mode=ro&uri=true"
     with inprocess_scp(data, LUSAI_DATABASE_URL=ro_url) as scp:
@@ -134,7 +134,7 @@ def test_stale_temp_files_are_swept(tmp_path: Path) -> None:
         old.write_bytes(b"x")
         fresh.write_bytes(b"y")
         os.utime(old, (time.time() - 7200, time.time() - 7200))
-        assert recovery.remove_stale_temp_files(scp.settings, scp.store) == 1
+        assert recovery.remove_stale_temp_files(scp.runtime) == 1
         assert not old.exists() and fresh.exists()
 
 
@@ -147,6 +147,6 @@ def test_broker_down_job_kept_and_sent_by_recovery(tmp_path: Path) -> None:
         [job] = scp.jobs()
         assert job.state == "queued" and job.enqueued_at is None
     with inprocess_scp(data) as scp:  # broker back (here: the embedded one)
-        assert recovery.requeue_stale_jobs(get_settings()) == 1
+        assert recovery.requeue_stale_jobs(scp.runtime) == 1
         [job] = scp.jobs()
         assert scp.queued_job_ids() == [job.id] and job.enqueued_at is not None

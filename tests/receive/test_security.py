@@ -45,13 +45,13 @@ def test_default_admits_loopback_only(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
     assert settings.allowed_calling_aes == []
     server = ReusePortServer.__new__(ReusePortServer)
-    server.lusai_settings = settings  # type: ignore[attr-defined]
+    server.settings = settings
     assert server.verify_request(None, ("127.0.0.1", 4000))
     assert server.verify_request(None, ("::1", 4000, 0, 0))
     assert not server.verify_request(None, ("10.1.2.3", 4000))
     assert not server.verify_request(None, ("::ffff:10.1.2.3", 4000, 0, 0))
     listed = Settings(data_dir=tmp_path, allowed_calling_aes="PACS")  # type: ignore[arg-type]
-    server.lusai_settings = listed  # type: ignore[attr-defined]
+    server.settings = listed
     assert server.verify_request(None, ("10.1.2.3", 4000))  # then the AE title decides
 
 

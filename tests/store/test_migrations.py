@@ -9,7 +9,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from service.core.migrate import downgrade, upgrade
+from migrations.runner import downgrade, upgrade
 from service.core.models import Base
 
 

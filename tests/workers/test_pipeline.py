@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from workers.domain import SegmentClass as C
-from workers.infer.package import DEFAULT_PACKAGE, load_package, write_package
+from service.core.model_package import DEFAULT_PACKAGE, load_package, write_package
+from service.core.segments import SegmentClass as C
 from workers.pipeline import Analyzer, InputError
 from workers.preprocess.wrap import frames_to_dataset
 from workers.training.phantom import make_cine

@@ -12,6 +12,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from service.core.dicom import permanent_failure, stored
 from service.core.settings import Destination, Settings
 
 
@@ -42,7 +43,6 @@ def c_store(path: Path, destination: Destination, settings: Settings) -> None:
     if not status or "Status" not in status:
         raise DeliveryError("no C-STORE response (connection lost or timed out)")
     code = int(status.Status)
-    if code in (0x0000, 0xB000, 0xB007, 0xB006):
+    if stored(code):
         return
-    permanent = code in (0x0122, 0xA900) or (code & 0xF000) == 0xC000
-    raise DeliveryError(f"C-STORE refused with status 0x{code:04X}", permanent=permanent)
+    raise DeliveryError(f"C-STORE refused with status 0x{code:04X}", permanent=permanent_failure(code))

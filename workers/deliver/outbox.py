@@ -1,4 +1,5 @@
-"""Drain the delivery outbox: one attempt per call, exponential backoff, dead-letter after N.
+"""Drain the delivery outbox: one attempt per call; the retry policy (backoff, dead-letter after N
+attempts) is :mod:`service.core.lifecycle`'s.
 
 Each Delivery row is independent, so a dead peer delays only its own rows and never blocks other
 destinations (the failure mode of the MONAI gateway's single export loop).
@@ -7,68 +8,53 @@ destinations (the failure mode of the MONAI gateway's single export loop).
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
 
-from service.core.db import session_scope
+from sqlalchemy import select
+
+from service.core import lifecycle
 from service.core.logs import ctx
 from service.core.models import Delivery, DeliveryState
-from service.core.settings import Destination, Settings
-from service.core.storage import ObjectStore
+from service.core.runtime import Runtime
+from service.core.settings import Destination
 from workers.deliver.dimse import DeliveryError, c_store
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 8
-BASE_DELAY_S = 15.0
-MAX_DELAY_S = 3600.0
 
-
-def backoff(attempts: int) -> float:
-    return float(min(MAX_DELAY_S, BASE_DELAY_S * 2 ** max(0, attempts - 1)))
-
-
-def send_delivery(delivery_id: int, *, settings: Settings, store: ObjectStore) -> tuple[str, float | None]:
+def send_delivery(delivery_id: int, *, runtime: Runtime) -> tuple[str, float | None]:
     """Try once; returns (outcome, seconds until the next try or None)."""
-    with session_scope(settings.db_url) as session:
-        d = session.get(Delivery, delivery_id)
-        if d is None or d.state in (DeliveryState.DELIVERED, DeliveryState.DEAD):
+    with runtime.db.session() as session:
+        if not lifecycle.start_sending(session, delivery_id):
             return "skipped", None
-        d.state = DeliveryState.SENDING
-        d.attempts += 1
+        d = session.get(Delivery, delivery_id)
+        assert d is not None
         attempts, destination, key, uid = d.attempts, d.destination, d.storage_key, d.sop_instance_uid
     error: DeliveryError | None = None
     try:
-        c_store(store.path(key), Destination.parse(destination), settings)
+        c_store(runtime.store.path(key), Destination.parse(destination), runtime.settings)
     except DeliveryError as exc:
         error = exc
     except (OSError, ValueError, RuntimeError) as exc:
         error = DeliveryError(f"{type(exc).__name__}: {exc}")
-    now = datetime.now(UTC)
-    with session_scope(settings.db_url) as session:
-        d = session.get(Delivery, delivery_id)
-        assert d is not None
+    with runtime.db.session() as session:
         if error is None:
-            d.state, d.delivered_at, d.last_error, d.next_attempt_at = (
-                DeliveryState.DELIVERED,
-                now,
-                None,
-                None,
-            )
+            lifecycle.delivered(session, delivery_id)
             log.info(
                 "delivered", extra=ctx(delivery_id=delivery_id, sop_instance_uid=uid, destination=destination)
             )
             return "delivered", None
-        d.last_error = str(error)[:2000]
-        if error.permanent or attempts >= MAX_ATTEMPTS:
-            d.state, d.next_attempt_at = DeliveryState.DEAD, None
-            log.error(
-                "delivery dead", extra=ctx(delivery_id=delivery_id, destination=destination, error=str(error))
+        delay = lifecycle.fail_or_retry_delivery(session, delivery_id, str(error), permanent=error.permanent)
+        if delay is not None:
+            log.warning(
+                "delivery failed, will retry",
+                extra=ctx(
+                    delivery_id=delivery_id, destination=destination, attempt=attempts, retry_in_s=delay
+                ),
             )
-            return "dead", None
-        delay = backoff(attempts)
-        d.state, d.next_attempt_at = DeliveryState.RETRYING, now + timedelta(seconds=delay)
-        log.warning(
-            "delivery failed, will retry",
-            extra=ctx(delivery_id=delivery_id, destination=destination, attempt=attempts, retry_in_s=delay),
+            return "retrying", delay
+        if session.scalar(select(Delivery.state).where(Delivery.id == delivery_id)) != DeliveryState.DEAD:
+            return "skipped", None  # another sender took the row over meanwhile: it decides
+        log.error(
+            "delivery dead", extra=ctx(delivery_id=delivery_id, destination=destination, error=str(error))
         )
-        return "retrying", delay
+        return "dead", None

@@ -2,6 +2,9 @@
 
 On CPU the ONNX export runs under onnxruntime (about 30% faster than eager torch here); torch is
 the reference path and the one used on CUDA. Both give the same class maps up to float rounding.
+The class count comes from the loaded weights and must agree with the package's classes (which
+the package loader has already checked against SegmentClass), so a label value always means what
+scoring and the DICOM writers take it to mean.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.infer.package import DEFAULT_PACKAGE, ModelPackage, load_package
+from service.core.model_package import DEFAULT_PACKAGE, ModelPackage, PackageError, load_package
+from workers.infer.unet import load_model
 from workers.preprocess.grid import GridShape
-from workers.training.train import load_model
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,8 @@ class Predictor:
     """Loads the network once; :meth:`predict` is safe to call for every cine of a worker.
 
     ``package`` is a model package (folder, file in it, or loaded; None: the shipped one); its hashes
-    are verified before the weights are read (:class:`~workers.infer.package.PackageError` if not).
+    are verified before the weights are read, and weights whose outputs are not the package's
+    classes are refused (:class:`~service.core.model_package.PackageError` in both cases).
     """
 
     def __init__(
@@ -51,12 +55,18 @@ class Predictor:
         self.weights_path = pkg.files["segmenter_torch"]
         self.weights_sha256 = pkg.sha256s["segmenter_torch"]
         self.batch = batch
-        self.model, self.shape = load_model(self.weights_path, self.device)
+        self.classes = pkg.classes
+        try:
+            self.model, self.shape = load_model(self.weights_path, self.device, classes=pkg.classes)
+        except ValueError as exc:
+            raise PackageError(f"model package {pkg.path}: {exc}") from None
         onnx = pkg.file("segmenter_onnx")
         if backend == "onnx" and onnx is None:
             raise ValueError(f"model package {pkg.path} has no segmenter_onnx file")
         use_ort = onnx is not None and (backend == "onnx" or (backend == "auto" and self.device == "cpu"))
         self._ort = ort_session(onnx) if use_ort and onnx is not None else None
+        if self._ort is not None:
+            _check_onnx_classes(self._ort, len(self.classes), pkg.path)
         self.backend = "onnxruntime" if self._ort is not None else "torch"
         log.info(
             "model %s %s loaded (%s, %s, package %s)",
@@ -74,7 +84,11 @@ class Predictor:
         if frames.ndim != 3 or frames.shape[1:] != (self.shape.rows, self.shape.cols):
             raise ValueError(f"expected (n, {self.shape.rows}, {self.shape.cols}) frames, got {frames.shape}")
         labels = np.empty(frames.shape, np.uint8)
-        probs = np.empty((frames.shape[0], 7, *frames.shape[1:]), np.float16) if probabilities else None
+        probs = (
+            np.empty((frames.shape[0], len(self.classes), *frames.shape[1:]), np.float16)
+            if probabilities
+            else None
+        )
         for k in range(0, frames.shape[0], self.batch):
             x = frames[k : k + self.batch, None].astype(np.float32) * (1.0 / 255.0)
             logits = self._logits(x)
@@ -90,6 +104,15 @@ class Predictor:
         with torch.inference_mode():
             t = torch.from_numpy(x).to(self.device)
             return self.model(t).float().cpu().numpy()
+
+
+def _check_onnx_classes(session: Any, n_classes: int, package: Path) -> None:
+    """The ONNX export must have as many outputs per pixel as the torch weights it was made from."""
+    dim = session.get_outputs()[0].shape[1]
+    if isinstance(dim, int) and dim != n_classes:
+        raise PackageError(
+            f"model package {package}: segmenter_onnx has {dim} output classes, the package {n_classes}"
+        )
 
 
 def ort_session(path: Path) -> Any:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import binary_dilation, gaussian_filter1d, label, uniform_filter1d
 
-from workers.domain import SegmentClass as C
+from service.core.segments import SegmentClass as C
 from workers.score.lus import fill_depth
 
 _LUNG_CLASSES = (C.A_LINE, C.B_LINE, C.CONSOLIDATION, C.EFFUSION)

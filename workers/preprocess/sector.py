@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pydicom
 
+from service.core.dicom import ultrasound_region
 from workers.preprocess.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -71,25 +72,18 @@ def detect_sector(frames: np.ndarray, ds: pydicom.Dataset | None = None) -> Sect
 
 
 def _region_info(ds: pydicom.Dataset | None, rows: int, cols: int) -> tuple[float, tuple[int, int, int, int]]:
-    """(mm per pixel, (x0, y0, x1, y1) search box) from the first 2-D tissue region, if any."""
-    box = (0, 0, cols - 1, rows - 1)
-    mm = DEFAULT_MM_PER_PIXEL
-    regions = ds.get("SequenceOfUltrasoundRegions", []) if ds is not None else []
-    for r in regions:
-        if int(r.get("RegionSpatialFormat", 0)) != 1:
-            continue
-        if int(r.get("PhysicalUnitsXDirection", 0)) == 3 and float(r.get("PhysicalDeltaX", 0)) > 0:
-            mm = float(r.PhysicalDeltaX) * 10.0  # cm -> mm
-        box = (
-            max(0, int(r.get("RegionLocationMinX0", 0))),
-            max(0, int(r.get("RegionLocationMinY0", 0))),
-            min(cols - 1, int(r.get("RegionLocationMaxX1", cols - 1))),
-            min(rows - 1, int(r.get("RegionLocationMaxY1", rows - 1))),
-        )
+    """(mm per pixel, (x0, y0, x1, y1) search box) from the ultrasound region the SEG's pixel
+    spacing also comes from (:func:`service.core.dicom.ultrasound_region`), if any.
+
+    The sector is fitted with one scale: the column spacing, as in the SEG's Pixel Spacing[1].
+    """
+    region = ultrasound_region(ds)
+    if region is None:
+        box = (0, 0, cols - 1, rows - 1)
+        mm = float(ds.PixelSpacing[0]) if ds is not None and "PixelSpacing" in ds else DEFAULT_MM_PER_PIXEL
         return mm, box
-    if ds is not None and "PixelSpacing" in ds:
-        mm = float(ds.PixelSpacing[0])
-    return mm, box
+    box = (max(0, region.x0), max(0, region.y0), min(cols - 1, region.x1), min(rows - 1, region.y1))
+    return (DEFAULT_MM_PER_PIXEL if region.spacing_mm is None else region.spacing_mm[1]), box
 
 
 def _sector_mask(frames: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:

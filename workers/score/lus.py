@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.domain import FrameFindings, SegmentClass, VideoFindings
+from service.core.segments import SegmentClass
+from workers.domain import FrameFindings, VideoFindings
 
 C = SegmentClass
 

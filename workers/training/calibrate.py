@@ -38,8 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from service.core.agreement import agreement
 from workers.score.lus import GridSpacing, ScoreConfig, frame_findings, soldati, video_findings, video_score
-from workers.training.evaluate import LabelledItem, agreement, labelled_items
+from workers.training.evaluate import LabelledItem, labelled_items
 
 log = logging.getLogger(__name__)
 

@@ -3,11 +3,12 @@
 Every sample comes from :mod:`workers.training.phantom` with its pixel-exact labels; real cine (BLUS) is
 never used for weights, only for calibrating score thresholds afterwards. The run writes the best
 weights (by mean held-out Dice), an ONNX export and a metrics JSON with per-epoch Dice per class.
+The weights file format and its loader belong to serving (:mod:`workers.infer.unet`); training
+only writes it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -19,8 +20,9 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn import functional as F
 
-from workers.domain import SegmentClass
-from workers.infer.unet import N_CLASSES, AttentionUNet
+from service.core.model_package import class_names, file_sha256
+from service.core.segments import SegmentClass
+from workers.infer.unet import N_CLASSES, AttentionUNet, load_model, save_weights
 from workers.preprocess.grid import GridShape
 from workers.training.phantom import make_sample
 
@@ -141,32 +143,20 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, object]:
                        out_dir / "checkpoint.pt")  # fmt: skip
             if mean > best:
                 best = mean
-                save_weights(model, out_dir / WEIGHTS_NAME, cfg)
+                save_weights(model, out_dir / WEIGHTS_NAME, shape, class_names())
     export_onnx(out_dir / WEIGHTS_NAME, out_dir / ONNX_NAME)
     metrics = {
         "config": asdict(cfg),
         "history": history,
         "best_val_mean_dice": best,
         "best_val_dice": max(history, key=lambda r: r["val_mean_dice"])["val_dice"],  # type: ignore[arg-type,return-value]
-        "weights_sha256": sha256(out_dir / WEIGHTS_NAME),
-        "onnx_sha256": sha256(out_dir / ONNX_NAME),
+        "weights_sha256": file_sha256(out_dir / WEIGHTS_NAME),
+        "onnx_sha256": file_sha256(out_dir / ONNX_NAME),
         "train_seconds": round(time.perf_counter() - t0, 1),
     }
     (out_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2))
     (out_dir / "checkpoint.pt").unlink(missing_ok=True)
     return metrics
-
-
-def save_weights(model: AttentionUNet, path: Path, cfg: TrainConfig) -> None:
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "base": cfg.base, "rows": cfg.rows, "cols": cfg.cols}, path)
-
-
-def load_model(path: Path, device: str = "cpu") -> tuple[AttentionUNet, GridShape]:
-    blob = torch.load(path, map_location=device, weights_only=True)
-    model = AttentionUNet(int(blob["base"]))
-    model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval(), GridShape(int(blob["rows"]), int(blob["cols"]))
 
 
 def export_onnx(weights: Path, out: Path) -> None:
@@ -177,10 +167,6 @@ def export_onnx(weights: Path, out: Path) -> None:
         model, (dummy,), str(out), input_names=["image"], output_names=["logits"],
         dynamic_axes={"image": {0: "n"}, "logits": {0: "n"}}, opset_version=17, dynamo=False,
     )  # fmt: skip
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _predict(model: AttentionUNet, x: np.ndarray, device: torch.device, batch: int = 32) -> np.ndarray:

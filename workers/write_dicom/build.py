@@ -10,15 +10,28 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import PYDICOM_ROOT_UID
 
+from service.core.dicom import OUTPUT_SOP_CLASSES, OutputKind
 from workers.domain import Analysis
 from workers.write_dicom.common import SeriesInfo
 from workers.write_dicom.overlay import OverlayOptions, build_overlay
 from workers.write_dicom.seg import SegOptions, build_seg
 from workers.write_dicom.sr import build_sr
-from workers.write_dicom.uids import OutputKind, output_uids
+from workers.write_dicom.uids import output_uids
 from workers.write_dicom.validate import validate_outputs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One written object with its kind, so no caller has to classify a dataset again."""
+
+    kind: OutputKind
+    dataset: Dataset
+
+    def __post_init__(self) -> None:
+        if self.dataset.SOPClassUID not in OUTPUT_SOP_CLASSES[self.kind]:
+            raise ValueError(f"a {self.kind} output cannot have SOP class {self.dataset.SOPClassUID}")
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,7 @@ def build_outputs(
     frames_rgb: np.ndarray | None = None,
     options: OutputOptions = OutputOptions(),
     now: dt.datetime | None = None,
-) -> list[Dataset]:
+) -> list[Output]:
     """SEG, SR and (given decoded ``frames_rgb``) overlay SC for one analysed cine, validated.
 
     ``source`` may be a metadata-only dataset (pixel data is never read here).
@@ -71,7 +84,7 @@ def build_outputs(
     if analysis.sop_instance_uid != source.SOPInstanceUID:
         raise ValueError("analysis does not belong to this source instance")
     now = now or dt.datetime.now()
-    outputs: list[Dataset] = []
+    outputs: list[Output] = []
     seg = None
     if options.seg is not None:
         seg = build_seg(
@@ -82,15 +95,17 @@ def build_outputs(
             uid_root=options.uid_root,
             now=now,
         )
-        outputs.append(seg)
+        outputs.append(Output(OutputKind.SEG, seg))
     if options.sr:
         info = series_info(source, analysis, OutputKind.SR, options)
-        outputs.append(build_sr(source, analysis, info, seg=seg, uid_root=options.uid_root, now=now))
+        sr = build_sr(source, analysis, info, seg=seg, uid_root=options.uid_root, now=now)
+        outputs.append(Output(OutputKind.SR, sr))
     if options.overlay is not None and frames_rgb is not None:
         info = series_info(source, analysis, OutputKind.SC, options)
-        outputs.append(build_overlay(source, analysis, frames_rgb, info, options=options.overlay, now=now))
+        sc = build_overlay(source, analysis, frames_rgb, info, options=options.overlay, now=now)
+        outputs.append(Output(OutputKind.SC, sc))
     if options.validate and outputs:
-        validate_outputs(source, outputs)
+        validate_outputs(source, [o.dataset for o in outputs])
     log.info(
         "built %d DICOM output(s) with model %s %s", len(outputs), analysis.model.name, analysis.model.version
     )

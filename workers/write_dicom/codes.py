@@ -1,5 +1,8 @@
 """Coded concepts used by the lusai DICOM outputs (SEG, SR, SC).
 
+The concepts that describe a segment (category, type, label, colour) are rows of the one segment
+table, :mod:`service.core.segments`, with the ``99LUSAI`` designator; this module holds the rest.
+
 Standard concepts come from SNOMED CT (SCT) and DICOM (DCM, PS3.16). Meanings were checked
 against pydicom's bundled PS3.16 concept tables (``pydicom.sr.codedict``):
 
@@ -29,10 +32,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from workers.domain import SegmentClass
+from service.core.segments import PRIVATE_SCHEME
 from workers.score.gradability import REASONS
 
-PRIVATE_SCHEME = "99LUSAI"
 PRIVATE_SCHEME_NAME = "lusai lung ultrasound concepts"
 PRIVATE_SCHEME_RESPONSIBLE = "lusai"
 
@@ -42,13 +44,7 @@ def _private(value: str, meaning: str) -> Code:
 
 
 # --- standard concepts -------------------------------------------------------------------------
-PLEURA = Code("3120008", "SCT", "Pleura")
-PLEURAL_EFFUSION = Code("60046008", "SCT", "Pleural effusion")
-RIB = Code("113197003", "SCT", "Rib")
-LUNG_CONSOLIDATION = Code("95436008", "SCT", "Lung consolidation")
 LUNG = Code("39607008", "SCT", "Lung")
-ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
-MORPHOLOGICALLY_ABNORMAL_STRUCTURE = Code("49755003", "SCT", "Morphologically Abnormal Structure")
 DIAGNOSTIC_ULTRASONOGRAPHY = Code("16310003", "SCT", "Diagnostic ultrasonography")
 PRESENT: Code = codes.SCT.Present
 ABSENT: Code = codes.SCT.Absent
@@ -61,9 +57,6 @@ QUALITY_FINDING: Code = codes.DCM.QualityFinding
 UNUSABLE: Code = codes.DCM.UnusableQualityRendersImageUnusable
 
 # --- private concepts (99LUSAI) ----------------------------------------------------------------
-ULTRASOUND_ARTIFACT = _private("ARTIFACT", "Ultrasound artifact")
-A_LINE = _private("ALINE", "A-line artifact")
-B_LINE = _private("BLINE", "B-line artifact")
 LUS_SCORE = _private("LUSSCORE", "Lung ultrasound score")
 FRAME_LUS_SCORE = _private("FRAMESCORE", "Lung ultrasound score of frame")
 B_LINE_PLEURA_PERCENT = _private("BLPCT", "Percentage of pleural line with B-lines")
@@ -91,27 +84,6 @@ UNIT_PERCENT = Code("%", "UCUM", "percent")
 UNIT_COUNT = Code("{count}", "UCUM", "count")
 UNIT_MM2 = Code("mm2", "UCUM", "square millimeter")
 UNIT_NONE = Code("1", "UCUM", "no units")
-
-
-#: (label, category, type) of each SEG segment, keyed by the model's label value.
-SEGMENT_CONCEPTS: dict[SegmentClass, tuple[str, Code, Code]] = {
-    SegmentClass.PLEURAL_LINE: ("Pleural line", ANATOMICAL_STRUCTURE, PLEURA),
-    SegmentClass.A_LINE: ("A-lines", ULTRASOUND_ARTIFACT, A_LINE),
-    SegmentClass.B_LINE: ("B-lines", ULTRASOUND_ARTIFACT, B_LINE),
-    SegmentClass.CONSOLIDATION: ("Consolidation", MORPHOLOGICALLY_ABNORMAL_STRUCTURE, LUNG_CONSOLIDATION),
-    SegmentClass.EFFUSION: ("Pleural effusion", MORPHOLOGICALLY_ABNORMAL_STRUCTURE, PLEURAL_EFFUSION),
-    SegmentClass.RIB_SHADOW: ("Rib / acoustic shadow", ANATOMICAL_STRUCTURE, RIB),
-}
-
-#: Display colours (sRGB) shared by the SEG (as CIELab) and the burned-in overlay.
-SEGMENT_RGB: dict[SegmentClass, tuple[int, int, int]] = {
-    SegmentClass.PLEURAL_LINE: (255, 215, 0),
-    SegmentClass.A_LINE: (0, 180, 255),
-    SegmentClass.B_LINE: (255, 40, 40),
-    SegmentClass.CONSOLIDATION: (200, 0, 255),
-    SegmentClass.EFFUSION: (0, 220, 90),
-    SegmentClass.RIB_SHADOW: (140, 140, 140),
-}
 
 
 def coding_scheme_identification() -> Dataset:

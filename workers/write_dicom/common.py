@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
-from workers.domain import ModelInfo
+from service.core.model_package import ModelInfo
 
 MANUFACTURER = "lusai"
 
@@ -190,43 +190,3 @@ def metadata_copy(source: Dataset) -> Dataset:
     if hasattr(source, "file_meta"):
         meta.file_meta = copy.deepcopy(source.file_meta)
     return meta
-
-
-def us_pixel_spacing_mm(source: Dataset) -> tuple[float, float] | None:
-    """(row, column) spacing in mm from the largest 2D tissue region in cm (C.8.5.5.1).
-
-    Ultrasound images carry their calibration in SequenceOfUltrasoundRegions, not PixelSpacing.
-    """
-    best: tuple[int, tuple[float, float]] | None = None
-    for region in source.get("SequenceOfUltrasoundRegions", []):
-        if region.get("RegionSpatialFormat") != 1:  # 1 = 2D (tissue or flow)
-            continue
-        if region.get("PhysicalUnitsXDirection") != 3 or region.get("PhysicalUnitsYDirection") != 3:
-            continue  # 3 = cm
-        dx, dy = float(region.PhysicalDeltaX), float(region.PhysicalDeltaY)
-        if dx <= 0 or dy <= 0:
-            continue
-        area = (int(region.RegionLocationMaxX1) - int(region.RegionLocationMinX0) + 1) * (
-            int(region.RegionLocationMaxY1) - int(region.RegionLocationMinY0) + 1
-        )
-        if best is None or area > best[0]:
-            best = (area, (dy * 10.0, dx * 10.0))
-    return None if best is None else best[1]
-
-
-def us_region_bounds(source: Dataset) -> tuple[int, int, int, int] | None:
-    """(x0, y0, x1, y1) of the largest 2D ultrasound region, in pixels."""
-    best: tuple[int, tuple[int, int, int, int]] | None = None
-    for region in source.get("SequenceOfUltrasoundRegions", []):
-        if region.get("RegionSpatialFormat") != 1:
-            continue
-        box = (
-            int(region.RegionLocationMinX0),
-            int(region.RegionLocationMinY0),
-            int(region.RegionLocationMaxX1),
-            int(region.RegionLocationMaxY1),
-        )
-        area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
-        if best is None or area > best[0]:
-            best = (area, box)
-    return None if best is None else best[1]

@@ -23,8 +23,8 @@ from pydicom.uid import (
     MultiFrameTrueColorSecondaryCaptureImageStorage,
 )
 
-from workers.domain import SEGMENT_CLASSES, Analysis
-from workers.write_dicom import codes
+from service.core.segments import SEGMENTS
+from workers.domain import Analysis
 from workers.write_dicom.common import (
     SeriesInfo,
     copy_patient_study,
@@ -52,9 +52,9 @@ def blend(frames_rgb: np.ndarray, labels: np.ndarray, alpha: float) -> np.ndarra
     Only labelled pixels are computed: cines are large and mostly background.
     """
     lut = np.zeros((256, 3), dtype=np.float32)
-    for cls in SEGMENT_CLASSES:
-        lut[int(cls)] = codes.SEGMENT_RGB[cls]
-    mask = np.isin(labels, [int(c) for c in SEGMENT_CLASSES])
+    for row in SEGMENTS:
+        lut[row.number] = row.rgb
+    mask = np.isin(labels, [row.number for row in SEGMENTS])
     out = frames_rgb.copy()
     mixed = (1.0 - alpha) * frames_rgb[mask].astype(np.float32) + alpha * lut[labels[mask]]
     out[mask] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
@@ -70,7 +70,7 @@ def legend_title(analysis: Analysis) -> str:
 
 def legend_strip(width: int, analysis: Analysis) -> np.ndarray:
     """Legend (class colours in two columns) with the score line, as an RGB array."""
-    n_rows = (len(SEGMENT_CLASSES) + 1) // 2
+    n_rows = (len(SEGMENTS) + 1) // 2
     height = _LINE * (n_rows + 1) + 6
     img = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(img)
@@ -82,10 +82,10 @@ def legend_strip(width: int, analysis: Analysis) -> np.ndarray:
         font=font,
     )
     col_w = width // 2
-    for i, cls in enumerate(SEGMENT_CLASSES):
+    for i, row in enumerate(SEGMENTS):
         x, y = 4 + (i % 2) * col_w, 2 + _LINE * (1 + i // 2)
-        draw.rectangle((x, y + 2, x + 9, y + 11), fill=codes.SEGMENT_RGB[cls])
-        draw.text((x + 14, y), codes.SEGMENT_CONCEPTS[cls][0], fill=(255, 255, 255), font=font)
+        draw.rectangle((x, y + 2, x + 9, y + 11), fill=row.rgb)
+        draw.text((x + 14, y), row.label, fill=(255, 255, 255), font=font)
     return np.asarray(img, dtype=np.uint8)
 
 

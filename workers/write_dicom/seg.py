@@ -16,7 +16,8 @@ validated Segment Description and Algorithm Identification items:
 * BINARY frames are bit-packed back to back without per-frame padding (PS3.5 8.1.1), which matters
   when rows x columns is not a multiple of 8 (BLUS cines are 350 x 350).
 
-Segments are numbered by :class:`~workers.domain.SegmentClass` value and always all described.
+Segments are rows of :data:`service.core.segments.SEGMENTS`, numbered by class value and always
+all described.
 Frames are written, one per selected source frame, only for segments with pixels somewhere in the
 cine (an all-background cine keeps the frames of every segment so the object is never empty).
 """
@@ -34,7 +35,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SegmentationStorage
 
-from workers.domain import SEGMENT_CLASSES, Analysis, SegmentClass
+from service.core.dicom import LABEL_MAP_SEGMENTATION_STORAGE, ultrasound_region
+from service.core.segments import SEGMENT_CLASSES, SegmentClass, segment
+from workers.domain import Analysis
 from workers.write_dicom import codes
 from workers.write_dicom.common import (
     SeriesInfo,
@@ -46,11 +49,9 @@ from workers.write_dicom.common import (
     series_laterality,
     set_series_and_equipment,
     source_image_item,
-    us_pixel_spacing_mm,
 )
 from workers.write_dicom.uids import derive_uid, frame_of_reference_uid
 
-LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 #: Weasis (4.x) does not display BINARY SEGs with more frames than this.
 WEASIS_MAX_FRAMES = 400
 
@@ -97,7 +98,7 @@ def segment_description(
 ) -> Dataset:
     """Segment Sequence item (C.8.20.2): coded category/type, lung region (with the source's
     laterality as modifier), algorithm identification (C.8.20.3), recommended colour."""
-    label, category, prop_type = codes.SEGMENT_CONCEPTS[cls]
+    row = segment(cls)
     model = analysis.model
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model.name,
@@ -107,15 +108,15 @@ def segment_description(
     )
     desc = hd.seg.SegmentDescription(
         segment_number=int(cls),
-        segment_label=label,
-        segmented_property_category=category,
-        segmented_property_type=prop_type,
+        segment_label=row.label,
+        segmented_property_category=row.category,
+        segmented_property_type=row.type,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
         tracking_uid=derive_uid(root, sop_instance_uid, "segment", str(int(cls))),
-        tracking_id=f"lusai {label}",
+        tracking_id=f"lusai {row.label}",
         anatomic_regions=[codes.LUNG],
-        display_color=hd.color.CIELabColor.from_rgb(*codes.SEGMENT_RGB[cls]),
+        display_color=hd.color.CIELabColor.from_rgb(*row.rgb),
     )
     if laterality is not None:
         side = codes.RIGHT if laterality == "R" else codes.LEFT
@@ -168,7 +169,8 @@ def _dimension_index(dim_uid: str, binary: bool) -> list[Dataset]:
 def _shared_groups(source: Dataset, ds: Dataset, root: str) -> Dataset:
     """Shared functional groups and Frame of Reference (C.7.4.1) for cornerstone3D's loader."""
     shared = Dataset()
-    spacing = us_pixel_spacing_mm(source)
+    region = ultrasound_region(source)
+    spacing = None if region is None else region.spacing_mm
     if spacing is None and "FrameOfReferenceUID" not in source:
         return shared
     ds.FrameOfReferenceUID = source.get("FrameOfReferenceUID") or frame_of_reference_uid(

@@ -35,7 +35,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM
 
-from workers.domain import SEGMENT_CLASSES, Analysis, SegmentClass, VideoFindings
+from service.core.dicom import ultrasound_region
+from service.core.segments import SEGMENT_CLASSES, SegmentClass, segment
+from workers.domain import Analysis, VideoFindings
 from workers.write_dicom import codes
 from workers.write_dicom.common import (
     MANUFACTURER,
@@ -44,7 +46,6 @@ from workers.write_dicom.common import (
     copy_patient_study,
     metadata_copy,
     series_laterality,
-    us_region_bounds,
 )
 from workers.write_dicom.uids import derive_uid, device_uid
 
@@ -66,8 +67,8 @@ def key_frame_polyline(analysis: Analysis, source: Dataset) -> np.ndarray:
     rows, cols = np.nonzero(np.isin(frame, [int(c) for c in _SCORED_CLASSES]))
     if rows.size:
         x0, y0, x1, y1 = int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())
-    elif (bounds := us_region_bounds(source)) is not None:
-        x0, y0, x1, y1 = bounds
+    elif (region := ultrasound_region(source)) is not None:
+        x0, y0, x1, y1 = region.x0, region.y0, region.x1, region.y1
     else:
         x0, y0, x1, y1 = 0, 0, int(source.Columns) - 1, int(source.Rows) - 1
     # Pixel centres are at integer + 0.5 in SCOORD image coordinates (C.18.6.1.1).
@@ -176,6 +177,7 @@ def _score_groups(
     sites: Sequence[hd.sr.FindingSite],
 ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
     """TID 1501 video-level findings and per-frame scores of a gradable cine."""
+    consolidation, effusion = segment(SegmentClass.CONSOLIDATION), segment(SegmentClass.EFFUSION)
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
     groups.append(
         hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -191,8 +193,8 @@ def _score_groups(
                 _num(codes.B_LINE_ARTIFACT_SCORE, f.bla_score, codes.UNIT_SCORE, algorithm),
             ],
             qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(codes.LUNG_CONSOLIDATION, _present(f.consolidation)),
-                hd.sr.QualitativeEvaluation(codes.PLEURAL_EFFUSION, _present(f.effusion)),
+                hd.sr.QualitativeEvaluation(consolidation.type, _present(f.consolidation)),
+                hd.sr.QualitativeEvaluation(effusion.type, _present(f.effusion)),
                 hd.sr.QualitativeEvaluation(codes.PLEURAL_LINE_IRREGULARITY, _present(f.pleura_irregular)),
             ],
         )
@@ -238,14 +240,14 @@ def _segment_groups(
     for cls in SEGMENT_CLASSES:
         if int(cls) not in with_frames or not bool((analysis.labels == cls).any()):
             continue
-        label, _, prop_type = codes.SEGMENT_CONCEPTS[cls]
+        row = segment(cls)
         measurements = []
         if cls in areas:
             measurements.append(_num(codes.AREA, areas[cls], codes.UNIT_MM2, algorithm))
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=seg.SegmentSequence[int(cls) - 1].TrackingUID, identifier=f"lusai {label}"
+                    uid=seg.SegmentSequence[int(cls) - 1].TrackingUID, identifier=f"lusai {row.label}"
                 ),
                 referenced_segment=hd.sr.ReferencedSegment(
                     sop_class_uid=seg.SOPClassUID,
@@ -255,7 +257,7 @@ def _segment_groups(
                         hd.sr.SourceImageForSegmentation(source.SOPClassUID, source.SOPInstanceUID)
                     ],
                 ),
-                finding_type=prop_type,
+                finding_type=row.type,
                 algorithm_id=algorithm,
                 finding_sites=sites,
                 measurements=measurements or None,

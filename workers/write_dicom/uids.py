@@ -10,17 +10,11 @@ can use its own registered org root (PS3.5 9.1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
-from workers.domain import ModelInfo
-
-
-class OutputKind(StrEnum):
-    SEG = "SEG"
-    SR = "SR"
-    SC = "SC"
+from service.core.dicom import OutputKind
+from service.core.model_package import ModelInfo
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
 
-from workers.write_dicom.codes import PRIVATE_SCHEME
+from service.core.dicom import LABEL_MAP_SEGMENTATION_STORAGE
+from service.core.segments import PRIVATE_SCHEME
 from workers.write_dicom.common import file_meta, metadata_copy
-from workers.write_dicom.seg import LABEL_MAP_SEGMENTATION_STORAGE
 
 log = logging.getLogger(__name__)
 

@@ -3,30 +3,27 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
-from service.api.deps import DbSession, read_scope, write_scope
-from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate, sort_pattern
-from service.api.problems import ProblemError, not_found, responses
-from service.api.schemas import UID_PATTERN, DeliveryOut, DestinationOut, Page
+from service.api.deps import AppRuntime, DbSession, read_scope, write_scope
+from service.api.pagination import Cursor, Limit, paginate
+from service.api.problems import ProblemError, responses
+from service.api.queries.deliveries import (
+    SORTS,
+    delivery_by_id,
+    delivery_out,
+    destination_counts,
+    select_deliveries,
+)
+from service.api.schemas import DeliveryFilter, DeliveryOut, DestinationOut, Page
+from service.core import lifecycle
 from service.core.logs import ctx
-from service.core.models import Delivery, DeliveryState
-from service.core.outbox import reset_for_resend
-from service.core.queue import enqueue_delivery
 
 log = logging.getLogger("lusai.api")
 router = APIRouter(prefix="/api/v1", tags=["deliveries"])
 DeliveryId = Annotated[int, Path(ge=1, le=2**62, description="Delivery ID")]
-_SORTS = {"created_at": SortKey(Delivery.created_at, "datetime"), "id": SortKey(Delivery.id, "int")}
-
-
-def _out(d: Delivery) -> DeliveryOut:
-    return DeliveryOut.model_validate(d, from_attributes=True)
 
 
 @router.get(
@@ -38,32 +35,14 @@ def _out(d: Delivery) -> DeliveryOut:
 )
 def list_deliveries(
     session: DbSession,
-    state: DeliveryState | None = None,
-    destination: Annotated[str | None, Query(max_length=128, description="AET@host:port")] = None,
-    sop_instance_uid: Annotated[
-        str | None, Query(pattern=UID_PATTERN, max_length=64, description="UID of the delivered SEG/SR/SC.")
-    ] = None,
-    result_id: Annotated[int | None, Query(ge=1, le=2**62)] = None,
-    sort: Annotated[str, Query(pattern=sort_pattern(list(_SORTS)))] = "-id",
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    filters: Annotated[DeliveryFilter, Query()],
+    sort: Annotated[str, Query(pattern=SORTS.pattern)] = "-id",
+    cursor: Cursor = None,
+    limit: Limit = 50,
 ) -> Page[DeliveryOut]:
-    stmt = select(Delivery)
-    if state is not None:
-        stmt = stmt.where(Delivery.state == state)
-    if destination is not None:
-        stmt = stmt.where(Delivery.destination == destination)
-    if sop_instance_uid is not None:
-        stmt = stmt.where(Delivery.sop_instance_uid == sop_instance_uid)
-    if result_id is not None:
-        stmt = stmt.where(Delivery.result_id == result_id)
-    stmt, _, _ = paginate(stmt, sort=sort, keys=_SORTS, id_col=Delivery.id, cursor=cursor, limit=limit)
-    rows = list(session.scalars(stmt))
-    attr = sort.lstrip("-")
+    page = paginate(session, select_deliveries(filters), cursor, limit, SORTS.order(sort))
     return Page[DeliveryOut](
-        items=[_out(d) for d in rows[:limit]],
-        next_cursor=next_cursor(rows, limit, sort, lambda d: getattr(d, attr), lambda d: d.id),
-        limit=limit,
+        items=[delivery_out(r.Delivery) for r in page.rows], next_cursor=page.next_cursor, limit=limit
     )
 
 
@@ -75,25 +54,7 @@ def list_deliveries(
     responses=responses(),
 )
 def destinations(session: DbSession) -> list[DestinationOut]:
-    counts: dict[str, dict[str, int]] = {}
-    last_at: dict[str, datetime] = {}
-    for dest, state, n, last in session.execute(
-        select(Delivery.destination, Delivery.state, func.count(), func.max(Delivery.delivered_at)).group_by(
-            Delivery.destination, Delivery.state
-        )
-    ):
-        counts.setdefault(dest, {})[state.value] = n
-        if last is not None and (dest not in last_at or last > last_at[dest]):
-            last_at[dest] = last
-    ordered = sorted(counts.items())
-    return [DestinationOut(destination=d, counts=c, last_delivered_at=last_at.get(d)) for d, c in ordered]
-
-
-def _get(session: Session, delivery_id: int) -> Delivery:
-    d = session.get(Delivery, delivery_id)
-    if d is None:
-        raise not_found("delivery")
-    return d
+    return destination_counts(session)
 
 
 @router.get(
@@ -104,7 +65,7 @@ def _get(session: Session, delivery_id: int) -> Delivery:
     responses=responses(404),
 )
 def get_delivery(delivery_id: DeliveryId, session: DbSession) -> DeliveryOut:
-    return _out(_get(session, delivery_id))
+    return delivery_out(delivery_by_id(session, delivery_id))
 
 
 @router.post(
@@ -115,16 +76,15 @@ def get_delivery(delivery_id: DeliveryId, session: DbSession) -> DeliveryOut:
     dependencies=[Depends(write_scope)],
     responses=responses(404, 409),
 )
-def resend(delivery_id: DeliveryId, session: DbSession) -> DeliveryOut:
-    d = _get(session, delivery_id)
-    if d.state == DeliveryState.SENDING:
+def resend(delivery_id: DeliveryId, session: DbSession, runtime: AppRuntime) -> DeliveryOut:
+    d = delivery_by_id(session, delivery_id)
+    if not lifecycle.resend(session, d.id):  # refused only while it is being sent
         raise ProblemError(409, "delivery-in-progress", "the object is being sent right now")
-    reset_for_resend(d)
     session.commit()
     try:
-        enqueue_delivery(d.id)
+        runtime.queue.enqueue_delivery(d.id)
     except Exception as exc:  # the outbox row is pending: the delivery sweep picks it up
         log.warning(
             "broker unavailable, delivery left pending", extra=ctx(delivery_id=d.id, error=type(exc).__name__)
         )
-    return _out(d)
+    return delivery_out(d)

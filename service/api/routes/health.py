@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.api.deps import AppRuntime, api_state
 from service.api.metrics import REGISTRY
-from service.core.db import ping
-from service.core.queue import broker_ping
-from service.core.settings import get_settings
-from service.core.storage import ObjectStore
+from service.core.runtime import Runtime
+from service.core.settings import Settings
 
 router = APIRouter(tags=["health"])
 
@@ -25,19 +25,18 @@ def _check(fn: Any) -> dict[str, Any]:
         return {"ok": False, "error": type(exc).__name__}
 
 
-def _storage() -> None:
-    if not ObjectStore(get_settings().storage).writable():
+def _storage(runtime: Runtime) -> None:
+    if not runtime.store.writable():
         raise OSError("storage not writable")
 
 
-def _model() -> None:
+def _model(s: Settings) -> None:
     from importlib.util import find_spec
 
-    s = get_settings()
     if find_spec("workers.infer") is None:
         raise ModuleNotFoundError("workers.infer")
     if s.model_path is not None:  # a complete package (hashes are the worker's check at start)
-        from workers.infer.package import load_package
+        from service.core.model_package import load_package
 
         load_package(s.model_path, verify=False)
 
@@ -47,12 +46,12 @@ def _model() -> None:
     summary="Liveness and readiness (database, broker, storage, model)",
     responses={503: {"description": "Not ready: at least one check failed (same body)"}},
 )
-async def health(response: Response) -> dict[str, Any]:
+async def health(response: Response, runtime: AppRuntime) -> dict[str, Any]:
     checks = {
-        "database": await asyncio.to_thread(_check, ping),
-        "broker": await asyncio.to_thread(_check, broker_ping),
-        "storage": await asyncio.to_thread(_check, _storage),
-        "model": await asyncio.to_thread(_check, _model),
+        "database": await asyncio.to_thread(_check, runtime.db.ping),
+        "broker": await asyncio.to_thread(_check, runtime.queue.ping),
+        "storage": await asyncio.to_thread(_check, partial(_storage, runtime)),
+        "model": await asyncio.to_thread(_check, partial(_model, runtime.settings)),
     }
     ok = all(c["ok"] for c in checks.values())
     response.status_code = 200 if ok else 503
@@ -65,6 +64,7 @@ async def live() -> dict[str, str]:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics() -> Response:
-    data = await asyncio.to_thread(generate_latest, REGISTRY)
+async def metrics(request: Request) -> Response:
+    gauges = api_state(request).gauges
+    data = await asyncio.to_thread(lambda: generate_latest(REGISTRY) + generate_latest(gauges))
     return Response(content=data, media_type=CONTENT_TYPE_LATEST)

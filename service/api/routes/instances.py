@@ -3,81 +3,42 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from service.api.deps import DbSession, api_state, read_scope, run_db, write_scope
-from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate, sort_pattern
+from service.api.deps import AppRuntime, DbSession, api_state, read_scope, run_db, write_scope
+from service.api.pagination import Cursor, Limit, paginate
 from service.api.problems import ProblemError, responses
-from service.api.queries import instance_by_uid, job_out, latest_result_by_uid, result_out, utc
+from service.api.queries.instances import (
+    SORTS,
+    instance_by_uid,
+    instances_out,
+    parent_uids,
+    select_instances,
+)
+from service.api.queries.jobs import job_out
+from service.api.queries.results import latest_result_by_uid, result_out
 from service.api.schemas import (
     UID_PATTERN,
+    InstanceFilter,
     InstanceOut,
-    IsoDateTime,
     JobOut,
-    JobSummary,
     Page,
     RerunRequest,
     ResultOut,
     UploadOut,
 )
-from service.core.logs import ctx
-from service.core.models import Instance, InstanceState, Job, JobState, Result, Series, Study
-from service.core.queue import enqueue_analysis
+from service.core import lifecycle
+from service.core.header import RejectedObject
+from service.core.ingest import ingest_file
+from service.core.models import InstanceState
 from service.core.storage import StorageFull
-from service.receive.ingest import ingest_file
-from service.receive.validate import RejectedObject
 
-log = logging.getLogger("lusai.api")
 router = APIRouter(prefix="/api/v1", tags=["instances"])
 
 Uid = Annotated[str, Path(pattern=UID_PATTERN, max_length=64, description="SOP Instance UID")]
 Version = Annotated[int | None, Query(ge=1, le=100000, description="Instance version; default the latest.")]
-_SORTS = {"received_at": SortKey(Instance.received_at, "datetime"), "id": SortKey(Instance.id, "int")}
-ACTIVE = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING)
-
-
-def _instance_out(
-    inst: Instance, series_uid: str, study_uid: str, job: Job | None, score: int | None
-) -> InstanceOut:
-    return InstanceOut(
-        sop_instance_uid=inst.sop_instance_uid,
-        version=inst.version,
-        series_instance_uid=series_uid,
-        study_instance_uid=study_uid,
-        sop_class_uid=inst.sop_class_uid,
-        transfer_syntax_uid=inst.transfer_syntax_uid,
-        frames=inst.frames,
-        rows=inst.rows,
-        columns=inst.columns,
-        calling_ae=inst.calling_ae,
-        received_at=inst.received_at,
-        size_bytes=inst.size_bytes,
-        sha256=inst.sha256,
-        state=inst.state,
-        ignore_reason=inst.ignore_reason,
-        latest_job=JobSummary(id=job.id, state=job.state, model_version=job.model_version) if job else None,
-        score=score,
-    )
-
-
-def _jobs_and_scores(session: Session, ids: list[int]) -> tuple[dict[int, Job], dict[int, int | None]]:
-    """Jobs and latest result scores by instance id (None: not gradable)."""
-    jobs: dict[int, Job] = {}
-    scores: dict[int, int | None] = {}
-    if ids:
-        for j in session.scalars(select(Job).where(Job.instance_id.in_(ids)).order_by(Job.id)):
-            jobs[j.instance_id] = j
-        for iid, score in session.execute(
-            select(Result.instance_id, Result.score).where(Result.instance_id.in_(ids)).order_by(Result.id)
-        ):
-            scores[iid] = score
-    return jobs, scores
 
 
 @router.get(
@@ -89,61 +50,14 @@ def _jobs_and_scores(session: Session, ids: list[int]) -> tuple[dict[int, Job], 
 )
 def list_instances(
     session: DbSession,
-    study_instance_uid: Annotated[str | None, Query(pattern=UID_PATTERN, max_length=64)] = None,
-    series_instance_uid: Annotated[str | None, Query(pattern=UID_PATTERN, max_length=64)] = None,
-    patient_id: Annotated[str | None, Query(max_length=64)] = None,
-    accession_number: Annotated[str | None, Query(max_length=64)] = None,
-    calling_ae: Annotated[str | None, Query(max_length=16)] = None,
-    state: InstanceState | None = None,
-    received_from: Annotated[IsoDateTime | None, Query(description="Received at or after (ISO 8601)")] = None,
-    received_to: Annotated[IsoDateTime | None, Query(description="Received before (ISO 8601).")] = None,
-    sort: Annotated[str, Query(pattern=sort_pattern(list(_SORTS)))] = "-received_at",
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    filters: Annotated[InstanceFilter, Query()],
+    sort: Annotated[str, Query(pattern=SORTS.pattern)] = "-received_at",
+    cursor: Cursor = None,
+    limit: Limit = 50,
 ) -> Page[InstanceOut]:
-    stmt = (
-        select(Instance, Series.series_instance_uid, Study.study_instance_uid)
-        .join(Series, Instance.series_id == Series.id)
-        .join(Study, Series.study_id == Study.id)
-    )
-    filters: list[Any] = []
-    if study_instance_uid is not None:
-        filters.append(Study.study_instance_uid == study_instance_uid)
-    if series_instance_uid is not None:
-        filters.append(Series.series_instance_uid == series_instance_uid)
-    if patient_id is not None:
-        filters.append(Study.patient_id == patient_id)
-    if accession_number is not None:
-        filters.append(Study.accession_number == accession_number)
-    if calling_ae is not None:
-        filters.append(Instance.calling_ae == calling_ae)
-    if state is not None:
-        filters.append(Instance.state == state)
-    if received_from is not None:
-        filters.append(Instance.received_at >= utc(received_from))
-    if received_to is not None:
-        filters.append(Instance.received_at < utc(received_to))
-    stmt, _, _ = paginate(
-        stmt.where(*filters), sort=sort, keys=_SORTS, id_col=Instance.id, cursor=cursor, limit=limit
-    )
-    rows = session.execute(stmt).all()
-    page = rows[:limit]
-    jobs, scores = _jobs_and_scores(session, [r[0].id for r in page])
-    attr = sort.lstrip("-")
-    return Page[InstanceOut](
-        items=[_instance_out(i, se, st, jobs.get(i.id), scores.get(i.id)) for i, se, st in page],
-        next_cursor=next_cursor(rows, limit, sort, lambda r: getattr(r[0], attr), lambda r: r[0].id),
-        limit=limit,
-    )
-
-
-def _uids(session: Session, inst: Instance) -> tuple[str, str]:
-    row = session.execute(
-        select(Series.series_instance_uid, Study.study_instance_uid)
-        .join(Study, Series.study_id == Study.id)
-        .where(Series.id == inst.series_id)
-    ).one()
-    return row[0], row[1]
+    page = paginate(session, select_instances(filters), cursor, limit, SORTS.order(sort))
+    rows = [(r.Instance, r.series_instance_uid, r.study_instance_uid) for r in page.rows]
+    return Page[InstanceOut](items=instances_out(session, rows), next_cursor=page.next_cursor, limit=limit)
 
 
 @router.get(
@@ -155,8 +69,7 @@ def _uids(session: Session, inst: Instance) -> tuple[str, str]:
 )
 def get_instance(session: DbSession, sop_instance_uid: Uid, version: Version = None) -> InstanceOut:
     inst = instance_by_uid(session, sop_instance_uid, version)
-    jobs, scores = _jobs_and_scores(session, [inst.id])
-    return _instance_out(inst, *_uids(session, inst), jobs.get(inst.id), scores.get(inst.id))
+    return instances_out(session, [(inst, *parent_uids(session, inst))])[0]
 
 
 @router.get(
@@ -186,6 +99,7 @@ async def instance_result(
 )
 def rerun(
     session: DbSession,
+    runtime: AppRuntime,
     sop_instance_uid: Uid,
     body: Annotated[RerunRequest | None, Body()] = None,
 ) -> JobOut:
@@ -193,20 +107,14 @@ def rerun(
     inst = instance_by_uid(session, sop_instance_uid, body.version)
     if inst.state == InstanceState.IGNORED:
         raise ProblemError(409, "not-analysable", f"the instance was not analysed: {inst.ignore_reason}")
-    active = session.scalar(select(Job.id).where(Job.instance_id == inst.id, Job.state.in_(ACTIVE)).limit(1))
-    if active is not None:
+    job = lifecycle.rerun(session, inst.id, model_version=body.model_version)
+    if job is None:
+        active = lifecycle.active_job(session, inst.id)
         raise ProblemError(409, "job-active", f"job {active} of this instance is still queued or running")
-    job = Job(instance_id=inst.id, state=JobState.QUEUED, model_version=body.model_version)
-    session.add(job)
     session.commit()
-    try:
-        enqueue_analysis(job.id)
-        job.enqueued_at = datetime.now(UTC)
-        session.commit()
-    except Exception as exc:  # the row is the truth: the recovery sweep sends it when the broker is back
-        log.warning(
-            "broker unavailable, job left for recovery", extra=ctx(job_id=job.id, error=type(exc).__name__)
-        )
+    # A broker outage leaves the job unsent: the recovery sweep sends it.
+    lifecycle.enqueue(session, job.id, runtime.queue.enqueue_analysis)
+    session.commit()
     return job_out(job, inst.sop_instance_uid, inst.version, None)
 
 
@@ -280,13 +188,11 @@ async def _spool(request: Request, limit: int, tmp: Any) -> None:
     },
 )
 async def upload(request: Request, response: Response, principal: Any = Depends(write_scope)) -> UploadOut:
-    st = api_state(request)
-    tmp = st.store.new_temp()
+    runtime = api_state(request).runtime
+    tmp = runtime.store.new_temp()
     try:
-        await _spool(request, st.settings.max_object_bytes, tmp)
-        outcome = await asyncio.to_thread(
-            ingest_file, tmp, calling_ae=None, settings=st.settings, store=st.store
-        )
+        await _spool(request, runtime.settings.max_object_bytes, tmp)
+        outcome = await asyncio.to_thread(ingest_file, tmp, calling_ae=None, runtime=runtime)
     except RejectedObject as exc:
         raise ProblemError(exc.http_status, "rejected-object", exc.reason) from exc
     except StorageFull as exc:

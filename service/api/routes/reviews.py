@@ -10,25 +10,19 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from service.api.auth import Principal
 from service.api.deps import DbSession, read_scope, run_db, write_scope
-from service.api.pagination import MAX_LIMIT, SortKey, next_cursor, paginate, sort_pattern
-from service.api.problems import not_found, responses
-from service.api.queries import API, instance_by_uid, utc
-from service.api.schemas import (
-    TEXT_PATTERN,
-    UID_PATTERN,
-    AgreementOut,
-    IsoDateTime,
-    Page,
-    ReviewIn,
-    ReviewOut,
-)
+from service.api.pagination import Cursor, Limit, paginate
+from service.api.problems import responses
+from service.api.queries.filters import utc
+from service.api.queries.instances import instance_by_uid
+from service.api.queries.results import API, get_result
+from service.api.queries.reviews import SORTS, latest_result_of, review_by_id, review_out, select_reviews
+from service.api.schemas import UID_PATTERN, AgreementOut, Page, ReviewFilter, ReviewIn, ReviewOut
 from service.core.logs import ctx
-from service.core.models import Instance, Result, Review
+from service.core.models import Result, Review
 from service.core.reviews import ReaderAgreement, agreement_by_package
 
 log = logging.getLogger("lusai.api")
@@ -36,127 +30,47 @@ router = APIRouter(prefix="/api/v1", tags=["reviews"])
 
 ResultId = Annotated[int, Path(ge=1, le=2**62, description="Result ID")]
 Uid = Annotated[str, Path(pattern=UID_PATTERN, max_length=64, description="SOP Instance UID")]
-Reviewer = Annotated[
-    str | None, Query(max_length=160, pattern=TEXT_PATTERN, description="Only this reviewer (principal).")
-]
-Since = Annotated[IsoDateTime | None, Query(description="Reviews recorded at or after (ISO 8601).")]
-_SORTS = {"created_at": SortKey(Review.created_at, "datetime"), "id": SortKey(Review.id, "int")}
+Filters = Annotated[ReviewFilter, Query()]
+Sort = Annotated[str, Query(pattern=SORTS.pattern)]
+Writer = Annotated[Principal, Depends(write_scope)]
+#: Both ways of recording a review answer alike.
+_RECORDED: dict[str, Any] = {"status_code": 201, "response_model": ReviewOut, "responses": responses(404)}
 
 
-def _select() -> Select[*tuple[Any, ...]]:
-    return (
-        select(
-            Review,
-            Instance.sop_instance_uid,
-            Instance.version,
-            Result.score,
-            Result.model_name,
-            Result.model_version,
-            Result.weights_sha256,
-        )
-        .join(Result, Review.result_id == Result.id)
-        .join(Instance, Review.instance_id == Instance.id)
-    )
-
-
-def _out(row: Any) -> ReviewOut:
-    rv, uid, version, model_score, name, model_version, sha = row
-    return ReviewOut(
-        id=rv.id,
-        result_id=rv.result_id,
-        sop_instance_uid=uid,
-        instance_version=version,
-        reviewer=rv.reviewer,
-        score=rv.score,
-        gradable=rv.gradable,
-        a_lines=rv.a_lines,
-        b_lines=rv.b_lines,
-        pleura_irregular=rv.pleura_irregular,
-        consolidation=rv.consolidation,
-        effusion=rv.effusion,
-        comments=rv.comments,
-        created_at=rv.created_at,
-        model={"name": name, "version": model_version, "weights_sha256": sha},
-        model_score=model_score,
-    )
-
-
-def _record(session: Session, result: Result, body: ReviewIn, principal: Principal) -> ReviewOut:
+def _record(
+    response: Response, session: Session, result: Result, body: ReviewIn, who: Principal
+) -> ReviewOut:
     review = Review(
-        result_id=result.id,
-        instance_id=result.instance_id,
-        reviewer=principal.name,
-        **body.model_dump(),
+        result_id=result.id, instance_id=result.instance_id, reviewer=who.name, **body.model_dump()
     )
     session.add(review)
     session.commit()
     log.info("review recorded", extra=ctx(result_id=result.id, review_id=review.id, gradable=review.gradable))
-    return _out(session.execute(_select().where(Review.id == review.id)).one())
+    response.headers["Location"] = f"{API}/results/{result.id}/reviews"
+    return review_out(review_by_id(session, review.id))
 
 
 @router.post(
     "/results/{result_id}/reviews",
     summary="Record a reader's own score of a result (the result itself is not changed)",
-    status_code=201,
-    response_model=ReviewOut,
-    responses=responses(404),
+    **_RECORDED,
 )
 def review_result(
-    response: Response,
-    session: DbSession,
-    result_id: ResultId,
-    body: ReviewIn,
-    principal: Annotated[Principal, Depends(write_scope)],
+    response: Response, session: DbSession, result_id: ResultId, body: ReviewIn, principal: Writer
 ) -> ReviewOut:
-    result = session.get(Result, result_id)
-    if result is None:
-        raise not_found("result")
-    out = _record(session, result, body, principal)
-    response.headers["Location"] = f"{API}/results/{result_id}/reviews"
-    return out
+    return _record(response, session, get_result(session, result_id), body, principal)
 
 
 @router.post(
     "/instances/{sop_instance_uid}/reviews",
     summary="Record a reader's score of the latest result of an instance's latest version",
-    status_code=201,
-    response_model=ReviewOut,
-    responses=responses(404),
+    **_RECORDED,
 )
 def review_instance(
-    response: Response,
-    session: DbSession,
-    sop_instance_uid: Uid,
-    body: ReviewIn,
-    principal: Annotated[Principal, Depends(write_scope)],
+    response: Response, session: DbSession, sop_instance_uid: Uid, body: ReviewIn, principal: Writer
 ) -> ReviewOut:
-    inst = instance_by_uid(session, sop_instance_uid)
-    result = session.scalar(
-        select(Result).where(Result.instance_id == inst.id).order_by(Result.id.desc()).limit(1)
-    )
-    if result is None:
-        raise not_found("result of this instance")
-    out = _record(session, result, body, principal)
-    response.headers["Location"] = f"{API}/results/{result.id}/reviews"
-    return out
-
-
-def _page(
-    session: Session, stmt: Select[*tuple[Any, ...]], sort: str, cursor: str | None, limit: int
-) -> Page[ReviewOut]:
-    stmt, _, _ = paginate(stmt, sort=sort, keys=_SORTS, id_col=Review.id, cursor=cursor, limit=limit)
-    rows = session.execute(stmt).all()
-    attr = sort.lstrip("-")
-    return Page[ReviewOut](
-        items=[_out(r) for r in rows[:limit]],
-        next_cursor=next_cursor(rows, limit, sort, lambda r: getattr(r[0], attr), lambda r: r[0].id),
-        limit=limit,
-    )
-
-
-Sort = Annotated[str, Query(pattern=sort_pattern(list(_SORTS)))]
-Cursor = Annotated[str | None, Query(max_length=512)]
-Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+    result = latest_result_of(session, instance_by_uid(session, sop_instance_uid).id)
+    return _record(response, session, result, body, principal)
 
 
 @router.get(
@@ -173,9 +87,11 @@ def result_reviews(
     cursor: Cursor = None,
     limit: Limit = 50,
 ) -> Page[ReviewOut]:
-    if session.get(Result, result_id) is None:
-        raise not_found("result")
-    return _page(session, _select().where(Review.result_id == result_id), sort, cursor, limit)
+    get_result(session, result_id)  # 404 for an unknown result, not an empty page
+    page = paginate(session, select_reviews(result_id=result_id), cursor, limit, SORTS.order(sort))
+    return Page[ReviewOut](
+        items=[review_out(r) for r in page.rows], next_cursor=page.next_cursor, limit=limit
+    )
 
 
 @router.get(
@@ -187,21 +103,15 @@ def result_reviews(
 )
 def list_reviews(
     session: DbSession,
-    reviewer: Reviewer = None,
-    model_version: Annotated[str | None, Query(max_length=64, pattern=TEXT_PATTERN)] = None,
-    since: Since = None,
+    filters: Filters,
     sort: Sort = "-id",
     cursor: Cursor = None,
     limit: Limit = 50,
 ) -> Page[ReviewOut]:
-    stmt = _select()
-    if reviewer is not None:
-        stmt = stmt.where(Review.reviewer == reviewer)
-    if model_version is not None:
-        stmt = stmt.where(Result.model_version == model_version)
-    if since is not None:
-        stmt = stmt.where(Review.created_at >= utc(since))
-    return _page(session, stmt, sort, cursor, limit)
+    page = paginate(session, select_reviews(filters), cursor, limit, SORTS.order(sort))
+    return Page[ReviewOut](
+        items=[review_out(r) for r in page.rows], next_cursor=page.next_cursor, limit=limit
+    )
 
 
 def _stats(a: Any) -> dict[str, Any] | None:
@@ -236,15 +146,11 @@ def _package_out(p: Any) -> dict[str, Any]:
     dependencies=[Depends(read_scope)],
     responses=responses(400),
 )
-async def agreement(
-    request: Request,
-    reviewer: Reviewer = None,
-    model_version: Annotated[str | None, Query(max_length=64, pattern=TEXT_PATTERN)] = None,
-    since: Since = None,
-) -> Any:
-    when = utc(since) if since is not None else None
+async def agreement(request: Request, filters: Filters) -> Any:
+    f = filters
+    when = utc(f.since) if f.since is not None else None
     packages = await run_db(
         request,
-        lambda s: agreement_by_package(s, since=when, reviewer=reviewer, model_version=model_version),
+        lambda s: agreement_by_package(s, since=when, reviewer=f.reviewer, model_version=f.model_version),
     )
     return {"packages": [_package_out(p) for p in packages]}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.infer.package import DEFAULT_PACKAGE
+from service.core.model_package import DEFAULT_PACKAGE
 from workers.infer.scorer import (
     LearnedScorer,
     ScoreNet,
@@ -21,10 +21,10 @@ from workers.infer.scorer import (
     scores_from_severity,
     summarize,
 )
+from workers.infer.unet import load_model
 from workers.training.adapt.cv import patient_folds
 from workers.training.adapt.data import read_labels, weak_findings
 from workers.training.adapt.train import _class_weights, _Cuts, augment, ordinal_loss
-from workers.training.train import load_model
 
 
 def test_labels_csv_rows_rejected_and_weak_findings(tmp_path: Path) -> None:

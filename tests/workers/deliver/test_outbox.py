@@ -8,34 +8,21 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from service.core.db import session_scope
-from service.core.migrate import upgrade
+from service.core import lifecycle
 from service.core.models import Delivery, DeliveryState
-from service.core.settings import Settings, get_settings
-from service.core.storage import ObjectStore
+from service.core.runtime import Runtime
 from tests.conftest import free_port
 from tests.factories import noise_cine_file
-from workers.deliver import outbox
 from workers.deliver.outbox import send_delivery
 
 pytestmark = pytest.mark.network
 
 
-@pytest.fixture
-def env(data_dir: Path) -> tuple[Settings, ObjectStore]:
-    s = get_settings()
-    s.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(s.db_url)
-    return s, ObjectStore(s.storage)
-
-
-def _delivery(
-    settings: Settings, store: ObjectStore, tmp: Path, destination: str, seed: int = 0
-) -> tuple[int, str]:
+def _delivery(runtime: Runtime, tmp: Path, destination: str, seed: int = 0) -> tuple[int, str]:
     f = noise_cine_file(tmp / f"obj{seed}.dcm", seed=seed, jpeg=bool(seed % 2))
-    key, _, _ = store.put_file(f)
+    key, _, _ = runtime.store.put_file(f)
     ds = pydicom.dcmread(f, stop_before_pixels=True)
-    with session_scope(settings.db_url) as s:
+    with runtime.db.session() as s:
         d = Delivery(
             destination=destination,
             sop_class_uid=ds.SOPClassUID,
@@ -48,101 +35,97 @@ def _delivery(
         return d.id, str(ds.SOPInstanceUID)
 
 
-def _row(settings: Settings, delivery_id: int) -> Delivery:
-    with session_scope(settings.db_url) as s:
+def _row(runtime: Runtime, delivery_id: int) -> Delivery:
+    with runtime.db.session() as s:
         d = s.get(Delivery, delivery_id)
         assert d is not None
         s.expunge(d)
         return d
 
 
-def test_delivered_byte_for_byte_in_its_own_transfer_syntax(env, storescp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    settings, store = env
+def test_delivered_byte_for_byte_in_its_own_transfer_syntax(runtime, storescp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     port, received = storescp
     for seed in (0, 1):  # raw Explicit VR LE, then JPEG Baseline: each keeps its transfer syntax
-        did, uid = _delivery(settings, store, tmp_path, f"PACS@127.0.0.1:{port}", seed=seed)
-        assert send_delivery(did, settings=settings, store=store) == ("delivered", None)
-        d = _row(settings, did)
+        did, uid = _delivery(runtime, tmp_path, f"PACS@127.0.0.1:{port}", seed=seed)
+        assert send_delivery(did, runtime=runtime) == ("delivered", None)
+        d = _row(runtime, did)
         assert d.state == DeliveryState.DELIVERED and d.attempts == 1 and d.delivered_at is not None
         got = [pydicom.dcmread(p) for p in received.iterdir()]
         match = [g for g in got if g.SOPInstanceUID == uid]
         assert len(match) == 1
-        sent = pydicom.dcmread(store.path(d.storage_key))
+        sent = pydicom.dcmread(runtime.store.path(d.storage_key))
         assert match[0].file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
         assert match[0].PixelData == sent.PixelData
     # a delivered row is not sent again
-    assert send_delivery(did, settings=settings, store=store) == ("skipped", None)
+    assert send_delivery(did, runtime=runtime) == ("skipped", None)
 
 
 def test_dead_peer_backs_off_then_dead_letters_without_blocking_others(
-    env, storescp, tmp_path, monkeypatch
+    runtime, storescp, tmp_path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    settings, store = env
     port, received = storescp
-    monkeypatch.setattr(outbox, "MAX_ATTEMPTS", 3)
-    dead_id, _ = _delivery(settings, store, tmp_path, f"NOBODY@127.0.0.1:{free_port()}", seed=2)
-    live_id, live_uid = _delivery(settings, store, tmp_path, f"PACS@127.0.0.1:{port}", seed=3)
+    monkeypatch.setattr(lifecycle, "DELIVERY_MAX_ATTEMPTS", 3)
+    dead_id, _ = _delivery(runtime, tmp_path, f"NOBODY@127.0.0.1:{free_port()}", seed=2)
+    live_id, live_uid = _delivery(runtime, tmp_path, f"PACS@127.0.0.1:{port}", seed=3)
 
-    outcome, delay = send_delivery(dead_id, settings=settings, store=store)
-    assert outcome == "retrying" and delay == outbox.BASE_DELAY_S
-    d = _row(settings, dead_id)
+    outcome, delay = send_delivery(dead_id, runtime=runtime)
+    assert outcome == "retrying" and delay == lifecycle.DELIVERY_BACKOFF.base_s
+    d = _row(runtime, dead_id)
     assert d.state == DeliveryState.RETRYING and d.attempts == 1 and "not established" in (d.last_error or "")
     assert d.next_attempt_at is not None and d.next_attempt_at.replace(tzinfo=UTC) > datetime.now(UTC)
 
     # the live destination is untouched by the dead one
-    assert send_delivery(live_id, settings=settings, store=store)[0] == "delivered"
+    assert send_delivery(live_id, runtime=runtime)[0] == "delivered"
     assert any(pydicom.dcmread(p).SOPInstanceUID == live_uid for p in received.iterdir())
 
-    outcome, delay2 = send_delivery(dead_id, settings=settings, store=store)
-    assert outcome == "retrying" and delay2 == 2 * outbox.BASE_DELAY_S  # exponential
-    assert send_delivery(dead_id, settings=settings, store=store) == ("dead", None)
-    d = _row(settings, dead_id)
+    outcome, delay2 = send_delivery(dead_id, runtime=runtime)
+    assert outcome == "retrying" and delay2 == 2 * lifecycle.DELIVERY_BACKOFF.base_s  # exponential
+    assert send_delivery(dead_id, runtime=runtime) == ("dead", None)
+    d = _row(runtime, dead_id)
     assert d.state == DeliveryState.DEAD and d.attempts == 3
-    assert send_delivery(dead_id, settings=settings, store=store) == ("skipped", None)
+    assert send_delivery(dead_id, runtime=runtime) == ("skipped", None)
 
 
-def test_resend_command_revives_dead_deliveries(env, storescp, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_resend_command_revives_dead_deliveries(runtime, storescp, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from typer.testing import CliRunner
 
     from service.cli import app
 
-    settings, store = env
     port, _ = storescp
-    did, _ = _delivery(settings, store, tmp_path, f"PACS@127.0.0.1:{port}", seed=4)
-    with session_scope(settings.db_url) as s:
+    did, _ = _delivery(runtime, tmp_path, f"PACS@127.0.0.1:{port}", seed=4)
+    with runtime.db.session() as s:
         d = s.get(Delivery, did)
         assert d is not None
         d.state, d.attempts, d.last_error = DeliveryState.DEAD, 8, "peer was down"
     result = CliRunner().invoke(app, ["deliveries", "resend"])
     assert result.exit_code == 0, result.output
     assert "re-queued 1" in result.output
-    d = _row(settings, did)
+    d = _row(runtime, did)
     assert d.state == DeliveryState.PENDING and d.attempts == 0 and d.last_error is None
     # the message really is on the embedded queue, and the row now delivers
-    assert list((settings.broker_dir / "queue").iterdir())
-    assert send_delivery(did, settings=settings, store=store)[0] == "delivered"
+    assert list((runtime.settings.broker_dir / "queue").iterdir())
+    assert send_delivery(did, runtime=runtime)[0] == "delivered"
 
 
 def test_backoff_is_capped() -> None:
-    assert outbox.backoff(1) == outbox.BASE_DELAY_S
-    assert outbox.backoff(50) == outbox.MAX_DELAY_S
+    assert lifecycle.DELIVERY_BACKOFF.delay(1) == lifecycle.DELIVERY_BACKOFF.base_s
+    assert lifecycle.DELIVERY_BACKOFF.delay(50) == lifecycle.DELIVERY_BACKOFF.cap_s
 
 
-def test_recovery_resends_deliveries_whose_message_was_lost(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_recovery_resends_deliveries_whose_message_was_lost(runtime: Runtime, tmp_path: Path) -> None:
     from datetime import timedelta
 
-    from service.recovery import requeue_lost_deliveries
+    from service.core.recovery import requeue_lost_deliveries
 
-    settings, store = env
-    _delivery(settings, store, tmp_path, "PACS@127.0.0.1:104", seed=5)  # fresh: must be left alone
-    lost, _ = _delivery(settings, store, tmp_path, "PACS@127.0.0.1:104", seed=6)
-    with session_scope(settings.db_url) as s:
+    _delivery(runtime, tmp_path, "PACS@127.0.0.1:104", seed=5)  # fresh: must be left alone
+    lost, _ = _delivery(runtime, tmp_path, "PACS@127.0.0.1:104", seed=6)
+    with runtime.db.session() as s:
         d = s.get(Delivery, lost)
         assert d is not None
         d.state = DeliveryState.RETRYING
         d.next_attempt_at = datetime.now(UTC) - timedelta(minutes=30)  # its countdown message never came
-    queue = settings.broker_dir / "queue"
+    queue = runtime.settings.broker_dir / "queue"
     before = set(queue.iterdir()) if queue.exists() else set()
-    assert requeue_lost_deliveries(settings) == 1  # the fresh pending one is left alone
+    assert requeue_lost_deliveries(runtime) == 1  # the fresh pending one is left alone
     new = set(queue.iterdir()) - before
     assert len(new) == 1 and f"[{lost}]" in new.pop().read_text()

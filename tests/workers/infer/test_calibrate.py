@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.domain import SegmentClass as C
+from service.core.segments import SegmentClass as C
 from workers.score.lus import GridSpacing, ScoreConfig
 from workers.training.calibrate import Cached, measure, rescore, search, video_scores
 from workers.training.evaluate import LabelledItem

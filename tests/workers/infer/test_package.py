@@ -9,18 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from workers.infer.package import (
+from service.core.model_package import (
     CARD_NAME,
     DEFAULT_PACKAGE,
     FORMAT,
     MANIFEST_NAME,
     PackageError,
+    class_names,
     label_set_sha256,
     load_package,
     render_card,
     repackage,
     write_package,
 )
+from service.core.segments import SegmentClass
 
 
 @pytest.fixture
@@ -47,6 +49,13 @@ def test_shipped_package_verifies_and_describes_itself() -> None:
     assert pkg.sha256s["segmenter_onnx"] == metrics["onnx_sha256"]
     assert pkg.training["seed"] == metrics["config"]["seed"] == 0
     assert "phantom" in pkg.training["data"] and pkg.training["labels_sha256"] == label_set_sha256()
+    # The class list travels with the weights, in label-value order.
+    assert pkg.classes == tuple(class_names()) == tuple(c.name.lower() for c in SegmentClass)
+    assert _manifest(DEFAULT_PACKAGE)["classes"] == class_names()
+    # Texts name the modules as they are now (training code lives under workers.training).
+    text = (DEFAULT_PACKAGE / MANIFEST_NAME).read_text()
+    assert "workers.training.phantom" in text and "python -m workers.training.calibrate" in text
+    assert "workers.infer.calibrate" not in text and "(workers.phantom)" not in text
     # The operating point is fitted on phantom seed 2027 (nothing fitted on real patients ships);
     # its figure is agreement with phantom truth on an independent seed.
     op = pkg.training["operating_point"]
@@ -91,6 +100,8 @@ def test_missing_manifest_says_how_to_make_one(tmp_path: Path) -> None:
         (lambda m: m["files"]["metrics"].update(path="../metrics.json"), "must be a distinct plain file"),
         (lambda m: m["files"]["metrics"].update(sha256="XYZ"), "files.metrics.sha256"),
         (lambda m: m["training"].update(labels=["background", "b_line"]), "training.labels"),
+        (lambda m: m.update(classes=["background", "b_line"]), r"classes \['background', 'b_line'\] are not"),
+        (lambda m: m.update(classes=class_names()[::-1]), "names in label-value order"),
     ],
 )
 def test_bad_manifest_is_refused(shipped_copy: Path, change: object, message: str) -> None:
@@ -99,6 +110,18 @@ def test_bad_manifest_is_refused(shipped_copy: Path, change: object, message: st
     (shipped_copy / MANIFEST_NAME).write_text(json.dumps(m))
     with pytest.raises(PackageError, match=message):
         load_package(shipped_copy)
+
+
+def test_package_without_class_list_reads_the_trained_labels(shipped_copy: Path) -> None:
+    """Packages written before ``classes`` existed load; re-packaging records the list."""
+    m = _manifest(shipped_copy)
+    del m["classes"]
+    (shipped_copy / MANIFEST_NAME).write_text(json.dumps(m, indent=2) + "\n")
+    assert load_package(shipped_copy).classes == tuple(class_names())
+    del m["training"]["labels"]
+    (shipped_copy / MANIFEST_NAME).write_text(json.dumps(m, indent=2) + "\n")
+    assert load_package(shipped_copy).classes == tuple(class_names())
+    assert _manifest(repackage(shipped_copy).path)["classes"] == class_names()
 
 
 def test_missing_listed_file_and_broken_json(shipped_copy: Path) -> None:
@@ -141,10 +164,11 @@ def test_write_package_round_trip_and_card(tmp_path: Path) -> None:
     assert again.files["scorer_torch"].read_bytes() == scorer.read_bytes()
     assert again.sha256s["segmenter_torch"] == parent.sha256s["segmenter_torch"]
     assert again.training["counts"] == {"videos": 40} and again.created.endswith("Z")
-    assert _manifest(out)["format"] == FORMAT
+    assert _manifest(out)["format"] == FORMAT and _manifest(out)["classes"] == class_names()
     card = (out / CARD_NAME).read_text()
     assert card.startswith("# Model card: lusai-site-a 0.2.0+site.a")
     assert parent.package_sha256 in card and pkg.package_sha256 in card
+    assert f"| classes (label order) | {', '.join(class_names())} |" in card
     assert "| kappa_qw | 0.41 |" in card and "| folds.n | 5 |" in card
     assert "Research at site A." in card and "**seed**: 7" in card
     for role, digest in pkg.sha256s.items():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from workers.infer.package import DEFAULT_PACKAGE, load_package
+from service.core.model_package import DEFAULT_PACKAGE, file_sha256, load_package
 from workers.infer.predict import Predictor, resolve_device
 from workers.training.phantom import make_sample
-from workers.training.train import sha256
 
 DEFAULT_WEIGHTS = DEFAULT_PACKAGE / "lus_unet.pt"
 
@@ -32,7 +34,7 @@ def test_onnxruntime_matches_torch() -> None:
     assert (la == lb).mean() > 0.999
     assert np.abs(pa.astype(np.float32) - pb.astype(np.float32)).max() < 1e-2
     assert np.allclose(pa.astype(np.float32).sum(1), 1.0, atol=1e-2)
-    assert ort.weights_sha256 == sha256(DEFAULT_WEIGHTS)
+    assert ort.weights_sha256 == file_sha256(DEFAULT_WEIGHTS)
     assert ort.package.package_sha256 == ref.package.package_sha256
 
 
@@ -46,3 +48,13 @@ def test_device_resolution() -> None:
     assert resolve_device("auto") in {"cpu", "cuda"}
     with pytest.raises(ValueError):
         resolve_device("tpu")
+
+
+def test_serving_imports_nothing_from_training() -> None:
+    """The worker's pipeline loads without the phantom, training code or rich (a training-only dep)."""
+    code = (
+        "import sys, workers.pipeline; "
+        "print(sorted(m for m in sys.modules if m.startswith(('workers.training', 'rich'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.domain import SegmentClass as C
+from service.core.segments import SegmentClass as C
 from workers.infer.refine import RefineConfig, horizontal_structure, pleura_depth, refine
 
 ROWS, COLS, PLEURA = 96, 80, 20

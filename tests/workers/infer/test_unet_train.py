@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from service.core.agreement import agreement, quadratic_kappa
+from service.core.model_package import class_names
 from workers.infer.unet import N_CLASSES, AttentionGate, AttentionUNet
-from workers.training.evaluate import agreement, quadratic_kappa
 from workers.training.train import TrainConfig, dice_per_class, train
 
 
@@ -35,6 +36,7 @@ def test_one_step_training_writes_artifacts(tmp_path: Path) -> None:
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["weights_sha256"] == metrics["weights_sha256"]
+    assert torch.load(tmp_path / "lus_unet.pt", weights_only=True)["classes"] == class_names()
     assert set(saved["history"][0]["val_dice"]) == {"background", "pleural_line", "a_line", "b_line",
                                                     "consolidation", "effusion", "rib_shadow"}  # fmt: skip
 

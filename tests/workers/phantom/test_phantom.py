@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation
 
-from workers.domain import SegmentClass as C
+from service.core.segments import SegmentClass as C
 from workers.preprocess import Grid, GridShape
 from workers.training.phantom import SCENARIOS, make_cine, make_sample, random_scene, render
 

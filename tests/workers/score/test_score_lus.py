@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.domain import SegmentClass as C
+from service.core.segments import SegmentClass as C
 from workers.score.lus import (
     GridSpacing,
     ScoreConfig,

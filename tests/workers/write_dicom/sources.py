@@ -16,7 +16,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from workers.domain import Analysis, FrameFindings, ModelInfo, SegmentClass, VideoFindings
+from service.core.model_package import ModelInfo
+from service.core.segments import SegmentClass
+from workers.domain import Analysis, FrameFindings, VideoFindings
 from workers.preprocess.wrap import encode_jpeg_ybr422
 from workers.write_dicom import OutputOptions, build_outputs
 
@@ -189,4 +191,5 @@ def outputs_for(
     opts = replace(options or OutputOptions(), validate=validate)
     n, rows, cols = analysis.labels.shape
     rgb = frames_rgb(n, rows, cols, seed=1)
-    return {ds.Modality: ds for ds in build_outputs(source, analysis, frames_rgb=rgb, options=opts, now=NOW)}
+    outputs = build_outputs(source, analysis, frames_rgb=rgb, options=opts, now=NOW)
+    return {o.dataset.Modality: o.dataset for o in outputs}

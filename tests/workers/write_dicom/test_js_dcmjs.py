@@ -15,7 +15,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from workers.domain import SEGMENT_CLASSES, Analysis
+from service.core.segments import SEGMENT_CLASSES
+from workers.domain import Analysis
 
 from .sources import outputs_for, require_external
 

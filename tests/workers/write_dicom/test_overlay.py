@@ -8,12 +8,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from workers.domain import SegmentClass
+from service.core.dicom import OutputKind
+from service.core.segments import SEGMENTS, SegmentClass, segment
 from workers.write_dicom import OutputOptions, OverlayOptions
 from workers.write_dicom.build import series_info
-from workers.write_dicom.codes import SEGMENT_RGB
 from workers.write_dicom.overlay import blend, build_overlay
-from workers.write_dicom.uids import OutputKind
 
 from .sources import NOW, frames_rgb, make_analysis, make_source
 
@@ -46,7 +45,7 @@ def test_blend_colours_only_labelled_pixels() -> None:
     labels = np.zeros((1, 4, 4), dtype=np.uint8)
     labels[0, 1, 2] = SegmentClass.B_LINE
     out = blend(frames, labels, 0.5)
-    expected = np.rint(0.5 * 100 + 0.5 * np.array(SEGMENT_RGB[SegmentClass.B_LINE]))
+    expected = np.rint(0.5 * 100 + 0.5 * np.array(segment(SegmentClass.B_LINE).rgb))
     np.testing.assert_array_equal(out[0, 1, 2], expected)
     out[0, 1, 2] = 100
     assert np.all(out == 100)
@@ -70,7 +69,7 @@ def test_uncompressed_overlay(grey: bool) -> None:
     np.testing.assert_array_equal(image[untouched], rgb[untouched])
     assert not np.array_equal(image[~untouched], rgb[~untouched])
     colours = {tuple(int(v) for v in px) for px in legend.reshape(-1, 3)}
-    assert {SEGMENT_RGB[c] for c in SegmentClass if c != SegmentClass.BACKGROUND} <= colours
+    assert {row.rgb for row in SEGMENTS} <= colours
 
 
 def test_jpeg_overlay_decodes_close_to_uncompressed() -> None:

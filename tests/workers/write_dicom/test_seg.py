@@ -9,11 +9,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from workers.domain import SEGMENT_CLASSES, Analysis, SegmentClass
+from service.core.dicom import OutputKind
+from service.core.segments import SEGMENT_CLASSES, SegmentClass
+from workers.domain import Analysis
 from workers.write_dicom import OutputOptions, SegOptions
 from workers.write_dicom.build import series_info
 from workers.write_dicom.seg import WEASIS_MAX_FRAMES, build_seg, selected_source_frames
-from workers.write_dicom.uids import OutputKind
 
 from .sources import N_FRAMES, NOW, make_analysis, make_source, outputs_for
 

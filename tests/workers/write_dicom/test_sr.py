@@ -12,11 +12,15 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from workers.domain import SEGMENT_CLASSES, Analysis
+from service.core.segments import SEGMENT_CLASSES, SegmentClass, segment
+from workers.domain import Analysis
 from workers.write_dicom import OutputOptions, SegOptions
 from workers.write_dicom import codes as c
 
 from .sources import make_analysis, make_source, outputs_for
+
+CONSOLIDATION = segment(SegmentClass.CONSOLIDATION).type.value
+EFFUSION = segment(SegmentClass.EFFUSION).type.value
 
 
 def report_of(ds: Dataset) -> hd.sr.MeasurementReport:
@@ -102,8 +106,8 @@ def test_video_and_frame_groups(built: tuple[Dataset, Analysis, dict[str, Datase
     assert named(video, c.B_LINE_PLEURA_PERCENT) == pytest.approx(12.5)
     assert named(video, c.B_LINE_COUNT) == 3
     evaluations = {code_of(e.name): code_of(e.value) for e in video.get_qualitative_evaluations()}
-    assert evaluations[c.LUNG_CONSOLIDATION.value] == c.PRESENT.value
-    assert evaluations[c.PLEURAL_EFFUSION.value] == c.ABSENT.value
+    assert evaluations[CONSOLIDATION] == c.PRESENT.value
+    assert evaluations[EFFUSION] == c.ABSENT.value
     assert video.finding_sites[0].value.value == c.LUNG.value
     frames = groups[c.LUS_FRAME_SCORES.value]
     measurements = frames.get_measurements(name=c.FRAME_LUS_SCORE)
@@ -125,7 +129,7 @@ def test_segment_groups_reference_seg(built: tuple[Dataset, Analysis, dict[str, 
     for g, ref, (number,) in zip(groups, refs, numbers, strict=True):
         assert ref is not None and ref.referenced_sop_instance_uid == seg.SOPInstanceUID
         assert g.tracking_uid == seg.SegmentSequence[number - 1].TrackingUID
-    consolidation = next(g for g in groups if code_of(g.finding_type) == c.LUNG_CONSOLIDATION.value)
+    consolidation = next(g for g in groups if code_of(g.finding_type) == CONSOLIDATION)
     assert named(consolidation, c.AREA) == pytest.approx(12.5)
 
 

@@ -5,7 +5,8 @@ from dataclasses import replace
 import pytest
 from pydicom.uid import UID
 
-from workers.write_dicom.uids import OutputKind, device_uid, frame_of_reference_uid, output_uids
+from service.core.dicom import OutputKind
+from workers.write_dicom.uids import device_uid, frame_of_reference_uid, output_uids
 
 from .sources import MODEL
 

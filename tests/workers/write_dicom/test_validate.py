@@ -5,6 +5,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
+from service.core.dicom import OutputKind
 from workers.domain import Analysis
 from workers.write_dicom import (
     OutputOptions,
@@ -57,8 +58,12 @@ def test_options_validate() -> None:
         seg=SegOptions(segmentation_type="LABELMAP", compress=True), overlay=OverlayOptions(jpeg_quality=85)
     )
     outputs = build_outputs(source, analysis, frames_rgb=frames_rgb(3, 350, 350), options=options)
-    assert [ds.Modality for ds in outputs] == ["SEG", "SR", "OT"]
-    results = validate_outputs(source, outputs)
+    assert [(o.kind, o.dataset.Modality) for o in outputs] == [
+        (OutputKind.SEG, "SEG"),
+        (OutputKind.SR, "SR"),
+        (OutputKind.SC, "OT"),
+    ]
+    results = validate_outputs(source, [o.dataset for o in outputs])
     assert ("dciodvfy", "LabelMapSegmentationStorage") in {(r.check, r.subject) for r in results}
 
 
@@ -67,7 +72,7 @@ def test_build_outputs_validates_by_default() -> None:
     source = make_source(350, 350, 2, jpeg=False)
     analysis = make_analysis(source)
     outputs = build_outputs(source, analysis)  # no frames: no overlay
-    assert [ds.Modality for ds in outputs] == ["SEG", "SR"]
+    assert [(o.kind, o.dataset.Modality) for o in outputs] == [(OutputKind.SEG, "SEG"), (OutputKind.SR, "SR")]
 
 
 @pytest.mark.usefixtures("dicom3tools")

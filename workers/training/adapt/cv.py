@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from service.core.agreement import Agreement, agreement
 from workers.infer.unet import AttentionUNet
 from workers.training.adapt.data import Cine, patients
 from workers.training.adapt.train import AdaptConfig, FitResult, fit, score_cine
-from workers.training.evaluate import Agreement, agreement
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
-from workers.domain import SegmentClass as C
+from service.core.segments import SegmentClass as C
 
 #: Scenario names and their sampling weights; balanced so every Soldati score is common.
 SCENARIOS: dict[str, float] = {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from service.receive.validate import US_SOP_CLASSES, Header
+from service.core.dicom import US_SOP_CLASSES
+from service.core.header import Header
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""Alembic driven from code, so ``lusai db upgrade`` works from an installed package."""
+"""Alembic driven from code, so ``lusai db upgrade`` works from an installed package.
+
+It lives beside the revisions it runs: the core defines the models, the migrations build on them.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,10 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-import migrations
-
 
 def alembic_config(url: str) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    cfg.set_main_option("script_location", str(Path(__file__).parent))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

@@ -1,60 +1,32 @@
-"""Look-ups shared by the routes, and the row -> response mapping of instances, jobs and results."""
+"""Results: the polling list, one result in full (by id, or the latest of an instance)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, bindparam, select
+from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
+from service.api.pagination import SortKey, Sorts
 from service.api.problems import not_found
-from service.api.schemas import JobOut, ResultLinks, ResultOut
-from service.core.models import Instance, Job, Result, Series, Study
+from service.api.queries import found
+from service.api.queries.filters import between, equal, period
+from service.api.queries.instances import instance_by_uid
+from service.api.schemas import ResultFilter, ResultLinks, ResultOut
+from service.core.models import Instance, Result, Series, Study
+from service.core.study import graded_score
 
 API = "/api/v1"
 
-
-def utc(value: datetime) -> datetime:
-    """Filter timestamps in UTC: naive ones are taken as UTC (SQLite compares them as text)."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def instance_by_uid(session: Session, uid: str, version: int | None = None) -> Instance:
-    """The given version of a SOP instance, or its latest; 404 if absent."""
-    stmt = select(Instance).where(Instance.sop_instance_uid == uid)
-    if version is not None:
-        stmt = stmt.where(Instance.version == version)
-    inst = session.scalar(stmt.order_by(Instance.version.desc()).limit(1))
-    if inst is None:
-        raise not_found("instance")
-    return inst
-
-
-def job_out(job: Job, sop_uid: str, version: int, result_id: int | None) -> JobOut:
-    return JobOut(
-        id=job.id,
-        sop_instance_uid=sop_uid,
-        instance_version=version,
-        state=job.state,
-        attempts=job.attempts,
-        error=job.error,
-        model_version=job.model_version,
-        timings_ms={k: float(v) for k, v in (job.timings_ms or {}).items() if isinstance(v, int | float)},
-        worker=job.worker,
-        created_at=job.created_at,
-        enqueued_at=job.enqueued_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        result_id=result_id,
-    )
-
-
-def job_result_ids(session: Session, job_ids: list[int]) -> dict[int, int]:
-    if not job_ids:
-        return {}
-    return dict(session.execute(select(Result.job_id, Result.id).where(Result.job_id.in_(job_ids))).all())
-
+#: Not gradable results (score null) sort below score 0.
+SORTS = Sorts(
+    {
+        "created_at": SortKey(Result.created_at, "datetime"),
+        "score": SortKey(func.coalesce(Result.score, -1), "int"),
+        "id": SortKey(Result.id, "int"),
+    },
+    Result.id,
+)
 
 #: Columns of a result summary; list rows carry these plus the instance's UID and version.
 SUMMARY_COLUMNS = (
@@ -70,6 +42,25 @@ _DETAIL_COLUMNS = (
 )  # fmt: skip
 
 
+def select_results(f: ResultFilter) -> Select[*tuple[Any, ...]]:
+    """Rows of :data:`SUMMARY_COLUMNS`: plain columns, without per-frame scores and measurements
+    (a third of the cost of ORM objects)."""
+    stmt = select(*SUMMARY_COLUMNS).select_from(Result).join(Instance, Result.instance_id == Instance.id)
+    if f.study_instance_uid is not None:
+        stmt = stmt.join(Series, Instance.series_id == Series.id).join(Study, Series.study_id == Study.id)
+    return stmt.where(
+        *between(Result.score, f.score_min, f.score_max),
+        *equal(f, Result.gradable, Result.model_version, Result.consolidation, Result.effusion),
+        *equal(f, Instance.sop_instance_uid, Study.study_instance_uid),
+        *period(Result.created_at, f.created_from, f.created_to),
+    )
+
+
+def get_result(session: Session, result_id: int) -> Result:
+    """The result row (its storage keys); 404 if absent."""
+    return found(session.get(Result, result_id), "result")
+
+
 def result_summary(r: Any) -> dict[str, Any]:
     """A :class:`ResultSummary` as a dict, from a row of :data:`SUMMARY_COLUMNS`.
 
@@ -81,7 +72,7 @@ def result_summary(r: Any) -> dict[str, Any]:
         "job_id": r.job_id,
         "sop_instance_uid": r.sop_instance_uid,
         "instance_version": r.version,
-        "score": r.score if r.gradable else None,
+        "score": graded_score(r.score, r.gradable),
         "gradable": r.gradable,
         "reason": r.ungradable_reason,
         "key_frame": r.key_frame,
@@ -124,17 +115,16 @@ _LATEST_BY_UID = (
 
 
 def result_by_id(session: Session, result_id: int) -> Any:
-    """One query for the result and the UIDs around it (the hot path of dashboards)."""
-    row = session.connection().execute(_BY_ID, {"result_id": result_id}).first()
-    if row is None:
-        raise not_found("result")
-    return row
+    """One query for the result and the UIDs around it (the hot path of dashboards).
+
+    Plain column rows run on the session's connection: the ORM layer would only add overhead.
+    """
+    return found(session.connection().execute(_BY_ID, {"result_id": result_id}).first(), "result")
 
 
 def latest_result_by_uid(session: Session, uid: str, version: int | None, model_version: str | None) -> Any:
     """The latest result of (the given or latest version of) a SOP instance, in one query."""
     if version is None and model_version is None:
-        # Core execution: these are plain column rows, the ORM layer would only add overhead.
         row = session.connection().execute(_LATEST_BY_UID, {"uid": uid}).first()
     else:
         inst = select(Instance.id).where(Instance.sop_instance_uid == uid)
@@ -145,7 +135,7 @@ def latest_result_by_uid(session: Session, uid: str, version: int | None, model_
         )
         if model_version is not None:
             stmt = stmt.where(Result.model_version == model_version)
-        row = session.execute(stmt.order_by(Result.id.desc()).limit(1)).first()
+        row = session.connection().execute(stmt.order_by(Result.id.desc()).limit(1)).first()
     if row is None:
         instance_by_uid(session, uid, version)  # 404 for the instance if that is what is missing
         raise not_found("result of this instance")

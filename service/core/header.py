@@ -13,24 +13,14 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
-US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
-US_MULTIFRAME_RETIRED = "1.2.840.10008.5.1.4.1.1.3"
-US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
-US_IMAGE_RETIRED = "1.2.840.10008.5.1.4.1.1.6"
-US_SOP_CLASSES = frozenset({US_MULTIFRAME, US_MULTIFRAME_RETIRED, US_IMAGE, US_IMAGE_RETIRED})
+from service.core.dicom import STATUS_CANNOT_UNDERSTAND, STATUS_DATA_SET_MISMATCH
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 PIXEL_DATA = Tag(0x7FE00010)
-DEFLATED_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"})
-
-# DIMSE C-STORE failure statuses used below.
-STATUS_OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (storage full)
-STATUS_DATA_SET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class
-STATUS_CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand
-STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
-STATUS_PROCESSING_FAILURE = 0x0110  # Failure: Processing failure
+#: Deflated Explicit VR Little Endian and Deflated Image Frame Compression (not in pydicom 3.0).
+DEFLATED_SYNTAXES = frozenset({DeflatedExplicitVRLittleEndian, UID("1.2.840.10008.1.2.8.1")})
 
 
 class RejectedObject(Exception):
@@ -135,7 +125,7 @@ def _header(ds: Dataset) -> Header:
         sop_instance_uid=_uid(ds, "SOPInstanceUID"),
         study_instance_uid=_uid(ds, "StudyInstanceUID"),
         series_instance_uid=_uid(ds, "SeriesInstanceUID"),
-        transfer_syntax_uid=ts or "1.2.840.10008.1.2",
+        transfer_syntax_uid=ts or ImplicitVRLittleEndian,
         modality=_str(ds, "Modality", 16),
         frames=frames,
         rows=int(rows) if rows else None,
@@ -266,7 +256,7 @@ def check_fragments(path: Path, value_tell: int, header: Header, spp: int, bits:
     if not fragments:
         raise RejectedObject("no frames in pixel data", STATUS_DATA_SET_MISMATCH)
     ts = header.transfer_syntax_uid
-    if ts == "1.2.840.10008.1.2.5":  # RLE: exactly one fragment per frame (PS3.5 A.4.2)
+    if ts == RLELossless:  # RLE: exactly one fragment per frame (PS3.5 A.4.2)
         starts = [h for _, h in fragments]
         sizer = None
     elif ts.startswith("1.2.840.10008.1.2.4.") and ts.rsplit(".", 1)[1] in {

@@ -8,31 +8,27 @@ rows and, for lung-ultrasound cines, a Job that is enqueued only after the rows 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from service.core.db import session_scope
-from service.core.logs import ctx
-from service.core.models import Instance, InstanceState, Job, JobState, Series, Study
-from service.core.queue import enqueue_analysis
-from service.core.settings import Settings
-from service.core.storage import ObjectStore
-from service.receive.routing import RoutingRules
-from service.receive.validate import (
-    STATUS_DATA_SET_MISMATCH,
-    STATUS_SOP_CLASS_NOT_SUPPORTED,
-    US_SOP_CLASSES,
+from service.core import lifecycle
+from service.core.db import Database
+from service.core.dicom import STATUS_DATA_SET_MISMATCH, STATUS_SOP_CLASS_NOT_SUPPORTED, US_SOP_CLASSES
+from service.core.header import (
     Header,
     RejectedObject,
     check_image,
     read_header,
 )
+from service.core.logs import ctx
+from service.core.models import Instance, InstanceState, Series, Study
+from service.core.routing import RoutingRules
+from service.core.runtime import Runtime
+from service.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +57,7 @@ def ingest_file(
     tmp: Path,
     *,
     calling_ae: str | None,
-    settings: Settings,
-    store: ObjectStore,
+    runtime: Runtime,
     digest: tuple[str, int] | None = None,
     announced: tuple[str, str] | None = None,
 ) -> IngestOutcome:
@@ -72,6 +67,7 @@ def ingest_file(
     twice; ``tmp`` must then already be fsynced. ``announced`` is the (SOP Class, SOP Instance) UID
     pair of the C-STORE request, which the data set must repeat.
     """
+    settings = runtime.settings
     try:
         header, ds = read_header(tmp)
         if announced is not None and (header.sop_class_uid, header.sop_instance_uid) != announced:
@@ -84,20 +80,20 @@ def ingest_file(
         if ignore_reason is None:
             check_image(header, ds, tmp)
         del ds
-        key, sha, size = store.adopt(tmp) if digest is None else adopt_hashed(store, tmp, *digest)
+        key, sha, size = runtime.store.adopt(tmp, digest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     try:
         outcome = index_object(
-            header, key, sha, size, calling_ae=calling_ae, ignore_reason=ignore_reason, settings=settings
+            header, key, sha, size, calling_ae=calling_ae, ignore_reason=ignore_reason, db=runtime.db
         )
     except SQLAlchemyError as exc:
         exc.lusai_storage_key = key  # type: ignore[attr-defined]  # lets the SCP spool it
         raise
     if outcome.job_id is not None:
         try:
-            enqueue_job(outcome.job_id, settings)
+            enqueue_job(outcome.job_id, runtime)
         except SQLAlchemyError as exc:  # rows are committed: recovery re-sends jobs never marked enqueued
             log.warning(
                 "job enqueue bookkeeping failed", extra=ctx(job_id=outcome.job_id, error=type(exc).__name__)
@@ -118,40 +114,6 @@ def ingest_file(
     return outcome
 
 
-def adopt_hashed(store: ObjectStore, tmp: Path, sha: str, size: int) -> tuple[str, str, int]:
-    """Rename an already hashed and fsynced temporary file into content-addressed storage.
-
-    The key comes from the hash alone; identical bytes already stored make this a no-op.
-    """
-    key = store.key_for(sha)
-    final = store.path(key)
-    new_dirs = not final.parent.is_dir()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        tmp.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        if new_dirs:  # objects/ab/cd just created: their own entries must be durable too
-            _fsync_dir(final.parent.parent)
-            _fsync_dir(final.parent.parent.parent)
-    return key, sha, size
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX: the directory entry lives in the directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def index_object(
     header: Header,
     key: str,
@@ -160,12 +122,12 @@ def index_object(
     *,
     calling_ae: str | None,
     ignore_reason: str | None,
-    settings: Settings,
+    db: Database,
 ) -> IngestOutcome:
     """Rows for a stored object; retried once on a race with a concurrent sender of the same study."""
     for attempt in range(2):
         try:
-            with session_scope(settings.db_url) as session:
+            with db.session() as session:
                 return _index(session, header, key, sha, size, calling_ae, ignore_reason)
         except IntegrityError:
             if attempt:
@@ -238,25 +200,11 @@ def _index(
     session.flush()
     if ignore_reason:
         return IngestOutcome("ignored", h.sop_instance_uid, instance.id, version, reason=ignore_reason)
-    job = Job(instance_id=instance.id, state=JobState.QUEUED)
-    session.add(job)
-    session.flush()
+    job = lifecycle.new_job(session, instance.id)
     return IngestOutcome("queued", h.sop_instance_uid, instance.id, version, job_id=job.id)
 
 
-def enqueue_job(job_id: int, settings: Settings) -> bool:
+def enqueue_job(job_id: int, runtime: Runtime) -> bool:
     """Send the job to the broker; a broker outage leaves it QUEUED for the recovery sweep."""
-    try:
-        enqueue_analysis(job_id)
-    except Exception as exc:  # broker down: the row is the truth, recovery re-sends it
-        log.warning(
-            "broker unavailable, job left for recovery", extra=ctx(job_id=job_id, error=type(exc).__name__)
-        )
-        return False
-    with session_scope(settings.db_url) as session:  # one UPDATE, no ORM load: this runs per object
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.enqueued_at.is_(None))
-            .values(enqueued_at=datetime.now(UTC))
-        )
-    return True
+    with runtime.db.session() as session:  # one UPDATE, no ORM load: this runs per object
+        return lifecycle.enqueue(session, job_id, runtime.queue.enqueue_analysis)

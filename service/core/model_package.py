@@ -3,10 +3,12 @@
 A package is a folder with ``manifest.json`` (format :data:`FORMAT`) listing its files by role
 (``segmenter_torch`` is required; ``segmenter_onnx``, ``score_config``, ``scorer_torch``,
 ``scorer_onnx``, ``metrics`` and any other role are optional) with their SHA-256, plus its
-identity (name, version, parent), how it was trained and what cross-validation measured. A
+identity (name, version, parent), the segmenter's classes (names in label-value order), how it
+was trained and what cross-validation measured. A
 generated ``MODEL_CARD.md`` renders the manifest for people. Loading verifies every hash, so a
 worker never runs on weights other than the ones its outputs will name, and the SHA-256 of the
 manifest bytes (``package_sha256``) identifies the whole package in every SEG, SR and result.
+Model name, version and classes are read from here only: no code holds them as constants.
 
 This module needs no torch: the API health check and ``lusai check worker`` use it too.
 """
@@ -20,13 +22,13 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from workers.domain import ModelInfo, SegmentClass
+from service.core.segments import SegmentClass
 
 FORMAT = "lusai-model-package/1"
 MANIFEST_NAME = "manifest.json"
@@ -42,7 +44,9 @@ ROLE_FILES = {
     "metrics": "metrics.json",
 }
 #: The package shipped inside the Python package (used when no package is configured).
-DEFAULT_PACKAGE = Path(__file__).resolve().parent / "weights"
+#: The format is the core's (workers load, training writes, the API and CLI inspect); the shipped
+#: weights stay with the worker code that runs them.
+DEFAULT_PACKAGE = Path(__file__).resolve().parents[2] / "workers" / "infer" / "weights"
 DEFAULT_INTENDED_USE = (
     "Research and engineering of a PACS-integrated lung-ultrasound pipeline. Not for diagnostic use: "
     "not clinically validated."
@@ -53,6 +57,22 @@ _IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 _ROLE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _RESERVED = {MANIFEST_NAME, CARD_NAME}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identifies the algorithm in every output (SEG AlgorithmIdentification, SR observer, API).
+
+    Built from the loaded package's manifest (``ModelPackage.model_info``): name and version are
+    never constants in code, so outputs always name the weights that made them.
+    """
+
+    name: str
+    version: str
+    weights_sha256: str
+    #: SHA-256 of the model package's manifest (this module); empty only for hand-built
+    #: infos. It names every file of the package, so output UIDs change when any of them does.
+    package_sha256: str = ""
 
 
 class PackageError(ValueError):
@@ -67,6 +87,9 @@ class ModelPackage:
     created: str
     parent: Mapping[str, str] | None
     description: str
+    #: The segmenter's class names in label-value order; always this release's SegmentClass names
+    #: (a package with other classes is refused on load, since scoring could not read its maps).
+    classes: tuple[str, ...]
     files: Mapping[str, Path]  # role -> absolute file path
     sha256s: Mapping[str, str]  # role -> SHA-256 stated by the manifest (and verified on load)
     training: Mapping[str, Any]
@@ -146,6 +169,8 @@ def load_package(path: Path | str, *, verify: bool = True) -> ModelPackage:
         created=m["created"],
         parent=m["parent"],
         description=m["description"],
+        # Packages written before the field existed name their classes in training.labels, if at all.
+        classes=tuple(m.get("classes") or m["training"].get("labels") or class_names()),
         files=files,
         sha256s={r: e["sha256"] for r, e in m["files"].items()},
         training=m["training"],
@@ -154,6 +179,16 @@ def load_package(path: Path | str, *, verify: bool = True) -> ModelPackage:
         package_sha256=hashlib.sha256(raw).hexdigest(),
         manifest=m,
     )
+
+
+def check_identity(name: str, version: str, where: str = "model package") -> None:
+    """Refuse a name or version that DICOM LO attributes and ``model_version`` requests cannot carry.
+
+    Also safe as a folder name (``lusai train``'s default output is ``NAME-VERSION``).
+    """
+    for key, value in (("name", name), ("version", version)):
+        if not _IDENT.match(value):
+            raise PackageError(f"{where}: {key} {value!r} must match {_IDENT.pattern}")
 
 
 def _check_manifest(m: Any, where: str) -> None:
@@ -170,9 +205,7 @@ def _check_manifest(m: Any, where: str) -> None:
             raise PackageError(f"{where}: field {key!r} is missing")
         if not isinstance(m[key], typ):
             raise PackageError(f"{where}: field {key!r} has the wrong type ({type(m[key]).__name__})")
-    for key in ("name", "version"):
-        if not _IDENT.match(m[key]):
-            raise PackageError(f"{where}: {key} {m[key]!r} must match {_IDENT.pattern}")
+    check_identity(m["name"], m["version"], where)
     try:
         datetime.fromisoformat(m["created"])
     except ValueError:
@@ -201,6 +234,12 @@ def _check_manifest(m: Any, where: str) -> None:
         raise PackageError(
             f"{where}: training.labels {labels} are not this release's classes {class_names()}"
         )
+    classes = m.get("classes")
+    if classes is not None and classes != class_names():
+        raise PackageError(
+            f"{where}: classes {classes} are not the classes this release scores {class_names()} "
+            "(names in label-value order): its class maps could not be read"
+        )
 
 
 def write_package(
@@ -211,6 +250,7 @@ def write_package(
     files: Mapping[str, Path | str],
     parent: ModelPackage | Mapping[str, str] | None = None,
     description: str = "",
+    classes: Sequence[str] | None = None,
     training: Mapping[str, Any] | None = None,
     cv: Mapping[str, Any] | None = None,
     intended_use: str = DEFAULT_INTENDED_USE,
@@ -219,6 +259,7 @@ def write_package(
 ) -> ModelPackage:
     """Copy ``files`` (role -> path) into a new package at ``out`` and write its manifest and card.
 
+    ``classes`` defaults to this release's class names (what every segmenter lusai trains outputs).
     The package is assembled in a sibling temporary folder and moved into place, so readers see the
     old package or the new one, never half of each. An existing package at ``out`` is replaced; any
     other non-empty folder only with ``overwrite``. Sources may lie inside ``out`` (re-packaging).
@@ -240,8 +281,8 @@ def write_package(
         targets[role] = (src, ROLE_FILES.get(role, f"{role}{src.suffix}"))
     manifest = _manifest(
         name=name, version=version, created=created, parent=parent, description=description,
-        files={r: (n, file_sha256(s)) for r, (s, n) in targets.items()}, training=training, cv=cv,
-        intended_use=intended_use,
+        classes=classes, files={r: (n, file_sha256(s)) for r, (s, n) in targets.items()},
+        training=training, cv=cv, intended_use=intended_use,
     )  # fmt: skip
     _check_manifest(manifest, f"model package {out}")  # before anything is written
     raw = (json.dumps(manifest, indent=2) + "\n").encode()
@@ -320,6 +361,7 @@ def repackage(
         files=roles,
         parent=parent if parent is not None else old.get("parent"),
         description=description if description is not None else old.get("description", ""),
+        classes=pkg.classes if pkg is not None else None,
         training=training,
         cv=cv if cv is not None else old.get("cv"),
         intended_use=intended_use or old.get("intended_use") or DEFAULT_INTENDED_USE,
@@ -350,6 +392,7 @@ def _manifest(
     created: str | None,
     parent: ModelPackage | Mapping[str, str] | None,
     description: str,
+    classes: Sequence[str] | None,
     files: Mapping[str, tuple[str, str]],
     training: Mapping[str, Any] | None,
     cv: Mapping[str, Any] | None,
@@ -364,6 +407,7 @@ def _manifest(
         "created": created or datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "parent": parent_id,
         "description": description,
+        "classes": list(classes) if classes is not None else class_names(),
         "files": {r: {"path": n, "sha256": h} for r, (n, h) in sorted(files.items())},
         "training": dict(training or {}),
         "cv": dict(cv) if cv is not None else None,
@@ -400,7 +444,7 @@ def render_card(manifest: Mapping[str, Any], package_sha256: str) -> str:
     lines = [
         f"# Model card: {m['name']} {m['version']}",
         "",
-        f"<!-- generated from {MANIFEST_NAME} by workers/infer/package.py; do not edit -->",
+        f"<!-- generated from {MANIFEST_NAME} by service/core/model_package.py; do not edit -->",
         "",
         "| | |",
         "|---|---|",
@@ -414,7 +458,10 @@ def render_card(manifest: Mapping[str, Any], package_sha256: str) -> str:
     parent_text = (
         f"`{parent['name']}` {parent['version']} (package `{parent['package_sha256']}`)" if parent else "none"
     )
-    lines += [f"| parent | {parent_text} |", ""]
+    lines.append(f"| parent | {parent_text} |")
+    if m.get("classes"):
+        lines.append(f"| classes (label order) | {', '.join(m['classes'])} |")
+    lines.append("")
     if m.get("description"):
         lines += [m["description"], ""]
     lines += ["## Intended use", "", m["intended_use"], "", "## Training", ""]

@@ -1,0 +1,412 @@
+"""The job and delivery state machines: every change of a Job's or a Delivery's state is made here.
+
+Each transition is one ``UPDATE ... WHERE id = :id AND state IN (:allowed)`` and returns whether it
+won (the row changed), so two workers, the API and the recovery sweep can race without a lock and
+the loser knows it lost. The caller owns the transaction: it passes its Session and commits.
+Timestamps, attempt counts and errors are written here and nowhere else.
+
+Jobs (``new_job`` and ``rerun`` create QUEUED ones)::
+
+    claim            QUEUED, RETRYING          -> RUNNING      attempts + 1
+    succeed          QUEUED, RUNNING, RETRYING, SUCCEEDED -> SUCCEEDED
+    fail             RUNNING                   -> FAILED
+    fail_or_retry    RUNNING                   -> RETRYING     (FAILED on the last attempt)
+    cancel           QUEUED, RUNNING, RETRYING -> CANCELLED
+    requeue_stale    RUNNING for too long      -> QUEUED       (FAILED on the last attempt)
+
+Deliveries (``upsert_delivery`` creates PENDING ones)::
+
+    start_sending           PENDING, RETRYING, SENDING -> SENDING     attempts + 1
+    delivered               SENDING                    -> DELIVERED
+    fail_or_retry_delivery  SENDING                    -> RETRYING    (DEAD: permanent, last attempt)
+    resend                  all but SENDING            -> PENDING     attempts = 0
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, CursorResult, or_, select, update
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
+
+from service.core.logs import ctx
+from service.core.models import Delivery, DeliveryState, Job, JobState
+
+log = logging.getLogger(__name__)
+
+#: A job in one of these states will still run: re-run refuses, cancel accepts, recovery watches.
+ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING)
+TERMINAL_JOB_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+TERMINAL_DELIVERY_STATES = (DeliveryState.DELIVERED, DeliveryState.DEAD)
+
+#: Attempts before a delivery is dead-lettered (jobs take theirs from ``LUSAI_JOB_MAX_ATTEMPTS``).
+DELIVERY_MAX_ATTEMPTS = 8
+#: A pending or retrying delivery this far past its due time lost its message (broker restart).
+DELIVERY_LOST_AFTER = timedelta(minutes=5)
+#: A delivery still "sending" this long after it was created lost its worker.
+DELIVERY_SENDING_LOST_AFTER = timedelta(hours=1)
+#: Errors are kept for people to read, not as logs: the start is enough.
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff: ``base_s`` after the first failed attempt, doubling, at most ``cap_s``."""
+
+    base_s: float
+    cap_s: float
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return float(min(self.cap_s, self.base_s * 2.0 ** min(max(0, attempt - 1), 64)))
+
+
+JOB_BACKOFF = Backoff(base_s=10.0, cap_s=300.0)
+DELIVERY_BACKOFF = Backoff(base_s=15.0, cap_s=3600.0)
+
+
+def _now(now: datetime | None) -> datetime:
+    return now or datetime.now(UTC)
+
+
+def _move(
+    session: Session,
+    model: type[Job] | type[Delivery],
+    row_id: int,
+    allowed: Iterable[JobState] | Iterable[DeliveryState],
+    values: Mapping[str, Any],
+    *where: ColumnElement[bool],
+) -> bool:
+    """The one shape of every transition: a conditional UPDATE of one row; True when it changed.
+
+    A copy of the row already loaded in ``session`` is expired, so it is read again from the
+    database (never guessed in Python, which could show a transition that lost as won).
+    """
+    stmt = (
+        update(model)
+        .where(model.id == row_id, model.state.in_(list(allowed)), *where)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    won = cast(CursorResult[Any], session.execute(stmt)).rowcount == 1
+    loaded = session.identity_map.get(identity_key(model, row_id))
+    if loaded is not None:
+        session.expire(loaded)
+    return won
+
+
+# Jobs ---------------------------------------------------------------------------------------------
+
+
+def new_job(session: Session, instance_id: int, *, model_version: str | None = None) -> Job:
+    """A QUEUED job for an instance (flushed: it has its ID). Send it after the commit: :func:`enqueue`."""
+    job = Job(instance_id=instance_id, state=JobState.QUEUED, attempts=0, model_version=model_version)
+    session.add(job)
+    session.flush()
+    return job
+
+
+def mark_enqueued(session: Session, job_id: int, *, now: datetime | None = None) -> bool:
+    """Record that the broker has the job's message; only the first stamp counts.
+
+    Any state: a fast worker may already have claimed (or finished) the job by now.
+    """
+    return _move(session, Job, job_id, JobState, {"enqueued_at": _now(now)}, Job.enqueued_at.is_(None))
+
+
+def enqueue(session: Session, job_id: int, send: Callable[[int], object]) -> bool:
+    """Send a committed job to the broker, then stamp ``enqueued_at``; False if the broker is down.
+
+    The row is the truth: a job the broker never got stays unstamped and the recovery sweep
+    (:func:`requeue_stale`) sends it again. ``send`` is the producer's call
+    (:meth:`service.core.queue.TaskQueue.enqueue_analysis` of the runtime's queue).
+    """
+    try:
+        send(job_id)
+    except Exception as exc:
+        log.warning(
+            "broker unavailable, job left for recovery", extra=ctx(job_id=job_id, error=type(exc).__name__)
+        )
+        return False
+    mark_enqueued(session, job_id)
+    return True
+
+
+def claim(
+    session: Session,
+    job_id: int,
+    worker: str,
+    *,
+    lost_worker: str | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """QUEUED or RETRYING -> RUNNING, one attempt more; False: finished, cancelled, or another
+    worker holds it.
+
+    ``lost_worker`` names a holder known to be dead (its process is gone: Celery redelivers the
+    message of a killed pool process at once); a RUNNING job held by exactly that worker is taken
+    over. Anything else RUNNING waits for :func:`requeue_stale`, so two live workers never run one
+    job, and of two takers of a dead worker's job only the first matches.
+    """
+    held_by_lost = (Job.state != JobState.RUNNING) | (Job.worker == lost_worker)
+    return _move(
+        session,
+        Job,
+        job_id,
+        (JobState.QUEUED, JobState.RETRYING, *((JobState.RUNNING,) if lost_worker else ())),
+        {
+            "state": JobState.RUNNING,
+            "attempts": Job.attempts + 1,
+            "started_at": _now(now),
+            "worker": worker[:128],
+            "error": None,
+        },
+        *((held_by_lost,) if lost_worker else ()),
+    )
+
+
+def succeed(
+    session: Session,
+    job_id: int,
+    *,
+    model_version: str,
+    timings_ms: Mapping[str, float],
+    now: datetime | None = None,
+) -> bool:
+    """-> SUCCEEDED; False when the job was cancelled (or failed) meanwhile: keep nothing then.
+
+    A job that already succeeded may succeed again: its outputs are deterministic, so a re-save
+    rewrites the same objects.
+    """
+    return _move(
+        session,
+        Job,
+        job_id,
+        (*ACTIVE_JOB_STATES, JobState.SUCCEEDED),
+        {
+            "state": JobState.SUCCEEDED,
+            "finished_at": _now(now),
+            "model_version": model_version,
+            "timings_ms": {k: round(v, 1) for k, v in timings_ms.items()},
+        },
+    )
+
+
+def fail(session: Session, job_id: int, error: str, *, now: datetime | None = None) -> bool:
+    """RUNNING -> FAILED for good (unusable input, a model version this worker does not have)."""
+    values = {"state": JobState.FAILED, "error": error[:MAX_ERROR_CHARS], "finished_at": _now(now)}
+    return _move(session, Job, job_id, (JobState.RUNNING,), values)
+
+
+def fail_or_retry(
+    session: Session, job_id: int, error: str, *, max_attempts: int, now: datetime | None = None
+) -> float | None:
+    """RUNNING -> RETRYING, returning the countdown (:data:`JOB_BACKOFF`) for the next attempt;
+    or -> FAILED on the last attempt, returning None. None too when the job is no longer running
+    (cancelled, or taken back by the recovery sweep): then there is nothing to schedule."""
+    attempts = session.scalar(select(Job.attempts).where(Job.id == job_id))
+    if attempts is None:
+        return None
+    now = _now(now)
+    retry = attempts < max_attempts
+    values: dict[str, Any] = {"error": error[:MAX_ERROR_CHARS]}
+    if retry:
+        values |= {"state": JobState.RETRYING, "enqueued_at": now}
+    else:
+        values |= {"state": JobState.FAILED, "finished_at": now}
+    won = _move(session, Job, job_id, (JobState.RUNNING,), values, Job.attempts == attempts)
+    return JOB_BACKOFF.delay(attempts) if won and retry else None
+
+
+def cancel(session: Session, job_id: int, *, now: datetime | None = None) -> bool:
+    """QUEUED, RETRYING or RUNNING -> CANCELLED; a running worker then discards its outcome."""
+    return _move(
+        session, Job, job_id, ACTIVE_JOB_STATES, {"state": JobState.CANCELLED, "finished_at": _now(now)}
+    )
+
+
+def active_job(session: Session, instance_id: int) -> int | None:
+    """The ID of a job of this instance that is still queued, running or retrying."""
+    return session.scalar(
+        select(Job.id).where(Job.instance_id == instance_id, Job.state.in_(ACTIVE_JOB_STATES)).limit(1)
+    )
+
+
+def rerun(session: Session, instance_id: int, *, model_version: str | None = None) -> Job | None:
+    """A new QUEUED job for the instance; None while one of its jobs is still active."""
+    if active_job(session, instance_id) is not None:
+        return None
+    return new_job(session, instance_id, model_version=model_version)
+
+
+def requeue_stale(
+    session: Session,
+    *,
+    stale_after: timedelta,
+    lost_after: timedelta,
+    max_attempts: int,
+    now: datetime | None = None,
+) -> list[int]:
+    """The recovery rule; returns the IDs of jobs to send to the broker again (:func:`enqueue`).
+
+    Queued or retrying jobs never sent, or sent longer than ``lost_after`` ago, lost their message
+    (broker down or restarted). A job running longer than ``stale_after`` lost its worker: it goes
+    back to QUEUED, or to FAILED when that was its last attempt.
+    """
+    now = _now(now)
+    running_before = now - stale_after
+    sent_before = now - lost_after
+    waiting = (JobState.QUEUED, JobState.RETRYING)
+    unsent = or_(Job.enqueued_at.is_(None), Job.enqueued_at < sent_before)
+    stale = Job.started_at < running_before
+    candidates = session.execute(
+        select(Job.id, Job.state, Job.attempts).where(
+            or_(Job.state.in_(waiting) & unsent, (Job.state == JobState.RUNNING) & stale)
+        )
+    ).all()
+    ids: list[int] = []
+    for job_id, state, attempts in candidates:
+        if state != JobState.RUNNING:
+            if _move(session, Job, job_id, waiting, {"enqueued_at": None}, unsent):
+                ids.append(job_id)
+        elif attempts >= max_attempts:
+            values = {
+                "state": JobState.FAILED,
+                "error": "worker lost on the last attempt",
+                "finished_at": now,
+            }
+            _move(session, Job, job_id, (JobState.RUNNING,), values, stale, Job.attempts == attempts)
+        elif _move(
+            session,
+            Job,
+            job_id,
+            (JobState.RUNNING,),
+            {"state": JobState.QUEUED, "enqueued_at": None},
+            stale,
+            Job.attempts == attempts,
+        ):
+            ids.append(job_id)
+    return ids
+
+
+# Deliveries ---------------------------------------------------------------------------------------
+
+
+def upsert_delivery(
+    session: Session,
+    *,
+    result_id: int,
+    destination: str,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    storage_key: str,
+) -> int | None:
+    """The outbox row of one output to one destination, PENDING; returns its ID to send now, or
+    None when that object is already DELIVERED there (outputs are deterministic: it is the same)."""
+    where = (Delivery.destination == destination, Delivery.sop_instance_uid == sop_instance_uid)
+    existing = session.scalar(select(Delivery.id).where(*where))
+    if existing is None:
+        d = Delivery(
+            result_id=result_id,
+            destination=destination,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            storage_key=storage_key,
+            state=DeliveryState.PENDING,
+            attempts=0,
+        )
+        session.add(d)
+        session.flush()
+        return d.id
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id == existing)
+        .values(result_id=result_id)
+        .execution_options(synchronize_session=False)
+    )
+    not_delivered = [s for s in DeliveryState if s != DeliveryState.DELIVERED]
+    values = {"state": DeliveryState.PENDING, "storage_key": storage_key}
+    return existing if _move(session, Delivery, existing, not_delivered, values) else None
+
+
+def start_sending(session: Session, delivery_id: int) -> bool:
+    """PENDING, RETRYING or SENDING -> SENDING, one attempt more; False when delivered or dead.
+
+    SENDING is taken over: a redelivered message means its worker died mid-send, and a second
+    C-STORE of the same SOP Instance UID is harmless to the peer.
+    """
+    return _move(
+        session,
+        Delivery,
+        delivery_id,
+        (DeliveryState.PENDING, DeliveryState.RETRYING, DeliveryState.SENDING),
+        {"state": DeliveryState.SENDING, "attempts": Delivery.attempts + 1},
+    )
+
+
+def delivered(session: Session, delivery_id: int, *, now: datetime | None = None) -> bool:
+    """SENDING -> DELIVERED: the peer confirmed the C-STORE."""
+    values = {
+        "state": DeliveryState.DELIVERED,
+        "delivered_at": _now(now),
+        "last_error": None,
+        "next_attempt_at": None,
+    }
+    return _move(session, Delivery, delivery_id, (DeliveryState.SENDING,), values)
+
+
+def fail_or_retry_delivery(
+    session: Session, delivery_id: int, error: str, *, permanent: bool = False, now: datetime | None = None
+) -> float | None:
+    """SENDING -> RETRYING, returning seconds until the next try (:data:`DELIVERY_BACKOFF`); or
+    -> DEAD when the error is permanent or this was attempt :data:`DELIVERY_MAX_ATTEMPTS`,
+    returning None. None too when another sender took the row over meanwhile."""
+    attempts = session.scalar(select(Delivery.attempts).where(Delivery.id == delivery_id))
+    if attempts is None:
+        return None
+    now = _now(now)
+    dead = permanent or attempts >= DELIVERY_MAX_ATTEMPTS
+    delay = None if dead else DELIVERY_BACKOFF.delay(attempts)
+    values: dict[str, Any] = {"last_error": error[:MAX_ERROR_CHARS]}
+    if delay is None:
+        values |= {"state": DeliveryState.DEAD, "next_attempt_at": None}
+    else:
+        values |= {"state": DeliveryState.RETRYING, "next_attempt_at": now + timedelta(seconds=delay)}
+    won = _move(
+        session, Delivery, delivery_id, (DeliveryState.SENDING,), values, Delivery.attempts == attempts
+    )
+    return delay if won else None
+
+
+def resend(session: Session, delivery_id: int, *, now: datetime | None = None) -> bool:
+    """Any state but SENDING -> PENDING, due now, with a fresh attempt budget ("re-send")."""
+    return _move(
+        session,
+        Delivery,
+        delivery_id,
+        [s for s in DeliveryState if s != DeliveryState.SENDING],
+        {"state": DeliveryState.PENDING, "attempts": 0, "next_attempt_at": _now(now), "last_error": None},
+    )
+
+
+def lost_deliveries(session: Session, *, now: datetime | None = None) -> list[int]:
+    """Deliveries that should have been attempted by now but were not: send their messages again."""
+    now = _now(now)
+    due_before = now - DELIVERY_LOST_AFTER
+    return list(
+        session.scalars(
+            select(Delivery.id).where(
+                or_(
+                    (Delivery.state == DeliveryState.PENDING) & (Delivery.created_at < due_before),
+                    (Delivery.state == DeliveryState.RETRYING) & (Delivery.next_attempt_at < due_before),
+                    (Delivery.state == DeliveryState.SENDING)
+                    & (Delivery.created_at < now - DELIVERY_SENDING_LOST_AFTER),
+                )
+            )
+        )
+    )

@@ -1,0 +1,108 @@
+"""Recovery sweep: re-send jobs and deliveries whose broker message was lost, drop abandoned temp files.
+
+Runs at start-up and periodically in the SCP and worker processes; the composition root adds its
+own steps (the SCP's spool draining, :func:`service.receive.spool.drain_spool`). Safe to run
+concurrently and repeatedly: the re-queue rules are atomic transitions (:mod:`service.core.lifecycle`)
+and tasks are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from functools import partial
+
+from service.core import lifecycle
+from service.core.logs import ctx
+from service.core.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: One step of a sweep; any exception ends that sweep, the next one tries again.
+Step = Callable[[], object]
+
+
+def requeue_stale_jobs(runtime: Runtime) -> int:
+    """Jobs never sent (broker down) or running far too long (worker killed) go back on the queue."""
+    settings = runtime.settings
+    with runtime.db.session() as session:
+        ids = lifecycle.requeue_stale(
+            session,
+            stale_after=timedelta(seconds=settings.stale_job_after),
+            lost_after=timedelta(seconds=max(60, settings.task_time_limit)),
+            max_attempts=settings.job_max_attempts,
+        )
+    for job_id in ids:  # one short transaction each: no database lock held across broker calls
+        with runtime.db.session() as session:
+            lifecycle.enqueue(session, job_id, runtime.queue.enqueue_analysis)
+    if ids:
+        log.info("re-queued jobs", extra=ctx(count=len(ids)))
+    return len(ids)
+
+
+def requeue_lost_deliveries(runtime: Runtime) -> int:
+    """Deliveries whose countdown message was lost (broker restart) are sent again."""
+    with runtime.db.session() as session:
+        ids = lifecycle.lost_deliveries(session)
+    for delivery_id in ids:
+        runtime.queue.enqueue_delivery(delivery_id)
+    if ids:
+        log.info("re-queued deliveries", extra=ctx(count=len(ids)))
+    return len(ids)
+
+
+def remove_stale_temp_files(runtime: Runtime, now: float | None = None) -> int:
+    """Delete temporary files no receive can still be writing (a killed SCP process leaves them).
+
+    A live receive writes at least every network timeout; twice that, and an hour at least, of
+    silence means the writer is gone. Finished objects are never here: they were renamed away.
+    """
+    settings = runtime.settings
+    limit = max(3600.0, 2 * settings.network_timeout, 2 * settings.dimse_timeout)
+    now = time.time() if now is None else now
+    removed = 0
+    for path in runtime.store.tmp_dir.iterdir():
+        try:
+            if path.is_file() and now - path.stat().st_mtime > limit:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    if removed:
+        log.info("removed abandoned temporary files", extra=ctx(count=removed))
+    return removed
+
+
+def steps(runtime: Runtime) -> list[Step]:
+    """The core's part of a sweep, in order: lost jobs, lost deliveries, abandoned temp files."""
+    return [
+        partial(requeue_stale_jobs, runtime),
+        partial(requeue_lost_deliveries, runtime),
+        partial(remove_stale_temp_files, runtime),
+    ]
+
+
+def sweep(sweep_steps: Sequence[Step]) -> None:
+    """Run the steps in order; a failure (database or broker down) is logged, the next sweep retries."""
+    try:
+        for step in sweep_steps:
+            step()
+    except Exception as exc:
+        log.warning("recovery sweep failed; will retry", extra=ctx(error=type(exc).__name__))
+
+
+def start_background(sweep_steps: Sequence[Step], interval: float = 30.0) -> threading.Event:
+    """Run :func:`sweep` now and every ``interval`` seconds in a daemon thread; set the event to stop."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while True:
+            sweep(sweep_steps)
+            if stop.wait(interval):
+                return
+
+    threading.Thread(target=loop, name="lusai-recovery", daemon=True).start()
+    return stop

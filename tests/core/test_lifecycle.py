@@ -1,0 +1,517 @@
+"""The job and delivery state machines on a real database: every transition's allowed and refused
+source states, races between two sessions, the backoff numbers and the recovery rule."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.core import lifecycle
+from service.core.db import make_engine
+from service.core.models import (
+    Base,
+    Delivery,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    Result,
+    Series,
+    Study,
+)
+
+J, D = JobState, DeliveryState
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An empty schema from the models: SQLite, or a throw-away PostgreSQL database for the tests
+    marked :data:`BOTH` (locking, isolation and time zones are where the two differ)."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        url = f"sqlite:///{tmp_path / 'lusai.sqlite'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    eng = make_engine(url)
+    Base.metadata.create_all(eng)
+    yield eng
+    eng.dispose()
+
+
+#: Run on SQLite and on PostgreSQL (each PostgreSQL database costs a second: only where it matters).
+BOTH = pytest.mark.parametrize(
+    "engine", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+
+
+@pytest.fixture
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+@pytest.fixture
+def instance_id(sessions: sessionmaker[Session]) -> int:
+    with sessions.begin() as s:
+        study = Study(study_instance_uid="1.2.3")
+        s.add(study)
+        s.flush()
+        series = Series(series_instance_uid="1.2.3.4", study_id=study.id)
+        s.add(series)
+        s.flush()
+        inst = Instance(
+            sop_instance_uid="1.2.3.4.5",
+            series_id=series.id,
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.3.1",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            storage_key="objects/ab/cd/abcd.dcm",
+            sha256="ab" * 32,
+            size_bytes=1,
+            state=InstanceState.ACCEPTED,
+        )
+        s.add(inst)
+        s.flush()
+        return inst.id
+
+
+def _job(sessions: sessionmaker[Session], instance_id: int, state: JobState, **values: Any) -> int:
+    """A job row in ``state``, written directly: the test's starting point, not a transition."""
+    with sessions.begin() as s:
+        job = Job(instance_id=instance_id, state=state, attempts=values.pop("attempts", 1), **values)
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def _delivery(
+    sessions: sessionmaker[Session], state: DeliveryState, uid: str = "9.9.1", **values: Any
+) -> int:
+    with sessions.begin() as s:
+        d = Delivery(
+            destination="PACS@127.0.0.1:104",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+            sop_instance_uid=uid,
+            storage_key="objects/k.dcm",
+            state=state,
+            attempts=values.pop("attempts", 1),
+            **values,
+        )
+        s.add(d)
+        s.flush()
+        return d.id
+
+
+def _get_job(sessions: sessionmaker[Session], job_id: int) -> Job:
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def _get_delivery(sessions: sessionmaker[Session], delivery_id: int) -> Delivery:
+    with sessions() as s:
+        d = s.get(Delivery, delivery_id)
+        assert d is not None
+        return d
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes for aware columns; PostgreSQL aware ones."""
+    return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+
+
+# Backoff ------------------------------------------------------------------------------------------
+
+
+def test_backoff_numbers_are_todays() -> None:
+    assert [lifecycle.JOB_BACKOFF.delay(n) for n in range(1, 7)] == [10, 20, 40, 80, 160, 300]
+    assert [lifecycle.DELIVERY_BACKOFF.delay(n) for n in (1, 2, 3, 8, 9)] == [15, 30, 60, 1920, 3600]
+    assert lifecycle.DELIVERY_MAX_ATTEMPTS == 8
+    for policy in (lifecycle.JOB_BACKOFF, lifecycle.DELIVERY_BACKOFF):
+        assert policy.delay(0) == policy.base_s  # before any attempt: the first wait
+        assert policy.delay(10_000) == policy.cap_s  # no float overflow however long it failed
+    with pytest.raises(AttributeError):
+        lifecycle.JOB_BACKOFF.base_s = 1.0  # type: ignore[misc]  # one policy, not tweaked in place
+
+
+# Jobs: allowed and refused source states ----------------------------------------------------------
+
+JobMove = Callable[[Session, int], bool]
+JOB_MOVES: dict[str, tuple[JobMove, set[JobState], JobState]] = {
+    "claim": (lambda s, j: lifecycle.claim(s, j, "host:1", now=NOW), {J.QUEUED, J.RETRYING}, J.RUNNING),
+    "succeed": (
+        lambda s, j: lifecycle.succeed(s, j, model_version="2.0.0", timings_ms={"infer": 80.04}, now=NOW),
+        {J.QUEUED, J.RUNNING, J.RETRYING, J.SUCCEEDED},
+        J.SUCCEEDED,
+    ),
+    "fail": (lambda s, j: lifecycle.fail(s, j, "input rejected: bad", now=NOW), {J.RUNNING}, J.FAILED),
+    "cancel": (lambda s, j: lifecycle.cancel(s, j, now=NOW), {J.QUEUED, J.RUNNING, J.RETRYING}, J.CANCELLED),
+}
+
+
+@pytest.mark.parametrize("name", list(JOB_MOVES))
+def test_job_transition_sources(sessions: sessionmaker[Session], instance_id: int, name: str) -> None:
+    """One job in each state; the transition wins exactly from its allowed states."""
+    move, allowed, target = JOB_MOVES[name]
+    jobs = {source: _job(sessions, instance_id, source) for source in JobState}
+    with sessions.begin() as s:
+        won = {source: move(s, job_id) for source, job_id in jobs.items()}
+    assert {source for source, w in won.items() if w} == allowed
+    after = {source: _get_job(sessions, job_id).state for source, job_id in jobs.items()}
+    assert after == {source: target if source in allowed else source for source in JobState}
+
+
+@BOTH
+def test_claim_writes_the_attempt(sessions: sessionmaker[Session], instance_id: int) -> None:
+    job_id = _job(sessions, instance_id, J.RETRYING, attempts=1, error="boom")
+    with sessions.begin() as s:
+        assert lifecycle.claim(s, job_id, "w" * 300, now=NOW)
+    job = _get_job(sessions, job_id)
+    assert job.attempts == 2 and _utc(job.started_at) == NOW and job.worker == "w" * 128 and job.error is None
+
+
+def test_succeed_records_model_and_timings(sessions: sessionmaker[Session], instance_id: int) -> None:
+    job_id = _job(sessions, instance_id, J.RUNNING)
+    with sessions.begin() as s:
+        assert lifecycle.succeed(s, job_id, model_version="2.0.0", timings_ms={"infer": 80.04}, now=NOW)
+    job = _get_job(sessions, job_id)
+    assert job.model_version == "2.0.0" and job.timings_ms == {"infer": 80.0} and _utc(job.finished_at) == NOW
+
+
+def test_cancel_and_fail_stamp_finished_at(sessions: sessionmaker[Session], instance_id: int) -> None:
+    cancelled = _job(sessions, instance_id, J.QUEUED)
+    failed = _job(sessions, instance_id, J.RUNNING)
+    with sessions.begin() as s:
+        assert lifecycle.cancel(s, cancelled, now=NOW)
+        assert lifecycle.fail(s, failed, "x" * 5000, now=NOW)
+    assert _utc(_get_job(sessions, cancelled).finished_at) == NOW
+    job = _get_job(sessions, failed)
+    assert _utc(job.finished_at) == NOW and job.error == "x" * lifecycle.MAX_ERROR_CHARS
+
+
+@BOTH
+def test_fail_or_retry_retries_with_backoff(sessions: sessionmaker[Session], instance_id: int) -> None:
+    for attempts, countdown in [(1, 10.0), (2, 20.0)]:
+        job_id = _job(sessions, instance_id, J.RUNNING, attempts=attempts)
+        with sessions.begin() as s:
+            assert lifecycle.fail_or_retry(s, job_id, "OSError: disk", max_attempts=3, now=NOW) == countdown
+        job = _get_job(sessions, job_id)
+        assert job.state == J.RETRYING and job.error == "OSError: disk" and _utc(job.enqueued_at) == NOW
+        assert job.finished_at is None and job.attempts == attempts  # the next claim counts the attempt
+
+
+def test_fail_or_retry_fails_on_the_last_attempt(sessions: sessionmaker[Session], instance_id: int) -> None:
+    job_id = _job(sessions, instance_id, J.RUNNING, attempts=3)
+    with sessions.begin() as s:
+        assert lifecycle.fail_or_retry(s, job_id, "OSError: disk", max_attempts=3, now=NOW) is None
+    job = _get_job(sessions, job_id)
+    assert job.state == J.FAILED and job.error == "OSError: disk" and _utc(job.finished_at) == NOW
+
+
+def test_fail_or_retry_leaves_a_job_that_is_not_running(
+    sessions: sessionmaker[Session], instance_id: int
+) -> None:
+    jobs = {source: _job(sessions, instance_id, source) for source in JobState if source != J.RUNNING}
+    with sessions.begin() as s:
+        assert all(lifecycle.fail_or_retry(s, j, "late", max_attempts=3) is None for j in jobs.values())
+        assert lifecycle.fail_or_retry(s, 987654, "gone", max_attempts=3) is None
+    for source, job_id in jobs.items():
+        job = _get_job(sessions, job_id)
+        assert job.state == source and job.error is None
+
+
+def test_new_job_and_rerun(sessions: sessionmaker[Session], instance_id: int) -> None:
+    with sessions.begin() as s:
+        first = lifecycle.new_job(s, instance_id)
+        assert first.id and first.state == J.QUEUED and first.attempts == 0
+        assert lifecycle.rerun(s, instance_id, model_version="2.0.0") is None  # one is active
+        assert lifecycle.active_job(s, instance_id) == first.id
+        assert lifecycle.cancel(s, first.id)
+        assert lifecycle.active_job(s, instance_id) is None
+        again = lifecycle.rerun(s, instance_id, model_version="2.0.0")
+        assert again is not None and again.state == J.QUEUED and again.model_version == "2.0.0"
+
+
+def test_mark_enqueued_stamps_once(sessions: sessionmaker[Session], instance_id: int) -> None:
+    job_id = _job(sessions, instance_id, J.QUEUED)
+    with sessions.begin() as s:
+        assert lifecycle.mark_enqueued(s, job_id, now=NOW)
+        assert not lifecycle.mark_enqueued(s, job_id, now=NOW + timedelta(hours=1))
+    assert _utc(_get_job(sessions, job_id).enqueued_at) == NOW
+
+
+def test_enqueue_sends_then_stamps(sessions: sessionmaker[Session], instance_id: int) -> None:
+    sent: list[int] = []
+    up, down = _job(sessions, instance_id, J.QUEUED), _job(sessions, instance_id, J.QUEUED)
+
+    def broker_down(job_id: int) -> None:
+        raise ConnectionError("redis://127.0.0.1:1")
+
+    with sessions.begin() as s:
+        assert lifecycle.enqueue(s, up, sent.append)
+        assert not lifecycle.enqueue(s, down, broker_down)
+    assert sent == [up]
+    assert _get_job(sessions, up).enqueued_at is not None
+    assert _get_job(sessions, down).enqueued_at is None  # the recovery sweep sends it later
+
+
+@BOTH
+def test_a_loaded_row_is_read_again_after_a_transition(
+    sessions: sessionmaker[Session], instance_id: int
+) -> None:
+    job_id = _job(sessions, instance_id, J.RUNNING)
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == J.RUNNING
+        with sessions.begin() as other:  # the API cancels meanwhile
+            assert lifecycle.cancel(other, job_id)
+        assert not lifecycle.succeed(s, job_id, model_version="1", timings_ms={})
+        assert job.state == J.CANCELLED  # not the RUNNING it was loaded with, nor a guessed SUCCEEDED
+        s.commit()
+
+
+# Races: two sessions, one winner ------------------------------------------------------------------
+
+
+def _race(sessions: sessionmaker[Session], *moves: Callable[[Session], bool]) -> list[bool]:
+    """Run each move in its own thread and session, released together; returns who won."""
+    start = threading.Barrier(len(moves))
+    won: list[bool | None] = [None] * len(moves)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            with sessions() as s:
+                start.wait(timeout=10)
+                won[i] = moves[i](s)
+                s.commit()
+        except BaseException as exc:  # surfaced below: a thread's exception is otherwise lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(moves))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    return [bool(w) for w in won]
+
+
+@BOTH
+def test_two_claims_of_one_job_exactly_one_wins(sessions: sessionmaker[Session], instance_id: int) -> None:
+    for _ in range(3):
+        job_id = _job(sessions, instance_id, J.QUEUED, attempts=0)
+        won = _race(
+            sessions, *[partial(lifecycle.claim, job_id=job_id, worker=f"worker:{i}") for i in range(2)]
+        )
+        assert sorted(won) == [False, True]
+        job = _get_job(sessions, job_id)
+        assert job.state == J.RUNNING and job.attempts == 1
+        assert job.worker == f"worker:{won.index(True)}"
+    with sessions.begin() as s:  # and one after the other: the second claim loses as well
+        assert not lifecycle.claim(s, job_id, "late:1")
+
+
+@BOTH
+def test_cancel_against_succeed_one_wins(sessions: sessionmaker[Session], instance_id: int) -> None:
+    for _ in range(3):
+        job_id = _job(sessions, instance_id, J.RUNNING)
+        cancel_won, succeed_won = _race(
+            sessions,
+            partial(lifecycle.cancel, job_id=job_id),
+            partial(lifecycle.succeed, job_id=job_id, model_version="1", timings_ms={}),
+        )
+        assert cancel_won != succeed_won
+        assert _get_job(sessions, job_id).state == (J.CANCELLED if cancel_won else J.SUCCEEDED)
+
+
+@BOTH
+def test_resend_against_start_sending(sessions: sessionmaker[Session]) -> None:
+    """A re-send wins only before the worker picks the row up; after that it is refused, so a
+    send in progress never gets its attempt count reset under it."""
+    for n in range(3):
+        delivery_id = _delivery(sessions, D.RETRYING, uid=f"9.9.{n}", attempts=2)
+        resend_won, start_won = _race(
+            sessions,
+            partial(lifecycle.resend, delivery_id=delivery_id),
+            partial(lifecycle.start_sending, delivery_id=delivery_id),
+        )
+        d = _get_delivery(sessions, delivery_id)
+        assert start_won and d.state == D.SENDING
+        assert d.attempts == (1 if resend_won else 3)
+
+
+# The recovery rule --------------------------------------------------------------------------------
+
+
+@BOTH
+def test_requeue_stale(sessions: sessionmaker[Session], instance_id: int) -> None:
+    old, recent = NOW - timedelta(hours=2), NOW - timedelta(seconds=30)
+    never_sent = _job(sessions, instance_id, J.QUEUED)
+    sent_recently = _job(sessions, instance_id, J.QUEUED, enqueued_at=recent)
+    retry_lost = _job(sessions, instance_id, J.RETRYING, enqueued_at=old)
+    retry_unsent = _job(sessions, instance_id, J.RETRYING)
+    worker_lost = _job(sessions, instance_id, J.RUNNING, attempts=1, started_at=old, enqueued_at=old)
+    worker_lost_last = _job(sessions, instance_id, J.RUNNING, attempts=3, started_at=old)
+    running = _job(sessions, instance_id, J.RUNNING, attempts=1, started_at=recent)
+    done = _job(sessions, instance_id, J.SUCCEEDED)
+    with sessions.begin() as s:
+        ids = lifecycle.requeue_stale(
+            s, stale_after=timedelta(minutes=30), lost_after=timedelta(minutes=15), max_attempts=3, now=NOW
+        )
+    assert sorted(ids) == sorted([never_sent, retry_lost, retry_unsent, worker_lost])
+    requeued = [_get_job(sessions, j) for j in (never_sent, retry_lost, retry_unsent, worker_lost)]
+    assert [j.state for j in requeued] == [J.QUEUED, J.RETRYING, J.RETRYING, J.QUEUED]
+    assert all(j.enqueued_at is None for j in requeued)  # unsent until enqueue stamps them
+    assert requeued[-1].attempts == 1  # the next claim counts the attempt
+    assert _utc(_get_job(sessions, sent_recently).enqueued_at) == recent
+    assert _get_job(sessions, running).state == J.RUNNING and _get_job(sessions, done).state == J.SUCCEEDED
+    lost = _get_job(sessions, worker_lost_last)
+    assert lost.state == J.FAILED and lost.error == "worker lost on the last attempt"
+    assert _utc(lost.finished_at) == NOW
+
+
+# Deliveries ---------------------------------------------------------------------------------------
+
+DeliveryMove = Callable[[Session, int], bool]
+DELIVERY_MOVES: dict[str, tuple[DeliveryMove, set[DeliveryState], DeliveryState]] = {
+    "start_sending": (lifecycle.start_sending, {D.PENDING, D.RETRYING, D.SENDING}, D.SENDING),
+    "delivered": (lambda s, d: lifecycle.delivered(s, d, now=NOW), {D.SENDING}, D.DELIVERED),
+    "resend": (
+        lambda s, d: lifecycle.resend(s, d, now=NOW),
+        {D.PENDING, D.RETRYING, D.DELIVERED, D.DEAD},
+        D.PENDING,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DELIVERY_MOVES))
+def test_delivery_transition_sources(sessions: sessionmaker[Session], name: str) -> None:
+    """One delivery in each state; the transition wins exactly from its allowed states."""
+    move, allowed, target = DELIVERY_MOVES[name]
+    rows = {
+        source: _delivery(sessions, source, uid=f"9.8.{i}", attempts=2, last_error="peer down")
+        for i, source in enumerate(DeliveryState)
+    }
+    with sessions.begin() as s:
+        won = {source: move(s, delivery_id) for source, delivery_id in rows.items()}
+    assert {source for source, w in won.items() if w} == allowed
+    for source, delivery_id in rows.items():
+        d = _get_delivery(sessions, delivery_id)
+        assert d.state == (target if source in allowed else source)
+        if source not in allowed:
+            assert d.attempts == 2 and d.last_error == "peer down"
+        elif name == "start_sending":
+            assert d.attempts == 3
+        elif name == "delivered":
+            assert _utc(d.delivered_at) == NOW and d.last_error is None and d.next_attempt_at is None
+        else:
+            assert d.attempts == 0 and d.last_error is None and _utc(d.next_attempt_at) == NOW
+
+
+def test_resend_refuses_a_delivery_being_sent(sessions: sessionmaker[Session]) -> None:
+    delivery_id = _delivery(sessions, D.SENDING, attempts=1)
+    with sessions.begin() as s:
+        assert not lifecycle.resend(s, delivery_id)
+    d = _get_delivery(sessions, delivery_id)
+    assert d.state == D.SENDING and d.attempts == 1
+
+
+@BOTH
+def test_fail_or_retry_delivery(sessions: sessionmaker[Session]) -> None:
+    cases = [
+        (1, False, D.RETRYING, 15.0),
+        (3, False, D.RETRYING, 60.0),
+        (8, False, D.DEAD, None),
+        (1, True, D.DEAD, None),
+    ]
+    for n, (attempts, permanent, state, delay) in enumerate(cases):
+        delivery_id = _delivery(sessions, D.SENDING, uid=f"9.6.{n}", attempts=attempts)
+        with sessions.begin() as s:
+            got = lifecycle.fail_or_retry_delivery(s, delivery_id, "refused", permanent=permanent, now=NOW)
+        assert got == delay
+        d = _get_delivery(sessions, delivery_id)
+        assert d.state == state and d.last_error == "refused" and d.attempts == attempts
+        assert _utc(d.next_attempt_at) == (None if delay is None else NOW + timedelta(seconds=delay))
+
+
+def test_fail_or_retry_delivery_leaves_a_row_not_being_sent(sessions: sessionmaker[Session]) -> None:
+    rows = {s: _delivery(sessions, s, uid=f"9.7.{i}") for i, s in enumerate(DeliveryState) if s != D.SENDING}
+    with sessions.begin() as s:
+        assert all(lifecycle.fail_or_retry_delivery(s, d, "late") is None for d in rows.values())
+    assert {source: _get_delivery(sessions, d).state for source, d in rows.items()} == {s: s for s in rows}
+
+
+@BOTH
+def test_upsert_delivery(sessions: sessionmaker[Session], instance_id: int) -> None:
+    job_id = _job(sessions, instance_id, J.SUCCEEDED)
+    with sessions.begin() as s:
+        result = Result(
+            job_id=job_id, instance_id=instance_id, model_name="m", model_version="1", weights_sha256="0"
+        )
+        s.add(result)
+        s.flush()
+        result_id = result.id
+
+    def upsert(s: Session, uid: str, key: str) -> int | None:
+        return lifecycle.upsert_delivery(
+            s,
+            result_id=result_id,
+            destination="PACS@127.0.0.1:104",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+            sop_instance_uid=uid,
+            storage_key=key,
+        )
+
+    with sessions.begin() as s:
+        new = upsert(s, "9.9.7", "a")
+    assert new is not None and _get_delivery(sessions, new).state == D.PENDING
+    done = _delivery(sessions, D.DELIVERED, uid="9.9.8")
+    dead = _delivery(sessions, D.DEAD, uid="9.9.9", attempts=8)
+    with sessions.begin() as s:
+        assert upsert(s, "9.9.8", "b") is None  # the identical object is in PACS already
+        assert upsert(s, "9.9.9", "c") == dead
+        assert upsert(s, "9.9.7", "d") == new
+    kept = _get_delivery(sessions, done)
+    assert kept.state == D.DELIVERED and kept.result_id == result_id and kept.storage_key == "objects/k.dcm"
+    revived = _get_delivery(sessions, dead)
+    assert revived.state == D.PENDING and revived.storage_key == "c" and revived.result_id == result_id
+
+
+@BOTH
+def test_lost_deliveries(sessions: sessionmaker[Session]) -> None:
+    fresh = _delivery(sessions, D.PENDING, uid="9.1", created_at=NOW - timedelta(minutes=1))
+    pending_lost = _delivery(sessions, D.PENDING, uid="9.2", created_at=NOW - timedelta(minutes=10))
+    retry_due = _delivery(sessions, D.RETRYING, uid="9.3", next_attempt_at=NOW + timedelta(minutes=10))
+    retry_lost = _delivery(sessions, D.RETRYING, uid="9.4", next_attempt_at=NOW - timedelta(minutes=30))
+    sending = _delivery(sessions, D.SENDING, uid="9.5", created_at=NOW - timedelta(minutes=10))
+    sending_lost = _delivery(sessions, D.SENDING, uid="9.6", created_at=NOW - timedelta(hours=2))
+    _delivery(sessions, D.DEAD, uid="9.7", created_at=NOW - timedelta(days=1))
+    with sessions() as s:
+        lost = lifecycle.lost_deliveries(s, now=NOW)
+    assert sorted(lost) == sorted([pending_lost, retry_lost, sending_lost])
+    assert fresh not in lost and retry_due not in lost and sending not in lost
+
+
+def test_claim_takes_over_only_from_the_named_dead_worker(
+    sessions: sessionmaker[Session], instance_id: int
+) -> None:
+    job_id = _job(sessions, instance_id, J.QUEUED, attempts=0)
+    with sessions.begin() as s:
+        assert lifecycle.claim(s, job_id, "host:1")
+        # a live holder: a plain claim and a take-over naming someone else both lose
+        assert not lifecycle.claim(s, job_id, "host:2")
+        assert not lifecycle.claim(s, job_id, "host:2", lost_worker="host:9")
+        assert lifecycle.claim(s, job_id, "host:2", lost_worker="host:1")
+        # the second taker of the same dead holder finds the job already moved on
+        assert not lifecycle.claim(s, job_id, "host:3", lost_worker="host:1")
+    job = _get_job(sessions, job_id)
+    assert job.state == J.RUNNING and job.worker == "host:2" and job.attempts == 2

@@ -1,0 +1,262 @@
+"""Preview images for people who would rather look than read: key frame PNG, animated GIF/WebP.
+
+Rendered once by the worker when it saves a result, next to the SEG, and stored in object
+storage; the API only serves the stored files (it never decodes pixels). The class maps are read
+back from the SEG itself, frame by frame through the per-frame functional groups (each SEG frame
+names its segment and its source frame), so a preview shows exactly what PACS receive; highdicom
+cannot parse SEGs of multi-frame ultrasound without a patient coordinate system, hence pydicom.
+Colours and names come from the one segment table (service/core/segments.py) and the blending is
+the overlay SC's. No patient data is drawn on the images.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+
+from service.core.logs import ctx
+from service.core.segments import SEGMENTS
+from service.core.settings import Settings
+from service.core.storage import ObjectStore
+from workers.domain import Analysis
+from workers.preprocess import InputError, decode_frames, frame_rate
+from workers.write_dicom.overlay import OverlayOptions, blend
+
+Kind = Literal["png", "gif", "webp"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+#: Opacity of the class colours: the burned-in overlay SC's, so both pictures look alike.
+ALPHA = OverlayOptions.alpha
+MIN_WIDTH = 360  # narrower images are enlarged so the legend stays legible
+DEFAULT_FRAME_MS = 33.0  # 30 fps when the source states no timing
+
+log = logging.getLogger(__name__)
+
+
+class PreviewUnavailable(Exception):
+    """The source or its SEG cannot be rendered (undecodable pixels, SEG of another size)."""
+
+
+@dataclass(frozen=True)
+class Caption:
+    """What the legend panel says under the image."""
+
+    score: int | None  # None: the cine is not gradable, ``reason`` says why
+    model: str
+    reason: str | None = None
+
+    @classmethod
+    def of(cls, analysis: Analysis) -> Caption:
+        f, m = analysis.findings, analysis.model
+        return cls(f.reported_score, f"{m.name} {m.version}", f.ungradable_reason)
+
+
+def _referenced_frame(item: Dataset) -> int | None:
+    for der in item.get("DerivationImageSequence", []):
+        for src in der.get("SourceImageSequence", []):
+            ref = src.get("ReferencedFrameNumber")
+            if ref is not None:
+                return int(ref if not isinstance(ref, list | pydicom.multival.MultiValue) else ref[0])
+    for fc in item.get("FrameContentSequence", []):
+        if "TemporalPositionIndex" in fc:
+            return int(fc.TemporalPositionIndex)
+    return None
+
+
+def class_maps_from_seg(seg: Dataset, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (frames, rows, cols) uint8, has_map (frames,) bool) from a SEG (BINARY or LABELMAP)."""
+    try:
+        pix = np.asarray(seg.pixel_array)
+    except Exception as exc:
+        raise PreviewUnavailable("segmentation unreadable") from exc
+    n, rows, cols = shape
+    if pix.ndim == 2:
+        pix = pix[None]
+    if pix.shape[1:] != (rows, cols):
+        raise PreviewUnavailable("segmentation does not match the source size")
+    labels = np.zeros(shape, dtype=np.uint8)
+    has = np.zeros(n, dtype=bool)
+    labelmap = str(seg.get("SegmentationType", "BINARY")) == "LABELMAP"
+    groups = seg.get("PerFrameFunctionalGroupsSequence", [])
+    for i in range(min(len(groups), pix.shape[0])):
+        item = groups[i]
+        ref = _referenced_frame(item)
+        if ref is None and n == 1:
+            ref = 1
+        if ref is None or not 1 <= ref <= n:
+            continue
+        f = ref - 1
+        has[f] = True
+        if labelmap:
+            labels[f] = np.where(pix[i] > 0, pix[i], labels[f]).astype(np.uint8)
+        else:
+            ids = item.get("SegmentIdentificationSequence", [])
+            if not ids:
+                continue
+            labels[f][pix[i] > 0] = int(ids[0].ReferencedSegmentNumber)
+    return labels, has
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=13)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def _with_legend(img: Image.Image, caption: Caption, has_overlay: bool, frame_text: str) -> Image.Image:
+    font = _font()
+    line_h = 18
+    per_row = 3
+    rows = (len(SEGMENTS) + per_row - 1) // per_row
+    panel_h = line_h * (rows + 2) + 6
+    out = Image.new("RGB", (img.width, img.height + panel_h), (20, 20, 20))
+    out.paste(img, (0, 0))
+    d = ImageDraw.Draw(out)
+    y = img.height + 4
+    verdict = f"Score {caption.score}" if caption.score is not None else f"Not gradable ({caption.reason})"
+    d.text((6, y), f"{verdict}  {frame_text}", fill=(255, 255, 255), font=font)
+    y += line_h
+    col_w = max(img.width // per_row, 1)
+    if has_overlay:
+        for i, row in enumerate(SEGMENTS):
+            x = 6 + (i % per_row) * col_w
+            yy = y + (i // per_row) * line_h
+            d.rectangle((x, yy + 3, x + 11, yy + 14), fill=row.rgb)
+            d.text((x + 16, yy), row.label, fill=(230, 230, 230), font=font)
+    else:
+        d.text((6, y), "no segmentation stored for this result", fill=(230, 230, 230), font=font)
+    y = img.height + panel_h - line_h
+    d.text((6, y), f"{caption.model} - not for primary diagnosis", fill=(160, 160, 160), font=font)
+    return out
+
+
+def _scaled(frame: np.ndarray, max_width: int) -> Image.Image:
+    img = Image.fromarray(frame, "RGB")
+    width = min(max(img.width, MIN_WIDTH), max(max_width, MIN_WIDTH))
+    if width != img.width:
+        h = max(1, round(img.height * width / img.width))
+        img = img.resize((width, h), Image.Resampling.BILINEAR)
+    return img
+
+
+def render(
+    kind: Kind,
+    rgb: np.ndarray,
+    has_map: np.ndarray | None,
+    key_frame: int,
+    caption: Caption,
+    *,
+    max_frames: int,
+    max_width: int,
+    frame_ms: float,
+) -> bytes:
+    """Encode one preview: PNG of the key frame or an animated GIF/WebP of the cine.
+
+    ``rgb`` (F, R, C, 3) uint8 frames with the overlay blended in; ``has_map`` which frames the SEG
+    covers (None: no SEG). Animations show only those, at most ``max_frames`` evenly subsampled.
+    """
+    n = rgb.shape[0]
+    has_overlay = has_map is not None
+    buf = io.BytesIO()
+    if kind == "png":
+        k = min(max(key_frame, 0), n - 1)
+        img = _with_legend(_scaled(rgb[k], max_width), caption, has_overlay, f"key frame {k + 1}/{n}")
+        img.save(buf, format="PNG", optimize=False, compress_level=6)
+        return buf.getvalue()
+    candidates = np.arange(n)
+    if has_map is not None and has_map.any():
+        candidates = np.flatnonzero(has_map)  # only frames that have a class map
+    step = max(1, int(np.ceil(len(candidates) / max_frames)))
+    images = [
+        _with_legend(_scaled(rgb[f], max_width), caption, has_overlay, f"frame {f + 1}/{n}")
+        for f in candidates[::step]
+    ]
+    duration = max(20, round(frame_ms * step))
+    if kind == "gif":
+        pal = [im.convert("P", palette=Image.Palette.ADAPTIVE, colors=255) for im in images]
+        pal[0].save(buf, format="GIF", save_all=True, append_images=pal[1:], duration=duration, loop=0)
+    else:
+        images[0].save(
+            buf,
+            format="WEBP",
+            save_all=True,
+            append_images=images[1:],
+            duration=duration,
+            loop=0,
+            quality=75,
+            method=3,
+        )
+    return buf.getvalue()
+
+
+def render_previews(
+    source: Dataset,
+    seg: Dataset | None,
+    caption: Caption,
+    *,
+    key_frame: int,
+    max_frames: int,
+    max_width: int,
+) -> dict[Kind, bytes]:
+    """Every preview the API offers, of ``source`` with the class maps of its ``seg`` (if any)."""
+    try:
+        frames = decode_frames(source)
+    except InputError as exc:
+        raise PreviewUnavailable("source pixels could not be decoded") from exc
+    rgb = np.repeat(frames[..., None], 3, axis=-1)
+    has = None
+    if seg is not None:
+        labels, has = class_maps_from_seg(seg, frames.shape)
+        rgb = blend(rgb, labels, ALPHA)  # frames the SEG does not cover have no labels to blend
+    rate = frame_rate(source)
+    frame_ms = 1000.0 / rate if rate else DEFAULT_FRAME_MS
+    return {
+        kind: render(
+            kind, rgb, has, key_frame, caption, max_frames=max_frames, max_width=max_width, frame_ms=frame_ms
+        )
+        for kind in KINDS
+    }
+
+
+@dataclass(frozen=True)
+class StoredPreviews:
+    """Storage keys of the rendered previews, or (all None) ``error``: why there are none."""
+
+    png: str | None = None
+    gif: str | None = None
+    webp: str | None = None
+    error: str | None = None
+
+
+def store_previews(
+    store: ObjectStore,
+    source: Dataset,
+    seg: Dataset | None,
+    caption: Caption,
+    *,
+    key_frame: int,
+    settings: Settings,
+) -> StoredPreviews:
+    """Render and store the previews; a preview that cannot be rendered does not fail the job,
+    the API then answers 409 with ``error``."""
+    try:
+        images = render_previews(
+            source,
+            seg,
+            caption,
+            key_frame=key_frame,
+            max_frames=settings.preview_max_frames,
+            max_width=settings.preview_max_width,
+        )
+    except PreviewUnavailable as exc:
+        log.warning("previews not rendered", extra=ctx(reason=str(exc)))
+        return StoredPreviews(error=str(exc))
+    keys = {kind: store.put_bytes([data], suffix=kind)[0] for kind, data in images.items()}
+    return StoredPreviews(png=keys["png"], gif=keys["gif"], webp=keys["webp"])
