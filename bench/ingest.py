@@ -50,8 +50,8 @@ import numpy as np
 from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "receive"))
-from dicomgen import cine  # noqa: E402
+sys.path.insert(0, str(REPO))
+from tests.factories import cine  # noqa: E402
 
 KINDS = {"mono-raw": ("raw", False), "rgb-raw": ("raw", True), "jpeg-ybr422": ("jpeg", True)}
 PROPOSE = {"raw": "-xe", "jpeg": "-xy"}

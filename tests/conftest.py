@@ -6,7 +6,9 @@ not a skip, so CI can never pass by skipping the tests that matter.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -14,13 +16,16 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pytest
 
 if TYPE_CHECKING:
     from service.core.runtime import Runtime
+    from service.core.settings import Settings
+    from service.core.storage import ObjectStore
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -49,6 +54,50 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def stop(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM, as a service manager stops lusai; SIGKILL when it has not exited after ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@dataclass
+class OnRuntime:
+    """Something under test that shares a runtime (an app, an SCP), with its settings and store at hand."""
+
+    runtime: Runtime
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.runtime.store
+
+
+class Message(NamedTuple):
+    """A Celery message waiting in the embedded broker: what a worker would be asked to do."""
+
+    task: str
+    args: list[int]
+    eta: str | None
+
+
+def broker_messages(settings: Settings) -> list[Message]:
+    """The messages in the embedded (filesystem) broker's queue folder, oldest first."""
+    folder = settings.broker_dir / "queue"
+    out = []
+    for f in sorted(folder.iterdir()) if folder.is_dir() else []:
+        msg = json.loads(f.read_bytes())
+        args, _kwargs, _embed = json.loads(base64.b64decode(msg["body"]))
+        out.append(Message(msg["headers"]["task"], args, msg["headers"].get("eta")))
+    return out
 
 
 @pytest.fixture

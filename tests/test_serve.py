@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from service.cli.check import c_echo
-from tests.conftest import free_port, storescu
+from tests.conftest import free_port, stop, storescu
 from tests.factories import phantom_cine_file
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -42,11 +42,7 @@ def served(tmp_path: Path) -> Iterator[dict[str, object]]:
             "log": tmp_path / "serve.log",
         }
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from service.core.agreement import Agreement, agreement
 from service.core.models import Instance, Result, Review, Series, Study
 from service.core.settings import Settings
+from service.core.study import graded_score
 
 #: Columns of the labels CSV, as tools/blus_to_dicom.py writes them (without its file column).
 LABEL_COLUMNS = ("sop_instance_uid", "score", "a_lines", "b_lines", "patient_id", "comments")
@@ -70,11 +71,6 @@ def _agreement(pairs: Sequence[tuple[int, int]]) -> Agreement | None:
 
 
 # --- queries ------------------------------------------------------------------------------------
-
-
-def model_gradable(score: int | None, gradable: bool | None) -> int | None:
-    """The model's score, or None when it did not grade the clip."""
-    return None if score is None or gradable is False else int(score)
 
 
 def counted_reviews(*, since: datetime | None = None, reviewer: str | None = None) -> Select[int]:
@@ -134,7 +130,7 @@ def agreement_by_package(
     for rid, who, r_score, r_gradable, m_score, name, version, sha, m_gradable, pkg in session.execute(stmt):
         key = PackageKey(name, version, sha, pkg)
         reader = r_score if r_gradable and r_score is not None else None
-        groups.setdefault(key, []).append((rid, who, model_gradable(m_score, m_gradable), reader))
+        groups.setdefault(key, []).append((rid, who, graded_score(m_score, m_gradable), reader))
     out = []
     for key in sorted(
         groups, key=lambda k: (k.model_name, k.model_version, k.weights_sha256, k.package_sha256 or "")

@@ -49,9 +49,14 @@ class ZoneRule:
         return f"{m.group('side').upper()}{m.group('number')}"
 
 
-def graded_score(score: int | None, gradable: bool) -> int | None:
-    """The score a result shows: none when the cine could not be graded."""
-    return score if gradable else None
+def graded_score(score: int | None, gradable: bool | None) -> int | None:
+    """The score a result shows: none when the cine could not be graded.
+
+    The one rule for stored results, in the API and the reviews' agreement (the worker's
+    ``VideoFindings.reported_score`` says the same of a fresh analysis);
+    ``gradable`` None is a row from before gradability was recorded, which was always graded.
+    """
+    return None if score is None or gradable is False else int(score)
 
 
 T = TypeVar("T")

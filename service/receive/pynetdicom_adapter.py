@@ -26,7 +26,7 @@ find pynetdicom's code shaped as the adapter expects (the factory call and every
 on its result, the ``recv`` signature and its callers). Otherwise :func:`install` logs one
 warning and leaves pynetdicom's own: the data set then arrives through the public API and the
 store handler moves, size-checks and hashes it afterwards (slower, same DIMSE answers).
-``tests/receive/test_pynetdicom_adapter.py`` pins this contract and runs both paths.
+``tests/service/receive/test_pynetdicom_adapter.py`` pins this contract and runs both paths.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import httpx
 import pydicom
 import pytest
 
-from tests.conftest import REPO, free_port, storescu, which
+from tests.conftest import REPO, free_port, stop, storescu, which
 from tests.factories import phantom_cine_file
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -88,11 +87,7 @@ def lusai(tmp_path: Path, orthanc: dict[str, Any]) -> Iterator[Path]:
         assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
         time.sleep(0.3)
     yield log_path
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop(proc)
     log.close()
 
 

@@ -1,19 +1,17 @@
-"""Re-analysis and model packages: output UIDs follow the package, a worker refuses other versions."""
+"""Re-analysis and model packages: output UIDs follow the package that made them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pydicom
-import pytest
 from sqlalchemy import func, select
 
 from service.core.header import read_header
 from service.core.ingest import index_object
 from service.core.model_package import DEFAULT_PACKAGE, load_package, write_package
-from service.core.models import Delivery, Job, JobState, Result
+from service.core.models import Delivery, Result
 from service.core.runtime import Runtime
 from tests.factories import phantom_cine_file
 from workers.pipeline import Analyzer
@@ -69,29 +67,3 @@ def _sr_key(runtime: Runtime, job_id: int) -> str:
         key = s.scalars(select(Result.sr_storage_key).where(Result.job_id == job_id)).one()
         assert key is not None
         return key
-
-
-def test_worker_fails_a_job_for_another_model_version(worker: Runtime, tmp_path: Path) -> None:
-    from workers import tasks
-
-    job_id, _ = _indexed_job(worker, tmp_path)
-    with worker.db.session() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        job.model_version = "9.9.9"
-    assert tasks.analyze(job_id) == "failed"  # at once: every worker of a deployment runs one package
-    shipped = load_package(DEFAULT_PACKAGE)
-    with worker.db.session() as s:
-        job = s.get(Job, job_id)
-        assert job is not None and job.state == JobState.FAILED and job.attempts == 1
-        assert job.error is not None and "model version 9.9.9 is not on this worker" in job.error
-        assert f"{shipped.name} {shipped.version}, package {shipped.package_sha256[:12]}" in job.error
-
-
-@pytest.fixture
-def worker(runtime: Runtime) -> Iterator[Runtime]:
-    """This process as a worker process: its own worker runtime (and model) on the test's database."""
-    from workers.celery_app import LusaiTask, WorkerRuntime
-
-    yield LusaiTask.use(WorkerRuntime.from_settings(runtime.settings))
-    LusaiTask.release()

@@ -146,38 +146,40 @@ def _scaled(frame: np.ndarray, max_width: int) -> Image.Image:
     return img
 
 
-def render(
-    kind: Kind,
-    rgb: np.ndarray,
-    has_map: np.ndarray | None,
-    key_frame: int,
-    caption: Caption,
-    *,
-    max_frames: int,
-    max_width: int,
-    frame_ms: float,
-) -> bytes:
-    """Encode one preview: PNG of the key frame or an animated GIF/WebP of the cine.
-
-    ``rgb`` (F, R, C, 3) uint8 frames with the overlay blended in; ``has_map`` which frames the SEG
-    covers (None: no SEG). Animations show only those, at most ``max_frames`` evenly subsampled.
-    """
-    n = rgb.shape[0]
-    has_overlay = has_map is not None
-    buf = io.BytesIO()
-    if kind == "png":
-        k = min(max(key_frame, 0), n - 1)
-        img = _with_legend(_scaled(rgb[k], max_width), caption, has_overlay, f"key frame {k + 1}/{n}")
-        img.save(buf, format="PNG", optimize=False, compress_level=6)
-        return buf.getvalue()
+def animation_frames(n: int, has_map: np.ndarray | None, max_frames: int) -> tuple[np.ndarray, int]:
+    """Frames an animation shows and the subsampling step: those the SEG covers (all when it covers
+    none or there is no SEG), at most ``max_frames``, evenly subsampled."""
     candidates = np.arange(n)
     if has_map is not None and has_map.any():
         candidates = np.flatnonzero(has_map)  # only frames that have a class map
     step = max(1, int(np.ceil(len(candidates) / max_frames)))
-    images = [
-        _with_legend(_scaled(rgb[f], max_width), caption, has_overlay, f"frame {f + 1}/{n}")
-        for f in candidates[::step]
-    ]
+    return candidates[::step], step
+
+
+def render(
+    kind: Kind,
+    shown: dict[int, Image.Image],
+    n: int,
+    animated: np.ndarray,
+    step: int,
+    key_frame: int,
+    caption: Caption,
+    *,
+    has_overlay: bool,
+    frame_ms: float,
+) -> bytes:
+    """Encode one preview: PNG of the key frame or an animated GIF/WebP of the ``animated`` frames.
+
+    ``shown`` maps frame index to the scaled RGB image with the overlay blended in, for the key
+    frame and every animated frame (of ``n``); ``step`` is the subsampling of the animation.
+    """
+    buf = io.BytesIO()
+    if kind == "png":
+        k = min(max(key_frame, 0), n - 1)
+        img = _with_legend(shown[k], caption, has_overlay, f"key frame {k + 1}/{n}")
+        img.save(buf, format="PNG", optimize=False, compress_level=6)
+        return buf.getvalue()
+    images = [_with_legend(shown[int(f)], caption, has_overlay, f"frame {f + 1}/{n}") for f in animated]
     duration = max(20, round(frame_ms * step))
     if kind == "gif":
         pal = [im.convert("P", palette=Image.Palette.ADAPTIVE, colors=255) for im in images]
@@ -205,21 +207,30 @@ def render_previews(
     max_frames: int,
     max_width: int,
 ) -> dict[Kind, bytes]:
-    """Every preview the API offers, of ``source`` with the class maps of its ``seg`` (if any)."""
+    """Every preview the API offers, of ``source`` with the class maps of its ``seg`` (if any).
+
+    Only the frames the previews show (the key frame and at most ``max_frames`` more) are blended
+    and scaled: a long cine costs its decoding, not a colour copy of every frame.
+    """
     try:
         frames = decode_frames(source)
     except InputError as exc:
         raise PreviewUnavailable("source pixels could not be decoded") from exc
-    rgb = np.repeat(frames[..., None], 3, axis=-1)
-    has = None
+    n = frames.shape[0]
+    labels = has = None
     if seg is not None:
         labels, has = class_maps_from_seg(seg, frames.shape)
-        rgb = blend(rgb, labels, ALPHA)  # frames the SEG does not cover have no labels to blend
+    animated, step = animation_frames(n, has, max_frames)
+    picked = np.array(sorted({min(max(key_frame, 0), n - 1), *animated.tolist()}))
+    rgb = np.repeat(frames[picked][..., None], 3, axis=-1)
+    if labels is not None:
+        rgb = blend(rgb, labels[picked], ALPHA)  # frames the SEG does not cover have no labels to blend
+    shown = {int(f): _scaled(rgb[i], max_width) for i, f in enumerate(picked)}
     rate = frame_rate(source)
     frame_ms = 1000.0 / rate if rate else DEFAULT_FRAME_MS
     return {
         kind: render(
-            kind, rgb, has, key_frame, caption, max_frames=max_frames, max_width=max_width, frame_ms=frame_ms
+            kind, shown, n, animated, step, key_frame, caption, has_overlay=seg is not None, frame_ms=frame_ms
         )
         for kind in KINDS
     }

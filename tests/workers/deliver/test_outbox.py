@@ -12,43 +12,18 @@ from service.core import lifecycle
 from service.core.models import Delivery, DeliveryState
 from service.core.runtime import Runtime
 from tests.conftest import free_port
-from tests.factories import noise_cine_file
+from tests.rows import get_row, stored_delivery
 from workers.deliver.outbox import send_delivery
 
 pytestmark = pytest.mark.network
 
 
-def _delivery(runtime: Runtime, tmp: Path, destination: str, seed: int = 0) -> tuple[int, str]:
-    f = noise_cine_file(tmp / f"obj{seed}.dcm", seed=seed, jpeg=bool(seed % 2))
-    key, _, _ = runtime.store.put_file(f)
-    ds = pydicom.dcmread(f, stop_before_pixels=True)
-    with runtime.db.session() as s:
-        d = Delivery(
-            destination=destination,
-            sop_class_uid=ds.SOPClassUID,
-            sop_instance_uid=ds.SOPInstanceUID,
-            storage_key=key,
-            state=DeliveryState.PENDING,
-        )
-        s.add(d)
-        s.flush()
-        return d.id, str(ds.SOPInstanceUID)
-
-
-def _row(runtime: Runtime, delivery_id: int) -> Delivery:
-    with runtime.db.session() as s:
-        d = s.get(Delivery, delivery_id)
-        assert d is not None
-        s.expunge(d)
-        return d
-
-
 def test_delivered_byte_for_byte_in_its_own_transfer_syntax(runtime, storescp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     port, received = storescp
     for seed in (0, 1):  # raw Explicit VR LE, then JPEG Baseline: each keeps its transfer syntax
-        did, uid = _delivery(runtime, tmp_path, f"PACS@127.0.0.1:{port}", seed=seed)
+        did, uid = stored_delivery(runtime, tmp_path, f"PACS@127.0.0.1:{port}", seed=seed)
         assert send_delivery(did, runtime=runtime) == ("delivered", None)
-        d = _row(runtime, did)
+        d = get_row(runtime, Delivery, did)
         assert d.state == DeliveryState.DELIVERED and d.attempts == 1 and d.delivered_at is not None
         got = [pydicom.dcmread(p) for p in received.iterdir()]
         match = [g for g in got if g.SOPInstanceUID == uid]
@@ -65,12 +40,12 @@ def test_dead_peer_backs_off_then_dead_letters_without_blocking_others(
 ) -> None:  # type: ignore[no-untyped-def]
     port, received = storescp
     monkeypatch.setattr(lifecycle, "DELIVERY_MAX_ATTEMPTS", 3)
-    dead_id, _ = _delivery(runtime, tmp_path, f"NOBODY@127.0.0.1:{free_port()}", seed=2)
-    live_id, live_uid = _delivery(runtime, tmp_path, f"PACS@127.0.0.1:{port}", seed=3)
+    dead_id, _ = stored_delivery(runtime, tmp_path, f"NOBODY@127.0.0.1:{free_port()}", seed=2)
+    live_id, live_uid = stored_delivery(runtime, tmp_path, f"PACS@127.0.0.1:{port}", seed=3)
 
     outcome, delay = send_delivery(dead_id, runtime=runtime)
     assert outcome == "retrying" and delay == lifecycle.DELIVERY_BACKOFF.base_s
-    d = _row(runtime, dead_id)
+    d = get_row(runtime, Delivery, dead_id)
     assert d.state == DeliveryState.RETRYING and d.attempts == 1 and "not established" in (d.last_error or "")
     assert d.next_attempt_at is not None and d.next_attempt_at.replace(tzinfo=UTC) > datetime.now(UTC)
 
@@ -81,7 +56,7 @@ def test_dead_peer_backs_off_then_dead_letters_without_blocking_others(
     outcome, delay2 = send_delivery(dead_id, runtime=runtime)
     assert outcome == "retrying" and delay2 == 2 * lifecycle.DELIVERY_BACKOFF.base_s  # exponential
     assert send_delivery(dead_id, runtime=runtime) == ("dead", None)
-    d = _row(runtime, dead_id)
+    d = get_row(runtime, Delivery, dead_id)
     assert d.state == DeliveryState.DEAD and d.attempts == 3
     assert send_delivery(dead_id, runtime=runtime) == ("skipped", None)
 
@@ -92,7 +67,7 @@ def test_resend_command_revives_dead_deliveries(runtime, storescp, tmp_path, mon
     from service.cli import app
 
     port, _ = storescp
-    did, _ = _delivery(runtime, tmp_path, f"PACS@127.0.0.1:{port}", seed=4)
+    did, _ = stored_delivery(runtime, tmp_path, f"PACS@127.0.0.1:{port}", seed=4)
     with runtime.db.session() as s:
         d = s.get(Delivery, did)
         assert d is not None
@@ -100,7 +75,7 @@ def test_resend_command_revives_dead_deliveries(runtime, storescp, tmp_path, mon
     result = CliRunner().invoke(app, ["deliveries", "resend"])
     assert result.exit_code == 0, result.output
     assert "re-queued 1" in result.output
-    d = _row(runtime, did)
+    d = get_row(runtime, Delivery, did)
     assert d.state == DeliveryState.PENDING and d.attempts == 0 and d.last_error is None
     # the message really is on the embedded queue, and the row now delivers
     assert list((runtime.settings.broker_dir / "queue").iterdir())
@@ -117,8 +92,8 @@ def test_recovery_resends_deliveries_whose_message_was_lost(runtime: Runtime, tm
 
     from service.core.recovery import requeue_lost_deliveries
 
-    _delivery(runtime, tmp_path, "PACS@127.0.0.1:104", seed=5)  # fresh: must be left alone
-    lost, _ = _delivery(runtime, tmp_path, "PACS@127.0.0.1:104", seed=6)
+    stored_delivery(runtime, tmp_path, "PACS@127.0.0.1:104", seed=5)  # fresh: must be left alone
+    lost, _ = stored_delivery(runtime, tmp_path, "PACS@127.0.0.1:104", seed=6)
     with runtime.db.session() as s:
         d = s.get(Delivery, lost)
         assert d is not None

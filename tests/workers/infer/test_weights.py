@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from service.core.model_package import DEFAULT_PACKAGE, PackageError, class_names, write_package
 from service.core.segments import SegmentClass
-from workers.infer.package import DEFAULT_PACKAGE, PackageError, class_names, write_package
 from workers.infer.predict import Predictor
 from workers.infer.unet import AttentionUNet, load_model, save_weights
 from workers.preprocess.grid import GridShape

@@ -7,9 +7,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 
 from service.core.dicom import OUTPUT_SOP_CLASSES, OutputKind
+from tests.factories import frames_rgb, make_analysis, make_source
 from workers.write_dicom import Output, OutputOptions, build_outputs
-
-from .sources import frames_rgb, make_analysis, make_source
 
 
 def test_outputs_carry_their_kind() -> None:

@@ -7,7 +7,6 @@ LUSAI_REQUIRE_EXTERNAL=1.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,21 +15,18 @@ import pydicom
 import pytest
 
 from service.core.segments import SEGMENT_CLASSES
+from tests.conftest import REPO, missing, which
+from tests.workers.write_dicom.conftest import outputs_for
 from workers.domain import Analysis
 
-from .sources import outputs_for, require_external
-
-JS_DIR = Path(__file__).resolve().parents[2] / "js"
+JS_DIR = REPO / "tests" / "js"
 
 
 @pytest.fixture
 def node() -> str:
-    exe = shutil.which("node")
-    require_external("node", exe is not None)
-    require_external(
-        "tests/js/node_modules (run `npm ci` in tests/js)", (JS_DIR / "node_modules" / "dcmjs").is_dir()
-    )
-    assert exe is not None
+    exe = which("node")
+    if not (JS_DIR / "node_modules" / "dcmjs").is_dir():
+        missing("tests/js/node_modules (run `npm ci` in tests/js)")
     return exe
 
 

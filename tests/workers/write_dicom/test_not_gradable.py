@@ -9,12 +9,12 @@ import highdicom as hd
 import pytest
 from pydicom.dataset import Dataset
 
+from tests.factories import make_analysis, make_source
+from tests.workers.write_dicom.conftest import outputs_for
 from workers.domain import Analysis
 from workers.write_dicom import codes as c
 from workers.write_dicom.overlay import legend_title
 from workers.write_dicom.validate import validate_outputs
-
-from .sources import make_analysis, make_source, outputs_for
 
 
 def _not_gradable(analysis: Analysis, reason: str = "no-pleura") -> Analysis:

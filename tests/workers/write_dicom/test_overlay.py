@@ -10,11 +10,11 @@ import pytest
 
 from service.core.dicom import OutputKind
 from service.core.segments import SEGMENTS, SegmentClass, segment
+from tests.factories import frames_rgb, make_analysis, make_source
+from tests.workers.write_dicom.conftest import NOW
 from workers.write_dicom import OutputOptions, OverlayOptions
 from workers.write_dicom.build import series_info
 from workers.write_dicom.overlay import blend, build_overlay
-
-from .sources import NOW, frames_rgb, make_analysis, make_source
 
 
 def smooth_frames() -> np.ndarray:

@@ -6,9 +6,9 @@ import pytest
 from pydicom.dataset import Dataset
 
 from service.core.dicom import ultrasound_region
+from tests.factories import frames_rgb, make_analysis, make_source
+from tests.workers.write_dicom.conftest import outputs_for
 from workers.preprocess import detect_sector
-
-from .sources import frames_rgb, make_analysis, make_source, outputs_for
 
 
 def _inset() -> Dataset:

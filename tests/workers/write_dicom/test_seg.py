@@ -11,12 +11,12 @@ import pytest
 
 from service.core.dicom import OutputKind
 from service.core.segments import SEGMENT_CLASSES, SegmentClass
+from tests.factories import make_analysis, make_source
+from tests.workers.write_dicom.conftest import N_FRAMES, NOW, outputs_for
 from workers.domain import Analysis
 from workers.write_dicom import OutputOptions, SegOptions
 from workers.write_dicom.build import series_info
 from workers.write_dicom.seg import WEASIS_MAX_FRAMES, build_seg, selected_source_frames
-
-from .sources import N_FRAMES, NOW, make_analysis, make_source, outputs_for
 
 
 def roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:

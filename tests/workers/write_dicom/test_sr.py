@@ -13,11 +13,11 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from service.core.segments import SEGMENT_CLASSES, SegmentClass, segment
+from tests.factories import make_analysis, make_source
+from tests.workers.write_dicom.conftest import outputs_for
 from workers.domain import Analysis
 from workers.write_dicom import OutputOptions, SegOptions
 from workers.write_dicom import codes as c
-
-from .sources import make_analysis, make_source, outputs_for
 
 CONSOLIDATION = segment(SegmentClass.CONSOLIDATION).type.value
 EFFUSION = segment(SegmentClass.EFFUSION).type.value

@@ -6,9 +6,8 @@ import pytest
 from pydicom.uid import UID
 
 from service.core.dicom import OutputKind
+from tests.factories import MODEL
 from workers.write_dicom.uids import device_uid, frame_of_reference_uid, output_uids
-
-from .sources import MODEL
 
 SOURCE = "1.2.3.4.5.6.7"
 

@@ -6,6 +6,8 @@ import pydicom
 import pytest
 
 from service.core.dicom import OutputKind
+from tests.factories import frames_rgb, make_analysis, make_source
+from tests.workers.write_dicom.conftest import outputs_for
 from workers.domain import Analysis
 from workers.write_dicom import (
     OutputOptions,
@@ -15,8 +17,6 @@ from workers.write_dicom import (
     build_outputs,
 )
 from workers.write_dicom.validate import parse_dicom3tools, validate_outputs
-
-from .sources import frames_rgb, make_analysis, make_source, outputs_for
 
 DCIODVFY_SAMPLE = """Segmentation
 Error - Missing attribute Type 1 Required Element=<SegmentLabel> Module=<SegmentationImage>

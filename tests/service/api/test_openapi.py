@@ -13,7 +13,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from service.api.openapi import OUTPUT, render
-from tests.api.conftest import Api, database_url, make_api, seed_study
+from tests.service.api.conftest import Api, make_api, seed_study
+from tests.service.conftest import database_url
 
 
 def test_committed_spec_is_current() -> None:

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from service.core.models import Delivery, DeliveryState, Job, JobState
 from service.core.study import ZoneRule
-from tests.api.conftest import Api, make_sqlite_api, seed_study
+from tests.service.api.conftest import Api, make_sqlite_api, seed_study
 
 
 def _all_pages(api: Api, url: str, **params: Any) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from sqlalchemy import select, text
 
 from service.api.auth import create_api_key, split_token
 from service.core.models import ApiKey, AuditEvent
-from tests.api.conftest import Api, make_sqlite_api, seed_study
+from tests.service.api.conftest import Api, make_sqlite_api, seed_study
 
 PROBLEM = "application/problem+json"
 

@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 
 from service.core.models import AuditEvent, Result, Review
 from service.core.reviews import reader_agreement
-from tests.api.conftest import Api, seed_study
+from tests.service.api.conftest import Api, seed_study
 
 REVIEWS = "/api/v1/results/{}/reviews"
 

@@ -22,8 +22,7 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from tests.factories import phantom_cine_file
-
-from .conftest import Running
+from tests.service.receive.conftest import Running
 
 pytestmark = pytest.mark.network
 

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import require_external, subprocess_scp
-from .dicomgen import cine, save
+from tests.conftest import which
+from tests.factories import cine, save
+from tests.service.receive.conftest import subprocess_scp
 
 pytestmark = pytest.mark.network
 
 
 def test_lusai_scp_processes_share_one_port(tmp_path: Path) -> None:
     """Two SCP processes (SO_REUSEPORT) take four concurrent storescu associations."""
-    exe = require_external("storescu")
+    exe = which("storescu")
     files = [save(cine("jpeg", frames=4, seed=i), tmp_path / f"{i}.dcm") for i in range(8)]
     with subprocess_scp(tmp_path / "data", "--processes", "2") as scp:
         procs = [

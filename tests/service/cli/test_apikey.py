@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
-from tests.api.conftest import make_sqlite_api
+from tests.service.api.conftest import make_sqlite_api
 
 
 def test_create_list_revoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sqlite_template: Path) -> None:

@@ -20,14 +20,11 @@ from service.core.models import (
     Base,
     Delivery,
     DeliveryState,
-    Instance,
-    InstanceState,
     Job,
     JobState,
     Result,
-    Series,
-    Study,
 )
+from tests.rows import add_delivery, add_instance, add_job
 
 J, D = JobState, DeliveryState
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -61,52 +58,20 @@ def sessions(engine: Engine) -> sessionmaker[Session]:
 @pytest.fixture
 def instance_id(sessions: sessionmaker[Session]) -> int:
     with sessions.begin() as s:
-        study = Study(study_instance_uid="1.2.3")
-        s.add(study)
-        s.flush()
-        series = Series(series_instance_uid="1.2.3.4", study_id=study.id)
-        s.add(series)
-        s.flush()
-        inst = Instance(
-            sop_instance_uid="1.2.3.4.5",
-            series_id=series.id,
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.3.1",
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            storage_key="objects/ab/cd/abcd.dcm",
-            sha256="ab" * 32,
-            size_bytes=1,
-            state=InstanceState.ACCEPTED,
-        )
-        s.add(inst)
-        s.flush()
-        return inst.id
+        return add_instance(s)
 
 
 def _job(sessions: sessionmaker[Session], instance_id: int, state: JobState, **values: Any) -> int:
     """A job row in ``state``, written directly: the test's starting point, not a transition."""
     with sessions.begin() as s:
-        job = Job(instance_id=instance_id, state=state, attempts=values.pop("attempts", 1), **values)
-        s.add(job)
-        s.flush()
-        return job.id
+        return add_job(s, instance_id, state, **values)
 
 
 def _delivery(
     sessions: sessionmaker[Session], state: DeliveryState, uid: str = "9.9.1", **values: Any
 ) -> int:
     with sessions.begin() as s:
-        d = Delivery(
-            destination="PACS@127.0.0.1:104",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
-            sop_instance_uid=uid,
-            storage_key="objects/k.dcm",
-            state=state,
-            attempts=values.pop("attempts", 1),
-            **values,
-        )
-        s.add(d)
-        s.flush()
-        return d.id
+        return add_delivery(s, state, uid, **values)
 
 
 def _get_job(sessions: sessionmaker[Session], job_id: int) -> Job:

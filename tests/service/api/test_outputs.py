@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.api.conftest import COLS, FRAMES, ROWS, Api, render_previews, seed_study
+from tests.service.api.conftest import COLS, FRAMES, ROWS, Api, render_previews, seed_study
 from workers.write_dicom.previews import MIN_WIDTH
 
 

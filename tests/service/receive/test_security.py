@@ -14,9 +14,9 @@ from pynetdicom import AE
 
 from service.core.settings import Settings
 from service.receive.scp import ReusePortServer
-
-from .conftest import Running, echo, require_external, send, storescu
-from .dicomgen import cine, save
+from tests.conftest import which
+from tests.factories import cine, save
+from tests.service.receive.conftest import Running, echo, send, storescu
 
 pytestmark = pytest.mark.network
 
@@ -73,7 +73,7 @@ def test_association_limit(scp_factory) -> None:  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    openssl = require_external("openssl")
+    openssl = which("openssl")
     d = tmp_path_factory.mktemp("tls")
     out = {}
     for name in ("server", "client"):

@@ -15,9 +15,8 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from service.core.models import Job, JobState, Result
-from tests.api.conftest import Api, database_url, make_api, pg_database, seed_study, sqlite_template
-
-__all__ = ["pg_database", "sqlite_template"]  # fixtures the database_url helper asks for
+from tests.service.api.conftest import Api, make_api, seed_study
+from tests.service.conftest import database_url
 
 REVIEWS = "/api/v1/results/{}/reviews"
 PATIENT = "PAT-SECRET-4711"

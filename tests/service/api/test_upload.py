@@ -7,16 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.uid import ComprehensiveSRStorage
 from sqlalchemy import select
 
 from service.core.models import Instance, Job, JobState
-from tests.api.conftest import Api, make_sqlite_api
-from tests.factories import us_cine
+from tests.factories import noise_frames, us_cine
+from tests.service.api.conftest import Api, make_sqlite_api
 
 
 def _cine_bytes(seed: int = 0, **kw: object) -> bytes:
-    rng = np.random.default_rng(seed)
-    ds = us_cine(rng.integers(0, 255, (3, 32, 40), dtype=np.uint8), **kw)  # type: ignore[arg-type]
+    ds = us_cine(noise_frames(3, 32, 40, seed), **kw)  # type: ignore[arg-type]
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
@@ -56,8 +56,7 @@ def test_upload_rejections(sqlite_api: Api) -> None:
     assert empty.status_code == 400
     nofile = api.post("/api/v1/instances", files={"other": ("x", b"abc")})
     assert nofile.status_code == 400
-    sr = us_cine(np.zeros((1, 8, 8), np.uint8))
-    sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+    sr = us_cine(np.zeros((1, 8, 8), np.uint8), sop_class=ComprehensiveSRStorage)
     buf = io.BytesIO()
     sr.save_as(buf, enforce_file_format=True)
     unsupported = api.post(

@@ -10,8 +10,8 @@ import pydicom
 
 from service.core.header import read_header
 from service.core.ingest import index_object
-from tests.api.conftest import Api, seed_study
 from tests.factories import noise_cine_file
+from tests.service.api.conftest import Api, seed_study
 from workers.pipeline import Analyzer
 from workers.results import save_result
 

@@ -15,9 +15,8 @@ from service.core.header import read_header
 from service.core.models import Base
 from service.core.routing import RoutingRules
 from service.receive.spool import drain_spool
-
-from .conftest import Running, inprocess_scp, send
-from .dicomgen import cine, save
+from tests.factories import cine, save
+from tests.service.receive.conftest import Running, inprocess_scp, send
 
 SUCCESS = 0x0000
 

@@ -25,9 +25,8 @@ from service.core.runtime import Runtime
 from service.core.settings import Settings
 from service.receive import handlers, pynetdicom_adapter
 from service.receive.pynetdicom_adapter import SinkFactory, recv_exact
-
-from .conftest import Running, inprocess_scp, send, send_then_drop
-from .dicomgen import cine, save
+from tests.factories import cine, save
+from tests.service.receive.conftest import Running, inprocess_scp, send, send_then_drop
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700

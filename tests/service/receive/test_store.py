@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ImplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
 
-from .conftest import SHARED, Running, echo, require_external, send, storescu
-from .dicomgen import US_IMAGE, base_dataset, cine, frames_array, save
+from service.core.dicom import US_MULTIFRAME_RETIRED
+from tests.conftest import SHARED, which
+from tests.factories import cine, save
+from tests.service.receive.conftest import Running, echo, send, storescu
 
 pytestmark = pytest.mark.network
 
@@ -72,24 +74,22 @@ def test_pynetdicom_sends_each_syntax(scp: Running, tmp_path: Path, syntax: str,
 
 def test_implicit_and_single_frame(scp: Running, tmp_path: Path) -> None:
     ds = cine("raw", frames=3)
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
-    still = base_dataset(sop_class=US_IMAGE)
-    still.PixelData = frames_array(1, 64, 80, rgb=False).tobytes()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    still = cine("raw", frames=1, sop_class=UltrasoundImageStorage)
     paths = [save(ds, tmp_path / "implicit.dcm"), save(still, tmp_path / "still.dcm")]
     assert send(scp.port, paths) == [SUCCESS, SUCCESS]
     check_stored(scp, paths)
 
 
 def test_retired_us_multiframe_class(scp: Running, tmp_path: Path) -> None:
-    ds = cine("raw", frames=3)
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3"
+    ds = cine("raw", frames=3, sop_class=US_MULTIFRAME_RETIRED)
     path = save(ds, tmp_path / "retired.dcm")
     assert send(scp.port, [path]) == [SUCCESS]
     check_stored(scp, [path])
 
 
 def _dcmtk_convert(tool: str, args: list[str], src: Path, dst: Path) -> Path:
-    exe = require_external(tool)
+    exe = which(tool)
     subprocess.run([exe, *args, str(src), str(dst)], check=True, capture_output=True, timeout=60)
     return dst
 

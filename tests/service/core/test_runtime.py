@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 from pathlib import Path
 
 import kombu.exceptions
@@ -17,20 +15,11 @@ from service.core.models import ApiKey
 from service.core.queue import ANALYZE_TASK, DELIVER_TASK, TaskQueue
 from service.core.runtime import Runtime
 from service.core.settings import Settings
+from tests.conftest import broker_messages
 
 
 def _key(key_id: str) -> ApiKey:
     return ApiKey(key_id=key_id, name=key_id, secret_sha256="0" * 64, scopes=["read"])
-
-
-def _messages(settings: Settings) -> list[tuple[str, list[int], float | None]]:
-    """(task, args, countdown) of every message waiting in the embedded broker's folder."""
-    out = []
-    for f in sorted((settings.broker_dir / "queue").iterdir()):
-        msg = json.loads(f.read_bytes())
-        args, _kwargs, _embed = json.loads(base64.b64decode(msg["body"]))
-        out.append((msg["headers"]["task"], args, msg["headers"].get("eta")))
-    return out
 
 
 @pytest.fixture
@@ -69,7 +58,7 @@ def test_queue_sends_by_name_and_makes_nothing_before_the_first_send(settings: S
     queue.enqueue_delivery(8, countdown=30)
     queue.enqueue_delivery(9)
     queue.ping()
-    sent = _messages(settings)
+    sent = broker_messages(settings)
     assert sorted((task, args) for task, args, _ in sent) == [
         (ANALYZE_TASK, [7]),
         (DELIVER_TASK, [8]),
@@ -78,7 +67,7 @@ def test_queue_sends_by_name_and_makes_nothing_before_the_first_send(settings: S
     assert {args[0]: eta is not None for _, args, eta in sent} == {7: False, 8: True, 9: False}
     queue.close()
     queue.enqueue_analysis(10)  # a closed queue opens a new producer on the next send
-    assert len(_messages(settings)) == 4
+    assert len(broker_messages(settings)) == 4
     queue.close()
 
 

@@ -7,11 +7,8 @@ temporary ``LUSAI_DATA_DIR``; queued Celery messages are read back from the brok
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
-import shutil
 import socket
 import socketserver
 import subprocess
@@ -38,43 +35,15 @@ from service.core.libraries import configure_libraries
 from service.core.models import Instance, Job
 from service.core.runtime import Runtime
 from service.core.settings import Settings
-from service.core.storage import ObjectStore
-
-REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
-
-
-def require_external(binary: str) -> str:
-    """Path of a DCMTK/dicom3tools binary; skip without it unless LUSAI_REQUIRE_EXTERNAL=1."""
-    found = shutil.which(binary) or shutil.which(binary, path=str(Path(sys.executable).parent))
-    if found is None:
-        if os.environ.get("LUSAI_REQUIRE_EXTERNAL") == "1":
-            pytest.fail(f"{binary} is required (LUSAI_REQUIRE_EXTERNAL=1) but not installed")
-        pytest.skip(f"{binary} not installed")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import OnRuntime, broker_messages, free_port, stop, which
 
 
 @dataclass
-class Running:
+class Running(OnRuntime):
     """One SCP under test and the state it writes, read through a runtime on the SCP's settings
     (the in-process SCP's own; for a subprocess, one built on the same environment)."""
 
-    runtime: Runtime
     port: int
-
-    @property
-    def settings(self) -> Settings:
-        return self.runtime.settings
-
-    @property
-    def store(self) -> ObjectStore:
-        return self.runtime.store
 
     def instances(self) -> list[Instance]:
         with self.runtime.db.session() as s:
@@ -86,14 +55,7 @@ class Running:
 
     def queued_job_ids(self) -> list[int]:
         """Job ids in Celery messages waiting in the embedded broker's folder."""
-        out = []
-        for f in sorted((self.settings.broker_dir / "queue").glob("*")):
-            msg = json.loads(f.read_bytes())
-            if msg.get("headers", {}).get("task") != queue.ANALYZE_TASK:
-                continue
-            args, _kwargs, _embed = json.loads(base64.b64decode(msg["body"]))
-            out.append(int(args[0]))
-        return sorted(out)
+        return sorted(m.args[0] for m in broker_messages(self.settings) if m.task == queue.ANALYZE_TASK)
 
     def stored_files(self) -> list[Path]:
         return sorted((self.settings.storage / "objects").rglob("*.dcm"))
@@ -219,11 +181,7 @@ def subprocess_scp(data_dir: Path, *args: str, **env_extra: str) -> Iterator[Run
         with Runtime.from_settings(settings) as runtime:
             yield Running(runtime, port)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=10)
         log.close()
 
 
@@ -298,7 +256,7 @@ def _meta(path: Path) -> Dataset:
 
 def storescu(port: int, *paths: Path, ae_title: str = "STORESCU", extra: tuple[str, ...] = ()) -> str:
     """Send with DCMTK storescu; returns its combined output (status lines at -v)."""
-    exe = require_external("storescu")
+    exe = which("storescu")
     proc = subprocess.run(
         [
             exe,

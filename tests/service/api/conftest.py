@@ -1,13 +1,9 @@
-"""Fixtures of the REST API tests: a migrated database (SQLite, and PostgreSQL when reachable),
-an app on it with one key per scope, and real stored objects (source cine, SEG, SR) for results.
-
-PostgreSQL tests skip when the server is unreachable, and fail instead under
-``LUSAI_REQUIRE_EXTERNAL=1``.
-"""
+"""Fixtures of the REST API tests: the app on each test database (SQLite, and PostgreSQL when
+reachable: ``tests/service/conftest.py``) with one key per scope, and real stored objects (source
+cine, SEG, SR) for results."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -23,56 +19,13 @@ from fastapi.testclient import TestClient
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import pack_bits
 from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage, generate_uid
-from sqlalchemy import create_engine, text
 
-from service.core.models import Base, Instance, InstanceState, Job, JobState, Result, Series, Study
+from service.core.models import Instance, InstanceState, Job, JobState, Result, Series, Study
 from service.core.runtime import Runtime
 from service.core.settings import Settings
-from service.core.storage import ObjectStore
+from tests.conftest import OnRuntime
 from tests.factories import us_cine
-
-REQUIRE_EXTERNAL = os.environ.get("LUSAI_REQUIRE_EXTERNAL") == "1"
-PG_ADMIN_URL = os.environ.get("LUSAI_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
-
-
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One migrated SQLite file, copied per test (migrating each time would dominate the run)."""
-    from migrations.runner import upgrade
-
-    path = tmp_path_factory.mktemp("template") / "lusai.sqlite"
-    upgrade(f"sqlite:///{path}")
-    return path
-
-
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str | None]:
-    """A migrated PostgreSQL database for the session; None when the server is unreachable."""
-    from migrations.runner import upgrade
-
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"lusai_api_test_{uuid.uuid4().hex[:8]}"
-    try:
-        with admin.connect() as c:
-            c.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception:
-        admin.dispose()
-        yield None
-        return
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    upgrade(url)
-    yield url
-    with admin.connect() as c:  # FORCE: an app's pooled connections do not keep it
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-def _truncate(url: str) -> None:
-    engine = create_engine(url)
-    tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
-    with engine.begin() as c:
-        c.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-    engine.dispose()
+from tests.service.conftest import database_url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -80,37 +33,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return database_url(request, request.param, tmp_path)
 
 
-def database_url(request: pytest.FixtureRequest, backend: str, folder: Path) -> str:
-    """An empty migrated database: a copy of the SQLite template in ``folder``, or the test
-    PostgreSQL truncated (skipped when it is missing, a failure when CI requires it)."""
-    if backend == "sqlite":
-        target = folder / "lusai.sqlite"
-        shutil.copy(request.getfixturevalue("sqlite_template"), target)
-        return f"sqlite:///{target}"
-    url = request.getfixturevalue("pg_database")
-    if url is None:
-        if REQUIRE_EXTERNAL:
-            pytest.fail(f"required external component missing: PostgreSQL at {PG_ADMIN_URL}")
-        pytest.skip("PostgreSQL not available")
-    _truncate(url)
-    return str(url)
-
-
 @dataclass
-class Api:
+class Api(OnRuntime):
     """The app under test and handles on its state: the runtime it was built on, which it shares."""
 
     client: TestClient
-    runtime: Runtime
     tokens: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def settings(self) -> Settings:
-        return self.runtime.settings
-
-    @property
-    def store(self) -> ObjectStore:
-        return self.runtime.store
 
     def headers(self, scope: str = "read") -> dict[str, str]:
         return {"X-API-Key": self.tokens[scope]}

@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import CTImageStorage, UltrasoundMultiFrameImageStorage
 
 from service.receive import pynetdicom_adapter
-
-from .conftest import Running, send, send_then_drop
-from .dicomgen import CT_IMAGE, base_dataset, cine, frames_array, save
+from tests.factories import cine, frames_array, save
+from tests.service.receive.conftest import Running, send, send_then_drop
 
 pytestmark = pytest.mark.network
 
@@ -136,14 +136,14 @@ def test_data_set_uids_must_match_the_request(scp: Running, tmp_path: Path) -> N
 
 
 def test_zero_frames(scp: Running, tmp_path: Path) -> None:
-    ds = base_dataset(frames=0)
-    ds.PixelData = b""
+    ds = cine("raw", frames=0)  # NumberOfFrames 0, empty pixel data
     assert send(scp.port, [ds]) == [DATA_SET_MISMATCH]
     assert_nothing_kept(scp)
 
 
 def test_no_pixel_data(scp: Running) -> None:
-    ds = base_dataset(frames=3)
+    ds = cine("raw", frames=3)
+    del ds.PixelData
     assert send(scp.port, [ds]) == [DATA_SET_MISMATCH]
     assert_nothing_kept(scp)
 
@@ -195,8 +195,7 @@ def test_rle_frame_with_wrong_segments(scp: Running) -> None:
 
 def test_unsupported_sop_class_rejected_by_default(scp: Running, tmp_path: Path) -> None:
     """CT is not even negotiated by default: the SCU cannot send it (no accepted context)."""
-    ds = base_dataset(sop_class=CT_IMAGE, modality="CT")
-    ds.PixelData = frames_array(1, 64, 80, rgb=False).tobytes()
+    ds = cine("raw", frames=1, sop_class=CTImageStorage, modality="CT")
     with pytest.raises((ConnectionRefusedError, ValueError)):
         send(scp.port, [ds])
     assert_nothing_kept(scp)
@@ -204,9 +203,8 @@ def test_unsupported_sop_class_rejected_by_default(scp: Running, tmp_path: Path)
 
 def test_unsupported_sop_class_in_a_us_context_is_refused(scp: Running, tmp_path: Path) -> None:
     """A CT data set sent under a US presentation context: 0x0122 with the default 'reject'."""
-    ds = base_dataset(sop_class=CT_IMAGE, modality="CT")
-    ds.PixelData = frames_array(1, 64, 80, rgb=False).tobytes()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"
+    ds = cine("raw", frames=1, sop_class=CTImageStorage, modality="CT")
+    ds.file_meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
     path = tmp_path / "ct_as_us.dcm"
     save(ds, path, valid=False)
     status = send(scp.port, [path])
@@ -216,11 +214,10 @@ def test_unsupported_sop_class_in_a_us_context_is_refused(scp: Running, tmp_path
 
 def test_unsupported_sop_class_stored_and_ignored_when_configured(scp_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     scp = scp_factory(LUSAI_UNSUPPORTED_SOP_CLASS="ignore")
-    ds = base_dataset(sop_class=CT_IMAGE, modality="CT")
-    ds.PixelData = frames_array(1, 64, 80, rgb=False).tobytes()
+    ds = cine("raw", frames=1, sop_class=CTImageStorage, modality="CT")
     assert send(scp.port, [ds]) == [SUCCESS]
     [inst] = scp.instances()
-    assert inst.state == "ignored" and inst.sop_class_uid == CT_IMAGE
+    assert inst.state == "ignored" and inst.sop_class_uid == CTImageStorage
     assert scp.jobs() == [] and scp.queued_job_ids() == []
     assert len(scp.stored_files()) == 1
 

@@ -1,0 +1,194 @@
+"""The recovery sweep on a throw-away database and store: lost jobs and deliveries are sent again,
+abandoned temporary files removed, and a failing step costs one sweep, not the process."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from service.core import recovery
+from service.core.models import (
+    DeliveryState,
+    Job,
+    JobState,
+)
+from service.core.queue import ANALYZE_TASK, DELIVER_TASK, TaskQueue
+from service.core.runtime import Runtime
+from tests.conftest import broker_messages
+from tests.rows import add_delivery, add_instance, add_job
+
+_uids = itertools.count(1)
+
+
+def _ago(**delta: float) -> datetime:
+    """A time ``delta`` before now (read per test: the suite may run long after this is imported)."""
+    return datetime.now(UTC) - timedelta(**delta)
+
+
+class DownQueue(TaskQueue):
+    """A producer whose broker cannot be reached."""
+
+    def enqueue_analysis(self, job_id: int) -> None:
+        raise ConnectionRefusedError("broker down")
+
+
+def _instance(runtime: Runtime) -> int:
+    with runtime.db.session() as s:
+        return add_instance(s)
+
+
+def _job(runtime: Runtime, instance_id: int, state: JobState, **values: Any) -> int:
+    """A job row written directly in ``state``: the situation the sweep finds."""
+    with runtime.db.session() as s:
+        return add_job(s, instance_id, state, **values)
+
+
+def _jobs(runtime: Runtime) -> dict[int, Job]:
+    with runtime.db.session() as s:
+        jobs = {j.id: j for j in s.scalars(select(Job))}
+        s.expunge_all()
+        return jobs
+
+
+def test_jobs_never_sent_or_whose_worker_was_lost_go_back_on_the_queue(runtime: Runtime) -> None:
+    long_ago, now = _ago(hours=2), _ago()
+    inst = _instance(runtime)
+    max_attempts = runtime.settings.job_max_attempts
+    unsent = _job(runtime, inst, JobState.QUEUED, enqueued_at=None)
+    sent = _job(runtime, inst, JobState.QUEUED, enqueued_at=now)
+    message_lost = _job(runtime, inst, JobState.RETRYING, enqueued_at=long_ago)
+    worker_lost = _job(runtime, inst, JobState.RUNNING, started_at=long_ago, enqueued_at=long_ago)
+    last_try = _job(runtime, inst, JobState.RUNNING, started_at=long_ago, attempts=max_attempts)
+    running = _job(runtime, inst, JobState.RUNNING, started_at=now, enqueued_at=now)
+    done = _job(runtime, inst, JobState.SUCCEEDED, enqueued_at=long_ago, started_at=long_ago)
+
+    assert recovery.requeue_stale_jobs(runtime) == 3
+
+    resent = sorted([unsent, message_lost, worker_lost])
+    assert sorted(m.args[0] for m in broker_messages(runtime.settings) if m.task == ANALYZE_TASK) == resent
+    jobs = _jobs(runtime)
+    for job_id in resent:
+        assert jobs[job_id].enqueued_at is not None  # stamped again once the broker had it
+    assert jobs[worker_lost].state == JobState.QUEUED and jobs[message_lost].state == JobState.RETRYING
+    assert jobs[last_try].state == JobState.FAILED
+    assert jobs[last_try].error == "worker lost on the last attempt"
+    assert [jobs[j].state for j in (sent, running, done)] == [
+        JobState.QUEUED,
+        JobState.RUNNING,
+        JobState.SUCCEEDED,
+    ]
+    assert recovery.requeue_stale_jobs(runtime) == 0  # nothing is lost any more
+
+
+def test_a_broker_still_down_leaves_the_job_for_the_next_sweep(runtime: Runtime) -> None:
+    job_id = _job(runtime, _instance(runtime), JobState.QUEUED, enqueued_at=None)
+    down = replace(runtime, queue=DownQueue(runtime.settings))
+    recovery.requeue_stale_jobs(down)
+    assert _jobs(runtime)[job_id].enqueued_at is None and broker_messages(runtime.settings) == []
+    assert recovery.requeue_stale_jobs(runtime) == 1  # the broker is back
+    assert [m.args for m in broker_messages(runtime.settings)] == [[job_id]]
+
+
+def _delivery(runtime: Runtime, state: DeliveryState, created_at: datetime, **values: Any) -> int:
+    with runtime.db.session() as s:
+        return add_delivery(s, state, f"9.9.{next(_uids)}", created_at=created_at, **values)
+
+
+def test_deliveries_whose_message_was_lost_are_sent_again(runtime: Runtime) -> None:
+    long_ago, now, soon = _ago(hours=2), _ago(), _ago(minutes=-1)
+    lost = [
+        _delivery(runtime, DeliveryState.PENDING, long_ago),
+        _delivery(runtime, DeliveryState.RETRYING, long_ago, next_attempt_at=long_ago),
+        _delivery(runtime, DeliveryState.SENDING, long_ago),  # its worker died mid-send
+    ]
+    _delivery(runtime, DeliveryState.PENDING, now)
+    _delivery(runtime, DeliveryState.RETRYING, long_ago, next_attempt_at=soon)
+    _delivery(runtime, DeliveryState.SENDING, now)
+    _delivery(runtime, DeliveryState.DELIVERED, long_ago)
+    _delivery(runtime, DeliveryState.DEAD, long_ago)
+
+    assert recovery.requeue_lost_deliveries(runtime) == 3
+    sent = broker_messages(runtime.settings)
+    assert {m.task for m in sent} == {DELIVER_TASK}
+    assert sorted(m.args[0] for m in sent) == sorted(lost)
+    assert all(m.eta is None for m in sent)  # due already: sent at once
+
+
+def test_abandoned_temporary_files_are_removed(runtime: Runtime) -> None:
+    tmp = runtime.store.tmp_dir
+    now = 1_000_000.0
+    old, fresh = tmp / "abandoned.part", tmp / "receiving.part"
+    folder = tmp / "a-folder"
+    folder.mkdir()
+    for path in (old, fresh):
+        path.write_bytes(b"x")
+    for path in (old, folder):
+        os.utime(path, (now - 7200, now - 7200))
+    os.utime(fresh, (now - 60, now - 60))
+
+    assert recovery.remove_stale_temp_files(runtime, now=now) == 1
+    assert not old.exists() and fresh.exists() and folder.is_dir()
+
+
+def test_a_slow_network_keeps_temporary_files_longer(runtime: Runtime) -> None:
+    """A receive can be silent for a network timeout: twice that must pass before its file goes."""
+    slow = replace(runtime, settings=runtime.settings.model_copy(update={"network_timeout": 4000.0}))
+    path = slow.store.tmp_dir / "slow.part"
+    path.write_bytes(b"x")
+    now = path.stat().st_mtime + 7200
+    assert recovery.remove_stale_temp_files(slow, now=now) == 0
+    assert recovery.remove_stale_temp_files(slow, now=now + 1000) == 1
+
+
+def test_the_core_steps_in_order(runtime: Runtime) -> None:
+    steps = recovery.steps(runtime)
+    assert [s.func for s in steps] == [  # type: ignore[attr-defined]
+        recovery.requeue_stale_jobs,
+        recovery.requeue_lost_deliveries,
+        recovery.remove_stale_temp_files,
+    ]
+    assert all(s.args == (runtime,) for s in steps)  # type: ignore[attr-defined]
+    recovery.sweep(steps)  # an empty deployment: nothing to do, nothing raised
+
+
+def test_a_failing_step_ends_the_sweep_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    ran: list[str] = []
+
+    def broken() -> None:
+        ran.append("broken")
+        raise ConnectionError("database down")
+
+    caplog.set_level(logging.WARNING, logger=recovery.__name__)
+    recovery.sweep([lambda: ran.append("first"), broken, lambda: ran.append("after")])
+    assert ran == ["first", "broken"]  # the next sweep tries again from the start
+    [record] = caplog.records
+    assert record.getMessage() == "recovery sweep failed; will retry"
+    assert record.ctx == {"error": "ConnectionError"}  # type: ignore[attr-defined]
+
+
+def test_background_sweeps_repeat_until_stopped() -> None:
+    count = 0
+    twice = threading.Event()
+
+    def step() -> None:
+        nonlocal count
+        count += 1
+        if count >= 2:
+            twice.set()
+
+    before = set(threading.enumerate())
+    stop = recovery.start_background([step], interval=0.01)
+    [thread] = [t for t in threading.enumerate() if t not in before]
+    assert thread.name == "lusai-recovery" and thread.daemon  # never holds up the process's exit
+    assert twice.wait(5)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
