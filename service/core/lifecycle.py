@@ -8,6 +8,7 @@ Timestamps, attempt counts and errors are written here and nowhere else.
 Jobs (``new_job`` and ``rerun`` create QUEUED ones)::
 
     claim            QUEUED, RETRYING          -> RUNNING      attempts + 1
+                     (RUNNING under a dead worker's name, when the caller names it)
     succeed          QUEUED, RUNNING, RETRYING, SUCCEEDED -> SUCCEEDED
     fail             RUNNING                   -> FAILED
     fail_or_retry    RUNNING                   -> RETRYING     (FAILED on the last attempt)

@@ -95,8 +95,9 @@ def _grid_to_source(sector: Sector, shape: GridShape) -> tuple[np.ndarray, np.nd
     return y, x
 
 
-def _source_to_grid_index(sector: Sector, shape: GridShape, src_shape: tuple[int, int]) -> np.ndarray:
-    """Flat grid index of the cell nearest to each source pixel, -1 outside the sector."""
+def _grid_fractions(sector: Sector, src_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Where each source pixel falls in the grid, as fractions of its depth (rows) and width (cols):
+    0..1 inside the sector. The one inverse of the unwarping, for scan conversion and indexing."""
     yy, xx = np.mgrid[0 : src_shape[0], 0 : src_shape[1]].astype(np.float64)
     if sector.kind == "convex":
         fi = (np.hypot(yy - sector.apex_y, xx - sector.apex_x) - sector.r0) / (sector.r1 - sector.r0)
@@ -106,6 +107,12 @@ def _source_to_grid_index(sector: Sector, shape: GridShape, src_shape: tuple[int
     else:
         fi = (yy - sector.y0) / max(sector.y1 - sector.y0, 1e-6)
         fj = (xx - sector.x0) / max(sector.x1 - sector.x0, 1e-6)
+    return fi, fj
+
+
+def _source_to_grid_index(sector: Sector, shape: GridShape, src_shape: tuple[int, int]) -> np.ndarray:
+    """Flat grid index of the cell nearest to each source pixel, -1 outside the sector."""
+    fi, fj = _grid_fractions(sector, src_shape)
     i = np.rint(fi * (shape.rows - 1)).astype(np.int64)
     j = np.rint(fj * (shape.cols - 1)).astype(np.int64)
     ok = (i >= 0) & (i < shape.rows) & (j >= 0) & (j < shape.cols)
@@ -117,15 +124,7 @@ def scan_convert(
 ) -> np.ndarray:
     """Render a grid image ``(grid rows, grid cols)`` into source pixels, as a scanner would."""
     rows, cols = grid_img.shape
-    yy, xx = np.mgrid[0 : src_shape[0], 0 : src_shape[1]].astype(np.float64)
-    if sector.kind == "convex":
-        fi = (np.hypot(yy - sector.apex_y, xx - sector.apex_x) - sector.r0) / (sector.r1 - sector.r0)
-        fj = (np.arctan2(xx - sector.apex_x, yy - sector.apex_y) - sector.theta0) / (
-            sector.theta1 - sector.theta0
-        )
-    else:
-        fi = (yy - sector.y0) / (sector.y1 - sector.y0)
-        fj = (xx - sector.x0) / (sector.x1 - sector.x0)
+    fi, fj = _grid_fractions(sector, src_shape)
     my = (fi * (rows - 1)).astype(np.float32)
     mx = (fj * (cols - 1)).astype(np.float32)
     return cv2.remap(grid_img, mx, my, interpolation, borderMode=cv2.BORDER_CONSTANT, borderValue=0)

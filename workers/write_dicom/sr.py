@@ -150,13 +150,14 @@ def build_measurement_groups(
         groups.extend(_score_groups(f, root, sop_uid, sop_class, src_uid, algorithm, sites))
     else:
         groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(root, sop_uid, "LUS cine findings"),
-                finding_type=codes.LUS_VIDEO_FINDINGS,
-                algorithm_id=algorithm,
-                finding_sites=sites,
-                source_images=[hd.sr.SourceImageForMeasurementGroup(sop_class, src_uid)],
-                qualitative_evaluations=_not_gradable(f.ungradable_reason),
+            _cine_findings(
+                root,
+                sop_uid,
+                sop_class,
+                src_uid,
+                algorithm,
+                sites,
+                qualitative=_not_gradable(f.ungradable_reason),
             )
         )
 
@@ -165,6 +166,29 @@ def build_measurement_groups(
     if seg is not None and seg.SegmentationType == "BINARY":
         groups.extend(_segment_groups(source, analysis, seg, sop_uid, root, algorithm, sites))
     return groups
+
+
+def _cine_findings(
+    root: str,
+    sop_uid: str,
+    sop_class: str,
+    src_uid: str,
+    algorithm: hd.sr.AlgorithmIdentification,
+    sites: Sequence[hd.sr.FindingSite],
+    *,
+    measurements: Sequence[hd.sr.Measurement] | None = None,
+    qualitative: Sequence[hd.sr.QualitativeEvaluation] | None = None,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group of the whole cine: its findings, or why it could not be graded."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(root, sop_uid, "LUS cine findings"),
+        finding_type=codes.LUS_VIDEO_FINDINGS,
+        algorithm_id=algorithm,
+        finding_sites=sites,
+        source_images=[hd.sr.SourceImageForMeasurementGroup(sop_class, src_uid)],
+        measurements=measurements,
+        qualitative_evaluations=qualitative,
+    )
 
 
 def _score_groups(
@@ -180,19 +204,20 @@ def _score_groups(
     consolidation, effusion = segment(SegmentClass.CONSOLIDATION), segment(SegmentClass.EFFUSION)
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
     groups.append(
-        hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(root, sop_uid, "LUS cine findings"),
-            finding_type=codes.LUS_VIDEO_FINDINGS,
-            algorithm_id=algorithm,
-            finding_sites=sites,
-            source_images=[hd.sr.SourceImageForMeasurementGroup(sop_class, src_uid)],
+        _cine_findings(
+            root,
+            sop_uid,
+            sop_class,
+            src_uid,
+            algorithm,
+            sites,
             measurements=[
                 _num(codes.LUS_SCORE, f.score, codes.UNIT_SCORE, algorithm),
                 _num(codes.B_LINE_PLEURA_PERCENT, 100.0 * f.b_line_fraction, codes.UNIT_PERCENT, algorithm),
                 _num(codes.B_LINE_COUNT, f.b_line_count, codes.UNIT_COUNT, algorithm),
                 _num(codes.B_LINE_ARTIFACT_SCORE, f.bla_score, codes.UNIT_SCORE, algorithm),
             ],
-            qualitative_evaluations=[
+            qualitative=[
                 hd.sr.QualitativeEvaluation(consolidation.type, _present(f.consolidation)),
                 hd.sr.QualitativeEvaluation(effusion.type, _present(f.effusion)),
                 hd.sr.QualitativeEvaluation(codes.PLEURAL_LINE_IRREGULARITY, _present(f.pleura_irregular)),
