@@ -7,10 +7,11 @@ outputs' UIDs are deterministic, so a retry rewrites the same objects rather tha
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
-from sqlalchemy import delete
+from sqlalchemy import delete, update
 
 from service.core import lifecycle
 from service.core.dicom import OutputKind
@@ -46,16 +47,23 @@ def build_result_outputs(source: Dataset, analysis: Analysis, settings: Settings
     )
 
 
-def save_result(job_id: int, analysis: Analysis, source: Dataset, *, runtime: Runtime) -> list[int] | None:
-    """Write outputs and rows; returns the IDs of deliveries to send now, None if the job was
-    cancelled (or deleted) while it ran and nothing was kept."""
+@dataclass(frozen=True)
+class Saved:
+    """A saved result: its row, the deliveries to send now, and its SEG (for the previews)."""
+
+    result_id: int
+    delivery_ids: list[int]
+    seg: Dataset | None
+
+
+def save_result(job_id: int, analysis: Analysis, source: Dataset, *, runtime: Runtime) -> Saved | None:
+    """Write outputs and rows; None if the job was cancelled (or deleted) while it ran and nothing
+    was kept. Previews come after, with :func:`save_previews`, once the deliveries are on their way."""
     settings, store = runtime.settings, runtime.store
     outputs = build_result_outputs(source, analysis, settings)
     stored = [(o, _store_dataset(o.dataset, store)) for o in outputs]
     f = analysis.findings
     seg = next((o.dataset for o in outputs if o.kind == OutputKind.SEG), None)
-    caption = Caption.of(analysis)
-    previews = store_previews(store, source, seg, caption, key_frame=f.key_frame, settings=settings)
     with runtime.db.session() as session:
         won = lifecycle.succeed(
             session, job_id, model_version=analysis.model.version, timings_ms=analysis.timings_ms
@@ -82,10 +90,6 @@ def save_result(job_id: int, analysis: Analysis, source: Dataset, *, runtime: Ru
             model_version=analysis.model.version,
             weights_sha256=analysis.model.weights_sha256,
             model_package_sha256=analysis.model.package_sha256 or None,
-            preview_png_key=previews.png,
-            preview_gif_key=previews.gif,
-            preview_webp_key=previews.webp,
-            preview_error=previews.error,
         )
         for output, key in stored:
             _record(result, output, key)
@@ -107,7 +111,38 @@ def save_result(job_id: int, analysis: Analysis, source: Dataset, *, runtime: Ru
                 )
                 if delivery_id is not None:  # None: the identical object is already in PACS
                     delivery_ids.append(delivery_id)
-    return delivery_ids
+        result_id = result.id
+    return Saved(result_id, delivery_ids, seg)
+
+
+def save_previews(
+    result_id: int, analysis: Analysis, source: Dataset, seg: Dataset | None, *, runtime: Runtime
+) -> None:
+    """Render the previews of a saved result and record their keys (or why there are none).
+
+    Called after the SEG and SR are on their way to PACS: rendering a cine costs about as much as
+    building its SEG, and no reader should wait for the REST API's pictures. Until then the API
+    answers 404 for the previews of this result.
+    """
+    previews = store_previews(
+        runtime.store,
+        source,
+        seg,
+        Caption.of(analysis),
+        key_frame=analysis.findings.key_frame,
+        settings=runtime.settings,
+    )
+    with runtime.db.session() as session:
+        session.execute(
+            update(Result)
+            .where(Result.id == result_id)
+            .values(
+                preview_png_key=previews.png,
+                preview_gif_key=previews.gif,
+                preview_webp_key=previews.webp,
+                preview_error=previews.error,
+            )
+        )
 
 
 def _record(result: Result, output: Output, key: str) -> None:

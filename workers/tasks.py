@@ -22,7 +22,7 @@ from service.core.models import Job, JobState
 from service.core.queue import ANALYZE_TASK, DELIVER_TASK
 from service.core.runtime import Runtime
 from workers.celery_app import LusaiTask, app
-from workers.results import save_result
+from workers.results import save_previews, save_result
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def analyze(self: LusaiTask, job_id: int) -> str:
             )
         source = pydicom.dcmread(runtime.store.path(storage_key))
         analysis = analyzer.analyze(source)
-        delivery_ids = save_result(job_id, analysis, source, runtime=runtime)
+        saved = save_result(job_id, analysis, source, runtime=runtime)
     except SoftTimeLimitExceeded:
         _fail_or_retry(self, job_id, "time limit exceeded")
         return "timeout"
@@ -107,15 +107,19 @@ def analyze(self: LusaiTask, job_id: int) -> str:
         log.exception("job error", extra=ctx(job_id=job_id))
         _fail_or_retry(self, job_id, f"{type(exc).__name__}: {exc}")
         return "error"
-    if delivery_ids is None:
+    if saved is None:
         log.info("job cancelled while running: result discarded", extra=ctx(job_id=job_id))
         return "cancelled"
-    for delivery_id in delivery_ids:
+    for delivery_id in saved.delivery_ids:
         runtime.queue.enqueue_delivery(delivery_id)
     log.info(
         "job succeeded",
         extra=ctx(job_id=job_id, score=analysis.findings.score, ms=round((time.perf_counter() - t0) * 1000)),
     )
+    try:  # after the deliveries: PACS never waits for the REST API's pictures
+        save_previews(saved.result_id, analysis, source, saved.seg, runtime=runtime)
+    except Exception as exc:  # the job has succeeded; its previews answer 404 until a re-run
+        log.warning("previews not stored", extra=ctx(job_id=job_id, error=type(exc).__name__))
     return "succeeded"
 
 

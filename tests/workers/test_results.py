@@ -36,7 +36,8 @@ def test_cancelled_while_running_keeps_nothing(runtime: Runtime, tmp_path: Path,
             assert job is not None
             job.state = JobState.CANCELLED
 
-    ids = save_result(job_id, analysis, pydicom.dcmread(f), runtime=runtime)
+    saved = save_result(job_id, analysis, pydicom.dcmread(f), runtime=runtime)
+    ids = saved.delivery_ids if saved is not None else None
 
     with runtime.db.session() as s:
         results = s.scalar(select(func.count()).select_from(Result))

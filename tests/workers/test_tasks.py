@@ -82,6 +82,12 @@ def test_a_job_runs_once_and_a_finished_one_is_skipped(worker: WorkerRuntime, tm
     assert job.state == JobState.SUCCEEDED and job.attempts == 1
     assert job.worker == f"{HOST}:{os.getpid()}" and job.model_version == worker.analyzer.model.version
     assert _results(worker) == 1
+    # the previews are rendered after the deliveries are sent, and recorded on the result
+    with worker.db.session() as s:
+        result = s.scalars(select(Result)).one()
+        keys = (result.preview_png_key, result.preview_gif_key, result.preview_webp_key)
+    assert all(keys) and result.preview_error is None
+    assert all(worker.store.path(k).is_file() for k in keys if k)
     # acks_late redelivers a message whose worker died after finishing: nothing is done twice.
     assert tasks.analyze(job_id) == "skipped"
     assert get_row(worker, Job, job_id).attempts == 1 and _results(worker) == 1

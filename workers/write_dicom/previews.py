@@ -137,13 +137,17 @@ def _with_legend(img: Image.Image, caption: Caption, has_overlay: bool, frame_te
     return out
 
 
-def _scaled(frame: np.ndarray, max_width: int) -> Image.Image:
-    img = Image.fromarray(frame, "RGB")
-    width = min(max(img.width, MIN_WIDTH), max(max_width, MIN_WIDTH))
-    if width != img.width:
-        h = max(1, round(img.height * width / img.width))
-        img = img.resize((width, h), Image.Resampling.BILINEAR)
-    return img
+def _target_size(rows: int, cols: int, max_width: int) -> tuple[int, int]:
+    """(width, height) of the images: at most ``max_width`` wide, at least MIN_WIDTH."""
+    width = min(max(cols, MIN_WIDTH), max(max_width, MIN_WIDTH))
+    return width, max(1, round(rows * width / cols))
+
+
+def _resized(planes: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    """``planes`` (n, rows, cols) uint8 resized to ``size`` (width, height), each plane alone."""
+    if planes.shape[2:0:-1] == size:
+        return planes
+    return np.stack([np.asarray(Image.fromarray(p).resize(size, resample)) for p in planes])
 
 
 def animation_frames(n: int, has_map: np.ndarray | None, max_frames: int) -> tuple[np.ndarray, int]:
@@ -182,7 +186,8 @@ def render(
     images = [_with_legend(shown[int(f)], caption, has_overlay, f"frame {f + 1}/{n}") for f in animated]
     duration = max(20, round(frame_ms * step))
     if kind == "gif":
-        pal = [im.convert("P", palette=Image.Palette.ADAPTIVE, colors=255) for im in images]
+        # Fast octree palettes: median cut took ~15 ms a frame (512 px wide) for grey + 6 colours.
+        pal = [im.quantize(colors=255, method=Image.Quantize.FASTOCTREE) for im in images]
         pal[0].save(buf, format="GIF", save_all=True, append_images=pal[1:], duration=duration, loop=0)
     else:
         images[0].save(
@@ -193,7 +198,7 @@ def render(
             duration=duration,
             loop=0,
             quality=75,
-            method=3,
+            method=0,  # the fastest effort: method 3 took ~3x as long (0.56 vs 0.19 s for 35 frames)
         )
     return buf.getvalue()
 
@@ -222,10 +227,14 @@ def render_previews(
         labels, has = class_maps_from_seg(seg, frames.shape)
     animated, step = animation_frames(n, has, max_frames)
     picked = np.array(sorted({min(max(key_frame, 0), n - 1), *animated.tolist()}))
-    rgb = np.repeat(frames[picked][..., None], 3, axis=-1)
+    # Scale first, then colour: the grey frames bilinear, the class maps nearest (a class is never
+    # averaged into another), so only the shown pixels of the shown frames are blended.
+    size = _target_size(frames.shape[1], frames.shape[2], max_width)
+    grey = _resized(frames[picked], size, Image.Resampling.BILINEAR)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
     if labels is not None:
-        rgb = blend(rgb, labels[picked], ALPHA)  # frames the SEG does not cover have no labels to blend
-    shown = {int(f): _scaled(rgb[i], max_width) for i, f in enumerate(picked)}
+        rgb = blend(rgb, _resized(labels[picked], size, Image.Resampling.NEAREST), ALPHA)
+    shown = {int(f): Image.fromarray(rgb[i], "RGB") for i, f in enumerate(picked)}
     rate = frame_rate(source)
     frame_ms = 1000.0 / rate if rate else DEFAULT_FRAME_MS
     return {

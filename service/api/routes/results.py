@@ -114,7 +114,8 @@ def _preview(request: Request, session: Session, result_id: int, kind: PreviewKi
         raise ProblemError(
             404,
             "preview-not-rendered",
-            "this result was analysed before previews were stored: re-run the job to render previews",
+            "no preview stored for this result yet: the worker renders them just after it saves a "
+            "result; for a result analysed before previews were stored, re-run the job",
         )
     path = api_state(request).runtime.store.path(key)
     etag = f'"{path.stem}"'  # the SHA-256 of the image: it never changes under this key
