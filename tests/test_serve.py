@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -86,6 +87,77 @@ def test_stopping_serve_stops_its_worker(served: dict[str, object]) -> None:
         alive = [c for c in alive if Path(f"/proc/{c}").exists() and "Z" not in _state(c)]
         time.sleep(0.2)
     assert not alive, f"worker processes outlived serve: {alive}"
+
+
+@pytest.mark.parametrize("when", ["while importing", "while the worker starts", "when running"])
+def test_sigterm_at_any_moment_leaves_no_process_behind(tmp_path: Path, when: str) -> None:
+    """A service manager stops the process group at any moment, even in a crash loop's first
+    seconds: `lusai serve` exits only after every process it started is gone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUSAI_")}
+    env |= {
+        "LUSAI_DATA_DIR": str(tmp_path / "data"),
+        "LUSAI_DICOM_PORT": str(free_port()),
+        "LUSAI_API_PORT": str(free_port()),
+        "LUSAI_SHUTDOWN_GRACE": "10",
+    }
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve"],
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        try:
+            if when == "while importing":
+                time.sleep(0.5)
+            elif when == "while the worker starts":
+                deadline = time.monotonic() + 30
+                while not _descendants(proc.pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert _descendants(proc.pid), "the worker never started"
+            else:  # SCP and API answer, and the worker runs its pool (which loads the model)
+                ports = {"dicom_port": env["LUSAI_DICOM_PORT"], "api_port": env["LUSAI_API_PORT"]}
+                _wait_ready({"proc": proc, "log": tmp_path / "serve.log", **ports}, 30.0)
+                deadline = time.monotonic() + 30
+                while len(_descendants(proc.pid)) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            seen = _descendants(proc.pid)
+            os.killpg(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 40
+            while proc.poll() is None and time.monotonic() < deadline:
+                seen |= _descendants(proc.pid)  # whatever it starts while stopping counts too
+                time.sleep(0.05)
+            assert proc.poll() is not None, "serve did not stop within 40 s"
+            left = [pid for pid in seen if _state(str(pid)) != "Z"]
+            assert not left, f"processes outlived serve ({when}): {left}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            for pid in _descendants(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _descendants(root: int) -> set[int]:
+    """Every process below ``root`` (its own new sessions included), from /proc."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 def _state(pid: str) -> str:

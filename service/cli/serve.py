@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from functools import partial
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -160,21 +162,25 @@ def worker(
     ] = ("analyze,deliver"),
 ) -> None:
     """Run a Celery worker (prefetch 1, late acks) on the configured broker."""
+    _install_term_handler()  # first: a SIGTERM at any moment takes the way out below
     s = _settings()
     if "analyze" in queues.split(","):
         require_model_package(s)
     _upgrade_embedded(s)
     with Runtime.from_settings(s) as runtime:  # the recovery sweep's; the Celery worker builds its own
         start_recovery(runtime)
-        proc = subprocess.Popen(worker_argv(s, queues), preexec_fn=_die_with_parent)
-        _forward_signals(proc)
-        code = proc.wait()
+        proc = start_worker(s, queues)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            code = stop_worker(proc, s.shutdown_grace)
     sys.exit(code)
 
 
 @app.command()
 def serve() -> None:
     """Run SCP, REST API and a Celery worker together on embedded defaults (no server needed)."""
+    _install_term_handler()  # first: a SIGTERM at any moment, even while starting, stops everything
     s = _settings()
     require_model_package(s)
     _upgrade_embedded(s)
@@ -182,29 +188,77 @@ def serve() -> None:
 
     from service.api.main import create_app
 
-    # uvicorn re-raises SIGTERM after its shutdown, which ends this process before any `finally`
-    # runs: the kernel must stop the worker when we go, or it lives on as an orphan.
-    worker_proc = subprocess.Popen(worker_argv(s, "analyze,deliver"), preexec_fn=_die_with_parent)
-    runtime = Runtime.from_settings(s)  # one for the SCP thread and the API (the worker builds its own)
-    scp_thread = threading.Thread(target=run_scp, args=(runtime,), name="lusai-scp", daemon=True)
-    scp_thread.start()
-    log.info(
-        "lusai serving",
-        extra=ctx(
-            dicom_port=s.dicom_port,
-            api_port=s.api_port,
-            data_dir=str(s.data_dir),
-            broker="embedded" if s.embedded_broker else "external",
-        ),
-    )
+    worker_proc: subprocess.Popen[bytes] | None = None
     try:
+        worker_proc = start_worker(s, "analyze,deliver")
+        runtime = Runtime.from_settings(s)  # one for the SCP thread and the API (the worker builds its own)
+        scp_thread = threading.Thread(target=run_scp, args=(runtime,), name="lusai-scp", daemon=True)
+        scp_thread.start()
+        log.info(
+            "lusai serving",
+            extra=ctx(
+                dicom_port=s.dicom_port,
+                api_port=s.api_port,
+                data_dir=str(s.data_dir),
+                broker="embedded" if s.embedded_broker else "external",
+            ),
+        )
+        # uvicorn handles SIGTERM itself, then raises it again once it has shut down: the handler
+        # installed above turns that into KeyboardInterrupt, so the worker is stopped below.
         uvicorn.run(create_app(runtime), host=s.api_host, port=s.api_port, log_config=None, access_log=False)
+    except KeyboardInterrupt:
+        pass
     finally:
-        worker_proc.terminate()
+        if worker_proc is not None:
+            stop_worker(worker_proc, s.shutdown_grace)
+    log.info("lusai stopped")
+
+
+def start_worker(s: Settings, queues: str) -> subprocess.Popen[bytes]:
+    """The Celery worker as our child, in our process group (a kill of the group takes it too).
+    Should we be killed, the kernel sends it SIGTERM (PR_SET_PDEATHSIG)."""
+    return subprocess.Popen(worker_argv(s, queues), preexec_fn=_die_with_parent)
+
+
+def stop_worker(proc: subprocess.Popen[bytes], grace_s: float) -> int:
+    """Stop the worker before we exit, so nothing outlives us: SIGTERM (Celery's warm shutdown lets
+    the job in hand finish), then SIGKILL to it and every process it started after ``grace_s``. A
+    job killed mid-way is not lost: its message was not acknowledged (late acks) and the next
+    worker takes the job over. Returns the worker's exit code."""
+    tree = _process_tree(proc.pid)  # its pool processes; once it exits they are no longer its children
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        code: int | None = proc.wait(timeout=grace_s)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):  # out of time, or told to stop again
+        log.warning("worker killed: it did not stop in time", extra=ctx(grace_s=grace_s))
+        code = None
+    for pid in sorted(tree | _process_tree(proc.pid)):  # pool processes it left behind, if any
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    if code is None:
+        proc.kill()
+        code = proc.wait()
+    return code
+
+
+def _process_tree(root: int) -> set[int]:
+    """The processes below ``root`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
         try:
-            worker_proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker_proc.kill()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 def _die_with_parent() -> None:
@@ -221,11 +275,3 @@ def _install_term_handler() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _raise)
-
-
-def _forward_signals(proc: subprocess.Popen[bytes]) -> None:
-    def _forward(signum: int, _frame: object) -> None:
-        proc.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _forward)

@@ -174,6 +174,11 @@ class Settings(BaseSettings):
     recovery_interval: float = Field(
         30.0, gt=0, description="Seconds between recovery sweeps (spooled objects, lost or stale jobs)."
     )
+    shutdown_grace: float = Field(
+        20.0,
+        ge=0,
+        description="Seconds a stopping worker may finish its job before it is killed (the job is re-run).",
+    )
 
     overlay_sc: bool = Field(
         False, description="Also write a burned-in overlay Secondary Capture for viewers without SEG support."
