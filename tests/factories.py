@@ -252,6 +252,27 @@ def noise_cine_file(
     return save(ds, path)
 
 
+#: Headers pydicom fails on with other errors than InvalidDicomError (found by bench/chaos/fuzz.py):
+#: Columns (US) with a 3-byte value and Rows relabelled FD raise BytesLengthException when read,
+#: a file cut inside the Pixel Data element header raises struct.error.
+MALFORMED_HEADERS = ("odd-length-US", "wrong-VR-Rows", "cut-in-pixel-header")
+
+
+def malformed_header_cine(case: str) -> bytes:
+    """A small raw cine as Part 10 bytes, with one of :data:`MALFORMED_HEADERS` patched in."""
+    buf = io.BytesIO()
+    cine("raw", frames=2).save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    if case == "cut-in-pixel-header":
+        return data[: data.index(b"\xe0\x7f\x10\x00") + 10]
+    old, new = {
+        "odd-length-US": (b"\x28\x00\x11\x00US\x02\x00P\x00", b"\x28\x00\x11\x00US\x03\x00P\x00\x00"),
+        "wrong-VR-Rows": (b"\x28\x00\x10\x00US", b"\x28\x00\x10\x00FD"),
+    }[case]
+    assert data.count(old) == 1
+    return data.replace(old, new)
+
+
 # --- sources and analyses for the DICOM writers --------------------------------------------------
 
 MODEL = ModelInfo(name="lusai-unet", version="1.2.0", weights_sha256="ab" * 32, package_sha256="cd" * 32)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException
 from sqlalchemy import delete, update
 
 from service.core import lifecycle
@@ -33,18 +34,44 @@ def _store_dataset(ds: Dataset, store: ObjectStore) -> str:
     return key
 
 
+#: What copying a malformed source header into the outputs raises: pydicom's BytesLengthException
+#: (a value whose length does not fit its VR) and NotImplementedError (an unknown VR) besides the
+#: usual ValueError/TypeError/AttributeError/KeyError of a wrong or missing value.
+SOURCE_VALUE_ERRORS = (
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    NotImplementedError,
+    BytesLengthException,
+)
+
+
 def build_result_outputs(source: Dataset, analysis: Analysis, settings: Settings) -> list[Output]:
     """SEG and SR always; the burned-in overlay SC when enabled (it needs the frames decoded again)."""
+    from workers.preprocess import InputError
     from workers.write_dicom.build import OutputOptions, build_outputs
+    from workers.write_dicom.validate import OutputValidationError
 
     frames = None
     if settings.overlay_sc:
         from workers.preprocess import decode_frames
 
         frames = decode_frames(source)
-    return build_outputs(
-        source, analysis, frames_rgb=frames, options=OutputOptions(uid_root=settings.uid_root)
-    )
+    try:
+        return build_outputs(
+            source, analysis, frames_rgb=frames, options=OutputOptions(uid_root=settings.uid_root)
+        )
+    except InputError:
+        raise
+    except (*SOURCE_VALUE_ERRORS, OutputValidationError) as exc:
+        # The source's header values (a date like '20!6', a missing Type 2 attribute, a value that
+        # does not fit its VR) cannot be carried into valid outputs: the same on every attempt, so
+        # not retried. The message of ``exc`` may quote those values (a patient's name), so only
+        # its type is kept, and no traceback is logged (found by bench/chaos/fuzz.py).
+        raise InputError(
+            f"the source's header cannot be carried into valid SEG/SR outputs ({type(exc).__name__})"
+        ) from exc
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,11 @@ class RequestContext:
             await send(message)
 
         try:
+            if _nul_in_url(scope):  # PostgreSQL text holds no NUL: a query or audit row would fail
+                await problems.problem_response(
+                    Request(scope), 400, "bad-request", detail="NUL characters are not allowed in the URL"
+                )(scope, receive, send_wrapper)
+                return
             await self.app(scope, receive, send_wrapper)
         except Exception as exc:
             if started:
@@ -119,6 +124,11 @@ class RequestContext:
             path = getattr(route, "path", "unmatched")
             HTTP_REQUESTS.labels(scope["method"], path, str(status)).inc()
             HTTP_LATENCY.labels(path).observe(time.perf_counter() - t0)
+
+
+def _nul_in_url(scope: Scope) -> bool:
+    query: bytes = scope.get("query_string", b"")
+    return "\x00" in scope["path"] or b"%00" in query or b"\x00" in query
 
 
 def create_app(runtime: Runtime | None = None) -> FastAPI:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Annotated
@@ -20,6 +22,7 @@ import typer
 from service.cli.app import app
 from service.core.libraries import configure_libraries
 from service.core.logs import configure_logging, ctx
+from service.core.recovery import requeue_jobs_of
 from service.core.runtime import Runtime
 from service.core.settings import Settings
 
@@ -84,7 +87,8 @@ def run_scp(runtime: Runtime, *, with_recovery: bool = True) -> None:
 
 
 def _scp_child(reserved: int) -> None:  # multiprocessing target; no recovery thread but in #0
-    with Runtime.from_settings(_settings()) as runtime:
+    _install_term_handler(once=True)  # the parent's SIGTERM: stop accepting, let associations finish
+    with contextlib.suppress(KeyboardInterrupt), Runtime.from_settings(_settings()) as runtime:
         run_scp(runtime, with_recovery=reserved == 0)
 
 
@@ -99,21 +103,35 @@ def scp(
     s = _settings()
     _upgrade_embedded(s)
     if processes <= 1:
-        _install_term_handler()
-        with Runtime.from_settings(s) as runtime:
-            run_scp(runtime)
+        _install_term_handler(once=True)
+        with contextlib.suppress(KeyboardInterrupt), Runtime.from_settings(s) as runtime:
+            run_scp(runtime)  # SIGTERM: no new associations; those in progress finish first
+        log.info("lusai scp stopped")
         return
     ctx_ = multiprocessing.get_context("spawn")
     children = [ctx_.Process(target=_scp_child, args=(i,), daemon=True) for i in range(processes)]
     for c in children:
         c.start()
-    _install_term_handler()
+    _install_term_handler(once=True)
+    stopping = False
     try:
         while all(c.is_alive() for c in children):
             time.sleep(0.5)
+    except KeyboardInterrupt:
+        stopping = True
     finally:
-        for c in children:
+        for c in children:  # each drains its associations like a single SCP process, then exits
             c.terminate()
+        deadline = time.monotonic() + s.shutdown_grace
+        for c in children:
+            c.join(max(0.0, deadline - time.monotonic()))
+            if c.is_alive():
+                c.kill()
+                c.join()
+    if not stopping:  # a process died under us: fail, so the service manager restarts us
+        log.error("an SCP process exited: all stopped", extra=ctx(exit_codes=[c.exitcode for c in children]))
+        raise typer.Exit(code=1)
+    log.info("lusai scp stopped")
 
 
 @app.command()
@@ -126,7 +144,14 @@ def api() -> None:
     from service.api.main import create_app
 
     with Runtime.from_settings(s) as runtime:
-        uvicorn.run(create_app(runtime), host=s.api_host, port=s.api_port, log_config=None, access_log=False)
+        uvicorn.run(
+            create_app(runtime),
+            host=s.api_host,
+            port=s.api_port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=math.ceil(s.shutdown_grace),  # a slow client cannot hold the stop
+        )
 
 
 def worker_argv(s: Settings, queues: str) -> list[str]:
@@ -173,7 +198,7 @@ def worker(
         try:
             code = proc.wait()
         except KeyboardInterrupt:
-            code = stop_worker(proc, s.shutdown_grace)
+            code = stop_worker(proc, s.shutdown_grace, requeue=partial(requeue_jobs_of, runtime))
     sys.exit(code)
 
 
@@ -189,6 +214,7 @@ def serve() -> None:
     from service.api.main import create_app
 
     worker_proc: subprocess.Popen[bytes] | None = None
+    runtime: Runtime | None = None
     try:
         worker_proc = start_worker(s, "analyze,deliver")
         runtime = Runtime.from_settings(s)  # one for the SCP thread and the API (the worker builds its own)
@@ -205,12 +231,20 @@ def serve() -> None:
         )
         # uvicorn handles SIGTERM itself, then raises it again once it has shut down: the handler
         # installed above turns that into KeyboardInterrupt, so the worker is stopped below.
-        uvicorn.run(create_app(runtime), host=s.api_host, port=s.api_port, log_config=None, access_log=False)
+        uvicorn.run(
+            create_app(runtime),
+            host=s.api_host,
+            port=s.api_port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=math.ceil(s.shutdown_grace),  # a slow client cannot hold the stop
+        )
     except KeyboardInterrupt:
         pass
     finally:
         if worker_proc is not None:
-            stop_worker(worker_proc, s.shutdown_grace)
+            requeue = partial(requeue_jobs_of, runtime) if runtime is not None else None
+            stop_worker(worker_proc, s.shutdown_grace, requeue=requeue)
     log.info("lusai stopped")
 
 
@@ -220,11 +254,16 @@ def start_worker(s: Settings, queues: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(worker_argv(s, queues), preexec_fn=_die_with_parent)
 
 
-def stop_worker(proc: subprocess.Popen[bytes], grace_s: float) -> int:
+def stop_worker(
+    proc: subprocess.Popen[bytes],
+    grace_s: float,
+    requeue: Callable[[set[int]], object] | None = None,
+) -> int:
     """Stop the worker before we exit, so nothing outlives us: SIGTERM (Celery's warm shutdown lets
     the job in hand finish), then SIGKILL to it and every process it started after ``grace_s``. A
-    job killed mid-way is not lost: its message was not acknowledged (late acks) and the next
-    worker takes the job over. Returns the worker's exit code."""
+    job killed mid-way is not lost: ``requeue`` is given the killed processes' IDs and puts the
+    jobs they held back on the queue (the embedded broker has consumed their message; Redis would
+    redeliver it only after its visibility timeout). Returns the worker's exit code."""
     tree = _process_tree(proc.pid)  # its pool processes; once it exits they are no longer its children
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(signal.SIGTERM)
@@ -233,12 +272,19 @@ def stop_worker(proc: subprocess.Popen[bytes], grace_s: float) -> int:
     except (subprocess.TimeoutExpired, KeyboardInterrupt):  # out of time, or told to stop again
         log.warning("worker killed: it did not stop in time", extra=ctx(grace_s=grace_s))
         code = None
+    killed = {proc.pid} if code is None else set()
     for pid in sorted(tree | _process_tree(proc.pid)):  # pool processes it left behind, if any
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
     if code is None:
         proc.kill()
         code = proc.wait()
+    if killed and requeue is not None:
+        try:
+            requeue(killed | tree)
+        except Exception as exc:  # database down: the recovery sweep re-queues them later
+            log.error("could not re-queue the killed worker's jobs", extra=ctx(error=type(exc).__name__))
     return code
 
 
@@ -270,8 +316,13 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
-def _install_term_handler() -> None:
+def _install_term_handler(once: bool = False) -> None:
+    """SIGTERM raises KeyboardInterrupt in the main thread; ``once``: later ones are ignored, so a
+    service manager's signal to every process of the unit, on top of ours, cannot cut a drain."""
+
     def _raise(signum: int, _frame: object) -> None:
+        if once:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _raise)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.uid import (
     UID,
     Comprehensive3DSRStorage,
@@ -116,15 +117,21 @@ def ultrasound_region(ds: Dataset | None) -> UltrasoundRegion | None:
     Measures and the SR's fallback region all call this, so they cannot pick different regions.
     """
     best: tuple[tuple[bool, bool, int], UltrasoundRegion] | None = None
-    for item in ds.get("SequenceOfUltrasoundRegions", []) if ds is not None else []:
-        if item.get("RegionSpatialFormat") != _SPATIAL_2D:
+    regions = ds.get("SequenceOfUltrasoundRegions", []) if ds is not None else []
+    if not isinstance(regions, Sequence):
+        return None  # not a sequence at all (a wrong VR): no region to trust
+    for item in regions:
+        if not isinstance(item, Dataset) or item.get("RegionSpatialFormat") != _SPATIAL_2D:
             continue
         bounds = [item.get(k) for k in ("RegionLocationMinX0", "RegionLocationMinY0")]
         bounds += [item.get(k) for k in ("RegionLocationMaxX1", "RegionLocationMaxY1")]
         if any(b is None for b in bounds):
             continue  # Type 1 attributes missing: not a region to trust
-        x0, y0, x1, y1 = (int(b) for b in bounds)
-        region = UltrasoundRegion(x0, y0, x1, y1, _spacing_mm(item))
+        try:
+            x0, y0, x1, y1 = (int(b) for b in bounds)
+            region = UltrasoundRegion(x0, y0, x1, y1, _spacing_mm(item))
+        except (TypeError, ValueError):
+            continue  # values of the wrong type or VR: not a region to trust
         key = (region.spacing_mm is not None, item.get("RegionDataType") == _DATA_TISSUE, region.area)
         if best is None or key > best[0]:
             best = (key, region)

@@ -6,12 +6,13 @@ HTTP status the upload endpoint uses, and a reason free of patient data.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
@@ -21,6 +22,25 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 PIXEL_DATA = Tag(0x7FE00010)
 #: Deflated Explicit VR Little Endian and Deflated Image Frame Compression (not in pydicom 3.0).
 DEFLATED_SYNTAXES = frozenset({DeflatedExplicitVRLittleEndian, UID("1.2.840.10008.1.2.8.1")})
+
+
+#: What parsing untrusted bytes can raise. Besides pydicom's own errors: a value whose length does
+#: not fit its VR (``BytesLengthException``), an unknown VR (NotImplementedError, a RuntimeError),
+#: a header cut short (``struct.error``), absurd numbers (ArithmeticError).
+#: pydicom converts values lazily, so these surface wherever a header value is first read.
+UNREADABLE = (
+    InvalidDicomError,
+    BytesLengthException,
+    EOFError,
+    ValueError,
+    LookupError,
+    TypeError,
+    OSError,
+    AttributeError,
+    RuntimeError,
+    ArithmeticError,
+    struct.error,
+)
 
 
 class RejectedObject(Exception):
@@ -84,7 +104,7 @@ def read_header(path: Path) -> tuple[Header, Dataset]:
         _check_lengths(ds, path, header.transfer_syntax_uid)
     except RejectedObject:
         raise
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
+    except UNREADABLE as exc:
         raise RejectedObject(f"unreadable dataset ({type(exc).__name__})") from exc
     return header, ds
 
@@ -142,6 +162,17 @@ def _header(ds: Dataset) -> Header:
 
 
 def check_image(header: Header, ds: Dataset, path: Path | None = None) -> None:
+    """Reject ultrasound images we could never analyse (:func:`_check_image`); a value that cannot
+    be parsed on the way is an unreadable data set (0xC000), never an unexpected error."""
+    try:
+        _check_image(header, ds, path)
+    except RejectedObject:
+        raise
+    except UNREADABLE as exc:
+        raise RejectedObject(f"unreadable dataset ({type(exc).__name__})") from exc
+
+
+def _check_image(header: Header, ds: Dataset, path: Path | None = None) -> None:
     """Reject ultrasound images we could never analyse, reading only headers and frame markers.
 
     Zero frames, missing pixel data, a value that runs past the end of the file (truncated send),

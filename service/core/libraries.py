@@ -27,6 +27,8 @@ def configure_libraries() -> None:
     * pydicom: reading validation off and its UserWarnings ignored, since both quote element
       values (names, IDs); we validate the attributes we use ourselves.
     * python-multipart (FastAPI forms) logs every part at DEBUG.
+    * highdicom logs the source's SOP Instance UID at INFO while building SEG and SR (UIDs can
+      carry dates and site codes, and lusai never logs them; found by bench/chaos/fuzz.py).
     """
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
@@ -37,3 +39,4 @@ def configure_libraries() -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
     logging.getLogger("multipart").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)

@@ -17,7 +17,7 @@ Jobs (``new_job`` and ``rerun`` create QUEUED ones)::
 
 Deliveries (``upsert_delivery`` creates PENDING ones)::
 
-    start_sending           PENDING, RETRYING, SENDING -> SENDING     attempts + 1
+    start_sending           PENDING, RETRYING (due), SENDING -> SENDING     attempts + 1
     delivered               SENDING                    -> DELIVERED
     fail_or_retry_delivery  SENDING                    -> RETRYING    (DEAD: permanent, last attempt)
     resend                  all but SENDING            -> PENDING     attempts = 0
@@ -26,12 +26,12 @@ Deliveries (``upsert_delivery`` creates PENDING ones)::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
@@ -46,11 +46,15 @@ TERMINAL_JOB_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 TERMINAL_DELIVERY_STATES = (DeliveryState.DELIVERED, DeliveryState.DEAD)
 
 #: Attempts before a delivery is dead-lettered (jobs take theirs from ``LUSAI_JOB_MAX_ATTEMPTS``).
-DELIVERY_MAX_ATTEMPTS = 8
+#: With :data:`DELIVERY_BACKOFF` the last one comes about 4 h after the first: a PACS down for an
+#: hour or two (a restart, maintenance) gets everything once it is back (8 attempts gave 32 min).
+DELIVERY_MAX_ATTEMPTS = 12
 #: A pending or retrying delivery this far past its due time lost its message (broker restart).
 DELIVERY_LOST_AFTER = timedelta(minutes=5)
 #: A delivery still "sending" this long after it was created lost its worker.
 DELIVERY_SENDING_LOST_AFTER = timedelta(hours=1)
+#: A retry's countdown message may arrive this much before its ``next_attempt_at`` (clocks differ).
+DELIVERY_DUE_SLACK = timedelta(seconds=5)
 #: Errors are kept for people to read, not as logs: the start is enough.
 MAX_ERROR_CHARS = 2000
 
@@ -71,8 +75,20 @@ JOB_BACKOFF = Backoff(base_s=10.0, cap_s=300.0)
 DELIVERY_BACKOFF = Backoff(base_s=15.0, cap_s=3600.0)
 
 
-def _now(now: datetime | None) -> datetime:
-    return now or datetime.now(UTC)
+def _now(session: Session, now: datetime | None) -> datetime:
+    """The time a transition stamps and compares: ``now`` when given, else the database server's.
+
+    One clock for every process: staleness compares a stamp one host wrote with another host's
+    "now", so a worker whose clock runs hours off (or jumps) must not make its jobs look stale
+    or lost to the others' recovery sweeps. SQLite is embedded: one machine, its clock.
+    """
+    if now is not None:
+        return now
+    if session.get_bind().dialect.name == "postgresql":
+        db_now = session.scalar(select(func.now()))
+        if db_now is not None:
+            return cast(datetime, db_now)
+    return datetime.now(UTC)
 
 
 def _move(
@@ -117,7 +133,9 @@ def mark_enqueued(session: Session, job_id: int, *, now: datetime | None = None)
 
     Any state: a fast worker may already have claimed (or finished) the job by now.
     """
-    return _move(session, Job, job_id, JobState, {"enqueued_at": _now(now)}, Job.enqueued_at.is_(None))
+    return _move(
+        session, Job, job_id, JobState, {"enqueued_at": _now(session, now)}, Job.enqueued_at.is_(None)
+    )
 
 
 def enqueue(session: Session, job_id: int, send: Callable[[int], object]) -> bool:
@@ -163,7 +181,7 @@ def claim(
         {
             "state": JobState.RUNNING,
             "attempts": Job.attempts + 1,
-            "started_at": _now(now),
+            "started_at": _now(session, now),
             "worker": worker[:128],
             "error": None,
         },
@@ -191,7 +209,7 @@ def succeed(
         (*ACTIVE_JOB_STATES, JobState.SUCCEEDED),
         {
             "state": JobState.SUCCEEDED,
-            "finished_at": _now(now),
+            "finished_at": _now(session, now),
             "model_version": model_version,
             "timings_ms": {k: round(v, 1) for k, v in timings_ms.items()},
         },
@@ -200,7 +218,7 @@ def succeed(
 
 def fail(session: Session, job_id: int, error: str, *, now: datetime | None = None) -> bool:
     """RUNNING -> FAILED for good (unusable input, a model version this worker does not have)."""
-    values = {"state": JobState.FAILED, "error": error[:MAX_ERROR_CHARS], "finished_at": _now(now)}
+    values = {"state": JobState.FAILED, "error": error[:MAX_ERROR_CHARS], "finished_at": _now(session, now)}
     return _move(session, Job, job_id, (JobState.RUNNING,), values)
 
 
@@ -213,7 +231,7 @@ def fail_or_retry(
     attempts = session.scalar(select(Job.attempts).where(Job.id == job_id))
     if attempts is None:
         return None
-    now = _now(now)
+    now = _now(session, now)
     retry = attempts < max_attempts
     values: dict[str, Any] = {"error": error[:MAX_ERROR_CHARS]}
     if retry:
@@ -227,7 +245,11 @@ def fail_or_retry(
 def cancel(session: Session, job_id: int, *, now: datetime | None = None) -> bool:
     """QUEUED, RETRYING or RUNNING -> CANCELLED; a running worker then discards its outcome."""
     return _move(
-        session, Job, job_id, ACTIVE_JOB_STATES, {"state": JobState.CANCELLED, "finished_at": _now(now)}
+        session,
+        Job,
+        job_id,
+        ACTIVE_JOB_STATES,
+        {"state": JobState.CANCELLED, "finished_at": _now(session, now)},
     )
 
 
@@ -259,7 +281,7 @@ def requeue_stale(
     (broker down or restarted). A job running longer than ``stale_after`` lost its worker: it goes
     back to QUEUED, or to FAILED when that was its last attempt.
     """
-    now = _now(now)
+    now = _now(session, now)
     running_before = now - stale_after
     sent_before = now - lost_after
     waiting = (JobState.QUEUED, JobState.RETRYING)
@@ -295,6 +317,39 @@ def requeue_stale(
     return ids
 
 
+def requeue_abandoned(session: Session, holders: Collection[str], *, max_attempts: int) -> list[int]:
+    """RUNNING jobs held by ``holders`` (``host:pid`` of worker processes known to be gone: killed
+    when a stopping worker outlived its shutdown grace) back to QUEUED now rather than after
+    ``stale_after``, or to FAILED when that was their last attempt (as :func:`requeue_stale`);
+    returns the IDs to send again (:func:`enqueue`)."""
+    if not holders:
+        return []
+    held = Job.worker.in_(sorted(holders))
+    candidates = session.execute(
+        select(Job.id, Job.attempts).where(Job.state == JobState.RUNNING, held)
+    ).all()
+    ids: list[int] = []
+    for job_id, attempts in candidates:
+        if attempts >= max_attempts:
+            values = {
+                "state": JobState.FAILED,
+                "error": "worker lost on the last attempt",
+                "finished_at": _now(session, None),
+            }
+            _move(session, Job, job_id, (JobState.RUNNING,), values, held, Job.attempts == attempts)
+        elif _move(
+            session,
+            Job,
+            job_id,
+            (JobState.RUNNING,),
+            {"state": JobState.QUEUED, "enqueued_at": None},
+            held,
+            Job.attempts == attempts,
+        ):
+            ids.append(job_id)
+    return ids
+
+
 # Deliveries ---------------------------------------------------------------------------------------
 
 
@@ -320,6 +375,7 @@ def upsert_delivery(
             storage_key=storage_key,
             state=DeliveryState.PENDING,
             attempts=0,
+            created_at=_now(session, None),  # the clock lost_deliveries compares it with
         )
         session.add(d)
         session.flush()
@@ -335,18 +391,29 @@ def upsert_delivery(
     return existing if _move(session, Delivery, existing, not_delivered, values) else None
 
 
-def start_sending(session: Session, delivery_id: int) -> bool:
-    """PENDING, RETRYING or SENDING -> SENDING, one attempt more; False when delivered or dead.
+def start_sending(session: Session, delivery_id: int, *, now: datetime | None = None) -> bool:
+    """PENDING, RETRYING or SENDING -> SENDING, one attempt more; False when delivered or dead,
+    or RETRYING and not due yet.
 
     SENDING is taken over: a redelivered message means its worker died mid-send, and a second
-    C-STORE of the same SOP Instance UID is harmless to the peer.
+    C-STORE of the same SOP Instance UID is harmless to the peer. A RETRYING row is sent only once
+    its ``next_attempt_at`` (less :data:`DELIVERY_DUE_SLACK`) has come: a second message for it
+    (the recovery sweeps of several processes, the countdown of an earlier failure) would
+    otherwise spend an attempt of its budget at once and dead-letter it long before the backoff
+    says (a PACS down for an hour).
     """
+    due = or_(
+        Delivery.state != DeliveryState.RETRYING,
+        Delivery.next_attempt_at.is_(None),
+        Delivery.next_attempt_at <= _now(session, now) + DELIVERY_DUE_SLACK,
+    )
     return _move(
         session,
         Delivery,
         delivery_id,
         (DeliveryState.PENDING, DeliveryState.RETRYING, DeliveryState.SENDING),
         {"state": DeliveryState.SENDING, "attempts": Delivery.attempts + 1},
+        due,
     )
 
 
@@ -354,7 +421,7 @@ def delivered(session: Session, delivery_id: int, *, now: datetime | None = None
     """SENDING -> DELIVERED: the peer confirmed the C-STORE."""
     values = {
         "state": DeliveryState.DELIVERED,
-        "delivered_at": _now(now),
+        "delivered_at": _now(session, now),
         "last_error": None,
         "next_attempt_at": None,
     }
@@ -370,7 +437,7 @@ def fail_or_retry_delivery(
     attempts = session.scalar(select(Delivery.attempts).where(Delivery.id == delivery_id))
     if attempts is None:
         return None
-    now = _now(now)
+    now = _now(session, now)
     dead = permanent or attempts >= DELIVERY_MAX_ATTEMPTS
     delay = None if dead else DELIVERY_BACKOFF.delay(attempts)
     values: dict[str, Any] = {"last_error": error[:MAX_ERROR_CHARS]}
@@ -391,13 +458,18 @@ def resend(session: Session, delivery_id: int, *, now: datetime | None = None) -
         Delivery,
         delivery_id,
         [s for s in DeliveryState if s != DeliveryState.SENDING],
-        {"state": DeliveryState.PENDING, "attempts": 0, "next_attempt_at": _now(now), "last_error": None},
+        {
+            "state": DeliveryState.PENDING,
+            "attempts": 0,
+            "next_attempt_at": _now(session, now),
+            "last_error": None,
+        },
     )
 
 
 def lost_deliveries(session: Session, *, now: datetime | None = None) -> list[int]:
     """Deliveries that should have been attempted by now but were not: send their messages again."""
-    now = _now(now)
+    now = _now(session, now)
     due_before = now - DELIVERY_LOST_AFTER
     return list(
         session.scalars(

@@ -9,9 +9,10 @@ and tasks are idempotent.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from functools import partial
 
@@ -40,6 +41,23 @@ def requeue_stale_jobs(runtime: Runtime) -> int:
             lifecycle.enqueue(session, job_id, runtime.queue.enqueue_analysis)
     if ids:
         log.info("re-queued jobs", extra=ctx(count=len(ids)))
+    return len(ids)
+
+
+def requeue_jobs_of(runtime: Runtime, pids: Iterable[int]) -> int:
+    """Jobs held by these processes of this host, which are gone (a stopping worker killed after
+    ``LUSAI_SHUTDOWN_GRACE``), go back on the queue now: the embedded broker has consumed their
+    message already and Redis would redeliver it only after its visibility timeout."""
+    host = socket.gethostname()
+    with runtime.db.session() as session:
+        ids = lifecycle.requeue_abandoned(
+            session, {f"{host}:{pid}" for pid in pids}, max_attempts=runtime.settings.job_max_attempts
+        )
+    for job_id in ids:
+        with runtime.db.session() as session:
+            lifecycle.enqueue(session, job_id, runtime.queue.enqueue_analysis)
+    if ids:
+        log.warning("jobs of a killed worker re-queued", extra=ctx(count=len(ids)))
     return len(ids)
 
 

@@ -177,7 +177,10 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(
         20.0,
         ge=0,
-        description="Seconds a stopping worker may finish its job before it is killed (the job is re-run).",
+        description=(
+            "Seconds a stopping process may finish what it has in hand (the worker its job, the API"
+            " its requests, SCP processes their associations) before it is cut (a cut job is re-queued)."
+        ),
     )
 
     overlay_sc: bool = Field(

@@ -118,6 +118,35 @@ def test_unusable_input_fails_at_once_with_the_reason(worker: WorkerRuntime, tmp
     assert _results(worker) == 0
 
 
+@pytest.mark.parametrize("case", ["bad-date", "no-date", "PatientName-as-FD"])
+def test_a_source_header_the_outputs_cannot_carry_fails_at_once(
+    worker: WorkerRuntime, tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by bench/chaos/fuzz.py: a corrupt StudyDate (ValueError in the SR), a missing one
+    (AttributeError) or a name whose VR is wrong (BytesLengthException) was retried three times as
+    a transient error, the exception's message (quoting the value) in the job row and the log."""
+    dates = {"bad-date": "20!6", "no-date": None, "PatientName-as-FD": "20260101"}
+    cine = phantom_cine_file(
+        tmp_path / "cine.dcm", frames=4, StudyDate=dates[case], PatientName="SECRET^NAME"
+    )
+    if case == "PatientName-as-FD":  # 12 bytes of name read as 8-byte floats
+        data = cine.read_bytes()
+        cine.write_bytes(data.replace(b"\x10\x00\x10\x00PN\x0c\x00", b"\x10\x00\x10\x00FD\x0c\x00"))
+    job_id = _job(worker, cine)
+    assert tasks.analyze(job_id) == "failed"
+    job = get_row(worker, Job, job_id)
+    assert job.state == JobState.FAILED and job.attempts == 1
+    assert job.error is not None and job.error.startswith("input rejected: the source's header")
+    assert _results(worker) == 0
+    ours = "\n".join(  # pydicom's own logger is silenced in production (configure_libraries)
+        f"{r.getMessage()} {r.exc_text or ''}"
+        for r in caplog.records
+        if r.name.startswith(("workers", "service"))
+    )
+    for quoted in ("20!6", "SECRET"):
+        assert quoted not in job.error and quoted not in ours
+
+
 def test_worker_fails_a_job_for_another_model_version(worker: WorkerRuntime, tmp_path: Path) -> None:
     job_id = _phantom_job(worker, tmp_path)
     _set(worker, job_id, model_version="9.9.9")

@@ -96,7 +96,10 @@ def parse_dicom3tools(output: str, check: str, subject: str) -> ValidationResult
 
 
 def _run(args: list[str]) -> str:
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
+    # errors="replace": dciodvfy quotes the values it checks, and a source's bytes need not be UTF-8.
+    proc = subprocess.run(
+        args, capture_output=True, text=True, errors="replace", timeout=_TIMEOUT_S, check=False
+    )
     return proc.stdout + proc.stderr
 
 

@@ -313,3 +313,21 @@ def test_anonymous_read_when_keys_not_required(
     with api.session() as s:
         assert {e.principal for e in s.scalars(select(AuditEvent))} == {"anonymous"}
     gen.close()
+
+
+def test_nul_in_url_is_a_bad_request_not_an_outage(api: Api) -> None:
+    """A NUL byte (``%00``) in a path or query parameter: 400, never a 500 from the database
+    (PostgreSQL refuses NUL in text) nor a 503 from an audit row it cannot store; other requests,
+    and the audit log, carry on (issue 12, security campaign)."""
+    for url in (
+        "/api/v1/studies?patient_id=1%00",
+        "/api/v1/instances?accession_number=%00",
+        "/api/v1/studies/1%00",
+        "/api/v1/instances/1.2.3%00/result",
+        "/api/v1/results/1%00/seg",
+    ):
+        _problem(api.get(url), 400, "bad-request")
+    _problem(api.client.get("/api/v1/studies/1%00"), 400, "bad-request")  # without a key too
+    assert api.get("/api/v1/studies?patient_id=x").status_code == 200
+    with api.session() as s:
+        assert [e.status for e in s.scalars(select(AuditEvent))][-1] == 200

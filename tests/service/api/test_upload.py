@@ -11,7 +11,7 @@ from pydicom.uid import ComprehensiveSRStorage
 from sqlalchemy import select
 
 from service.core.models import Instance, Job, JobState
-from tests.factories import noise_frames, us_cine
+from tests.factories import MALFORMED_HEADERS, malformed_header_cine, noise_frames, us_cine
 from tests.service.api.conftest import Api, make_sqlite_api
 
 
@@ -84,3 +84,12 @@ def test_upload_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sqli
         assert r.status_code == 413 and r.json()["type"] == "urn:lusai:problem:content-too-large"
     assert not list(api.store.tmp_dir.iterdir())
     gen.close()
+
+
+@pytest.mark.parametrize("case", MALFORMED_HEADERS)
+def test_upload_of_a_header_pydicom_cannot_parse_is_422(sqlite_api: Api, case: str) -> None:
+    """Found by bench/chaos/fuzz.py: these raised past the route's handlers (500)."""
+    data = malformed_header_cine(case)
+    r = sqlite_api.post("/api/v1/instances", content=data, headers={"Content-Type": "application/dicom"})
+    assert r.status_code == 422 and "unreadable" in r.json()["detail"], r.text
+    assert not list(sqlite_api.store.tmp_dir.iterdir())

@@ -79,3 +79,14 @@ def test_no_usable_region() -> None:
     no_bounds = _region((0, 0, 9, 9))
     del no_bounds.RegionLocationMaxY1
     assert ultrasound_region(_source(no_bounds)) is None
+
+
+def test_a_malformed_region_sequence_is_no_region() -> None:
+    """Found by bench/chaos/fuzz.py: a wrong VR on the sequence (an int where items belong) or on a
+    bound raised AttributeError/ValueError inside the worker, which retried a job that must fail."""
+    not_a_sequence = Dataset()
+    not_a_sequence.add_new(0x00186011, "US", 5)  # SequenceOfUltrasoundRegions read with a wrong VR
+    assert ultrasound_region(not_a_sequence) is None
+    text_bound = _region((0, 0, 9, 9))
+    text_bound.add_new(0x00186018, "LO", "abc")  # RegionLocationMinX0 as text
+    assert ultrasound_region(_source(text_bound, _region((0, 0, 4, 4)))).x1 == 4  # type: ignore[union-attr]

@@ -28,7 +28,7 @@ from service.core.models import Instance, InstanceState, Job, JobState
 from service.core.queue import ANALYZE_TASK, TaskQueue
 from service.core.runtime import Runtime
 from tests.conftest import broker_messages
-from tests.factories import cine, save
+from tests.factories import MALFORMED_HEADERS, cine, malformed_header_cine, save
 
 
 def _tmp(runtime: Runtime, ds: Dataset) -> Path:
@@ -173,6 +173,14 @@ def test_bytes_that_are_not_dicom_cannot_be_understood(runtime: Runtime) -> None
     tmp = runtime.store.new_temp()
     tmp.write_bytes(b"not dicom at all" * 100)
     assert _refused(runtime, tmp).dimse_status & 0xF000 == STATUS_CANNOT_UNDERSTAND
+
+
+@pytest.mark.parametrize("case", MALFORMED_HEADERS)
+def test_a_header_pydicom_cannot_parse_is_refused_not_an_error(runtime: Runtime, case: str) -> None:
+    tmp = runtime.store.new_temp()
+    tmp.write_bytes(malformed_header_cine(case))
+    refused = _refused(runtime, tmp)
+    assert refused.dimse_status == STATUS_CANNOT_UNDERSTAND and "unreadable" in refused.reason
 
 
 def test_a_digest_from_the_receive_is_trusted_not_recomputed(runtime: Runtime) -> None:

@@ -39,6 +39,7 @@ def test_sets_what_keeps_phi_out_of_library_logs() -> None:
     assert _config.STORE_RECV_CHUNKED_DATASET
     assert logging.getLogger("pynetdicom").getEffectiveLevel() == logging.CRITICAL
     assert logging.getLogger("pydicom").getEffectiveLevel() == logging.ERROR
+    assert logging.getLogger("highdicom").getEffectiveLevel() == logging.WARNING  # logs source UIDs at INFO
     assert pydicom.config.settings.reading_validation_mode == pydicom.config.IGNORE
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")

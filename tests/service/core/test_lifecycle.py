@@ -99,12 +99,76 @@ def _utc(value: datetime | None) -> datetime | None:
 def test_backoff_numbers_are_todays() -> None:
     assert [lifecycle.JOB_BACKOFF.delay(n) for n in range(1, 7)] == [10, 20, 40, 80, 160, 300]
     assert [lifecycle.DELIVERY_BACKOFF.delay(n) for n in (1, 2, 3, 8, 9)] == [15, 30, 60, 1920, 3600]
-    assert lifecycle.DELIVERY_MAX_ATTEMPTS == 8
+    assert lifecycle.DELIVERY_MAX_ATTEMPTS == 12
     for policy in (lifecycle.JOB_BACKOFF, lifecycle.DELIVERY_BACKOFF):
         assert policy.delay(0) == policy.base_s  # before any attempt: the first wait
         assert policy.delay(10_000) == policy.cap_s  # no float overflow however long it failed
     with pytest.raises(AttributeError):
         lifecycle.JOB_BACKOFF.base_s = 1.0  # type: ignore[misc]  # one policy, not tweaked in place
+
+
+PG_ONLY = pytest.mark.parametrize(
+    "engine", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+
+
+def _clock_off(monkeypatch: pytest.MonkeyPatch, offset: timedelta) -> None:
+    """This process's wall clock ``offset`` away from the database server's (a host off by hours)."""
+
+    class Off(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+            return datetime.now(tz) + offset
+
+    monkeypatch.setattr(lifecycle, "datetime", Off)
+
+
+def _result(s: Session, job_id: int) -> int:
+    inst = s.get(Job, job_id).instance_id  # type: ignore[union-attr]
+    result = Result(job_id=job_id, instance_id=inst, model_name="m", model_version="1", weights_sha256="0")
+    s.add(result)
+    s.flush()
+    return result.id
+
+
+@PG_ONLY
+@pytest.mark.parametrize("offset", [timedelta(hours=-2), timedelta(hours=2)])
+def test_a_worker_clock_hours_off_makes_no_job_or_delivery_look_lost(
+    sessions: sessionmaker[Session], instance_id: int, monkeypatch: pytest.MonkeyPatch, offset: timedelta
+) -> None:
+    """Regression (bench/chaos/faults.py clock_jump): a worker under ``faketime -2h`` stamped
+    started_at with its own clock, and the SCP's recovery sweep declared its running job stale at
+    once; one under +2h made every queued job look lost to its own sweep. Stamps and comparisons
+    now use the database server's clock."""
+    job = _job(sessions, instance_id, JobState.QUEUED)
+    with sessions.begin() as s:  # the SCP's host, right time
+        assert lifecycle.mark_enqueued(s, job)
+        queued = add_job(s, instance_id, JobState.QUEUED)
+        assert lifecycle.mark_enqueued(s, queued)
+    _clock_off(monkeypatch, offset)  # the worker's host
+    with sessions.begin() as s:
+        assert lifecycle.claim(s, job, "off-clock:1")
+        d = lifecycle.upsert_delivery(
+            s, result_id=_result(s, job), destination="PACS@h:104", sop_class_uid="1.2",
+            sop_instance_uid="9.8.7", storage_key="k",
+        )  # fmt: skip
+    for clock in (offset, timedelta(0)):  # its own sweep, then a sweep on a host with the right time
+        _clock_off(monkeypatch, clock)
+        with sessions.begin() as s:
+            stale = lifecycle.requeue_stale(
+                s, stale_after=timedelta(minutes=30), lost_after=timedelta(minutes=15), max_attempts=3
+            )
+            assert stale == [] and d not in lifecycle.lost_deliveries(s)
+    with sessions.begin() as s:
+        assert s.get(Job, job).state == JobState.RUNNING  # type: ignore[union-attr]
+
+
+def test_a_delivery_outlives_a_pacs_down_for_hours() -> None:
+    """Regression (bench/chaos/faults.py pacs_down): with 8 attempts a delivery was dead 32 min
+    into a PACS outage, so an hour's maintenance lost results. The last attempt now comes >= 4 h
+    after the first."""
+    waited = sum(lifecycle.DELIVERY_BACKOFF.delay(a) for a in range(1, lifecycle.DELIVERY_MAX_ATTEMPTS))
+    assert waited >= 4 * 3600
 
 
 # Jobs: allowed and refused source states ----------------------------------------------------------
@@ -299,6 +363,22 @@ def test_cancel_against_succeed_one_wins(sessions: sessionmaker[Session], instan
 
 
 @BOTH
+def test_a_retry_not_due_yet_is_not_sent(sessions: sessionmaker[Session]) -> None:
+    """Regression (bench/chaos/faults.py pacs_down): every message for a RETRYING delivery took an
+    attempt, so the recovery sweeps of two processes and the earlier countdown dead-lettered a
+    delivery within minutes of an outage instead of hours. Only a due retry is sent now."""
+    later = _delivery(sessions, D.RETRYING, uid="9.5.1", next_attempt_at=NOW + timedelta(minutes=4))
+    due = _delivery(sessions, D.RETRYING, uid="9.5.2", next_attempt_at=NOW + lifecycle.DELIVERY_DUE_SLACK)
+    with sessions.begin() as s:
+        assert not lifecycle.start_sending(s, later, now=NOW)
+        assert lifecycle.start_sending(s, due, now=NOW)
+    assert _get_delivery(sessions, later).attempts == 1 and _get_delivery(sessions, later).state == D.RETRYING
+    assert _get_delivery(sessions, due).attempts == 2
+    with sessions.begin() as s:  # its time come, it goes
+        assert lifecycle.start_sending(s, later, now=NOW + timedelta(minutes=4))
+
+
+@BOTH
 def test_resend_against_start_sending(sessions: sessionmaker[Session]) -> None:
     """A re-send wins only before the worker picks the row up; after that it is refused, so a
     send in progress never gets its attempt count reset under it."""
@@ -342,6 +422,23 @@ def test_requeue_stale(sessions: sessionmaker[Session], instance_id: int) -> Non
     lost = _get_job(sessions, worker_lost_last)
     assert lost.state == J.FAILED and lost.error == "worker lost on the last attempt"
     assert _utc(lost.finished_at) == NOW
+
+
+def test_requeue_abandoned(sessions: sessionmaker[Session], instance_id: int) -> None:
+    """Jobs held by killed worker processes go back at once, whatever their age; others stay."""
+    held = _job(sessions, instance_id, J.RUNNING, attempts=1, started_at=NOW, worker="h:1")
+    held_last = _job(sessions, instance_id, J.RUNNING, attempts=3, started_at=NOW, worker="h:2")
+    alive = _job(sessions, instance_id, J.RUNNING, attempts=1, started_at=NOW, worker="h:3")
+    finished = _job(sessions, instance_id, J.SUCCEEDED, worker="h:1")
+    with sessions.begin() as s:
+        assert lifecycle.requeue_abandoned(s, {"h:1", "h:2"}, max_attempts=3) == [held]
+    job = _get_job(sessions, held)
+    assert job.state == J.QUEUED and job.enqueued_at is None and job.attempts == 1
+    assert _get_job(sessions, held_last).state == J.FAILED
+    assert _get_job(sessions, alive).state == J.RUNNING
+    assert _get_job(sessions, finished).state == J.SUCCEEDED
+    with sessions.begin() as s:
+        assert lifecycle.requeue_abandoned(s, set(), max_attempts=3) == []
 
 
 # Deliveries ---------------------------------------------------------------------------------------
@@ -395,7 +492,8 @@ def test_fail_or_retry_delivery(sessions: sessionmaker[Session]) -> None:
     cases = [
         (1, False, D.RETRYING, 15.0),
         (3, False, D.RETRYING, 60.0),
-        (8, False, D.DEAD, None),
+        (8, False, D.RETRYING, 1920.0),
+        (12, False, D.DEAD, None),
         (1, True, D.DEAD, None),
     ]
     for n, (attempts, permanent, state, delay) in enumerate(cases):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -86,6 +87,35 @@ def test_jobs_never_sent_or_whose_worker_was_lost_go_back_on_the_queue(runtime: 
         JobState.SUCCEEDED,
     ]
     assert recovery.requeue_stale_jobs(runtime) == 0  # nothing is lost any more
+
+
+def test_jobs_of_a_killed_worker_go_back_on_the_queue_at_once(runtime: Runtime) -> None:
+    """A stopping worker killed after its shutdown grace: the jobs its processes held are queued
+    again right away, not 30 minutes later by the stale-job rule (issue 12, shutdown campaign)."""
+    host, now = socket.gethostname(), _ago()
+    inst = _instance(runtime)
+    max_attempts = runtime.settings.job_max_attempts
+    killed = _job(runtime, inst, JobState.RUNNING, started_at=now, worker=f"{host}:4242")
+    killed_last = _job(
+        runtime, inst, JobState.RUNNING, started_at=now, worker=f"{host}:4243", attempts=max_attempts
+    )
+    other = _job(runtime, inst, JobState.RUNNING, started_at=now, worker=f"{host}:999")
+    elsewhere = _job(runtime, inst, JobState.RUNNING, started_at=now, worker="otherhost:4242")
+    done = _job(runtime, inst, JobState.SUCCEEDED, worker=f"{host}:4242")
+
+    assert recovery.requeue_jobs_of(runtime, {4242, 4243}) == 1
+
+    assert [m.args[0] for m in broker_messages(runtime.settings) if m.task == ANALYZE_TASK] == [killed]
+    jobs = _jobs(runtime)
+    assert jobs[killed].state == JobState.QUEUED and jobs[killed].enqueued_at is not None
+    assert jobs[killed_last].state == JobState.FAILED
+    assert [jobs[j].state for j in (other, elsewhere, done)] == [
+        JobState.RUNNING,
+        JobState.RUNNING,
+        JobState.SUCCEEDED,
+    ]
+    assert recovery.requeue_jobs_of(runtime, {4242}) == 0
+    assert recovery.requeue_jobs_of(runtime, set()) == 0
 
 
 def test_a_broker_still_down_leaves_the_job_for_the_next_sweep(runtime: Runtime) -> None:

@@ -35,6 +35,14 @@ def test_delivered_byte_for_byte_in_its_own_transfer_syntax(runtime, storescp, t
     assert send_delivery(did, runtime=runtime) == ("skipped", None)
 
 
+def _due(runtime, delivery_id: int) -> None:  # type: ignore[no-untyped-def]
+    """The backoff has passed: the retry is due now."""
+    with runtime.db.session() as s:
+        d = s.get(Delivery, delivery_id)
+        assert d is not None
+        d.next_attempt_at = datetime.now(UTC)
+
+
 def test_dead_peer_backs_off_then_dead_letters_without_blocking_others(
     runtime, storescp, tmp_path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
@@ -53,8 +61,13 @@ def test_dead_peer_backs_off_then_dead_letters_without_blocking_others(
     assert send_delivery(live_id, runtime=runtime)[0] == "delivered"
     assert any(pydicom.dcmread(p).SOPInstanceUID == live_uid for p in received.iterdir())
 
+    # a second message before the backoff has passed (another sweep's) spends no attempt
+    assert send_delivery(dead_id, runtime=runtime) == ("skipped", None)
+    assert get_row(runtime, Delivery, dead_id).attempts == 1
+    _due(runtime, dead_id)
     outcome, delay2 = send_delivery(dead_id, runtime=runtime)
     assert outcome == "retrying" and delay2 == 2 * lifecycle.DELIVERY_BACKOFF.base_s  # exponential
+    _due(runtime, dead_id)
     assert send_delivery(dead_id, runtime=runtime) == ("dead", None)
     d = get_row(runtime, Delivery, dead_id)
     assert d.state == DeliveryState.DEAD and d.attempts == 3

@@ -97,3 +97,11 @@ def test_inconsistent_patient_fails_dcentvfy() -> None:
         validate_outputs(source, [out["SEG"], out["SR"]])
     failed = [r for r in info.value.results if not r.ok]
     assert [r.check for r in failed] == ["dcentvfy"]
+
+
+def test_validator_output_that_is_not_utf8_is_read() -> None:
+    """Found by bench/chaos/fuzz.py: dciodvfy quotes a source's non-UTF-8 bytes, and decoding them
+    raised UnicodeDecodeError, so the job was retried instead of its outputs being judged."""
+    from workers.write_dicom.validate import _run
+
+    assert _run(["printf", "Error - \\255"]) == "Error - \ufffd"
