@@ -104,8 +104,12 @@ def analyze(self: LusaiTask, job_id: int) -> str:
         log.warning("job failed: unusable input", extra=ctx(job_id=job_id, reason=str(exc)))
         return "failed"
     except Exception as exc:
-        log.exception("job error", extra=ctx(job_id=job_id))
-        _fail_or_retry(self, job_id, f"{type(exc).__name__}: {exc}")
+        error, quotes_data = _describe(exc)
+        if quotes_data:  # no traceback: its last line would quote the value
+            log.error("job error", extra=ctx(job_id=job_id, error=error))
+        else:
+            log.exception("job error", extra=ctx(job_id=job_id))
+        _fail_or_retry(self, job_id, error)
         return "error"
     if saved is None:
         log.info("job cancelled while running: result discarded", extra=ctx(job_id=job_id))
@@ -121,6 +125,22 @@ def analyze(self: LusaiTask, job_id: int) -> str:
     except Exception as exc:  # the job has succeeded; its previews answer 404 until a re-run
         log.warning("previews not stored", extra=ctx(job_id=job_id, error=type(exc).__name__))
     return "succeeded"
+
+
+#: Libraries whose exception messages quote DICOM element values, which can be patient data.
+_DICOM_LIBRARIES = frozenset({"pydicom", "highdicom", "pynetdicom"})
+
+
+def _describe(exc: BaseException) -> tuple[str, bool]:
+    """The error as a job records it, and whether its message was left out: an exception raised
+    inside a DICOM library is named by type and module only, since its message may quote a value
+    of the source (a name, an ID); any other keeps its message for whoever reads the job."""
+    tb, module = exc.__traceback__, ""
+    while tb is not None:
+        module, tb = str(tb.tb_frame.f_globals.get("__name__", "")), tb.tb_next
+    if module.split(".")[0] in _DICOM_LIBRARIES:
+        return f"{type(exc).__name__} in {module}", True
+    return f"{type(exc).__name__}: {exc}", False
 
 
 def _finish_failed(runtime: Runtime, job_id: int, error: str) -> None:

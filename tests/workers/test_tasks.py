@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import pydicom.valuerep
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import func, select
@@ -188,6 +189,29 @@ def test_a_transient_failure_is_retried_with_backoff(
     _set(worker, job_id, attempts=worker.settings.job_max_attempts - 1)
     assert tasks.analyze(job_id) == outcome
     assert get_row(worker, Job, job_id).state == JobState.FAILED and len(retries) == 1
+
+
+def test_an_error_raised_inside_pydicom_is_recorded_without_its_message(
+    worker: WorkerRuntime,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """pydicom's messages quote element values: the job's error and the log name only the type."""
+
+    def analyze(_source: pydicom.Dataset) -> Analysis:
+        pydicom.valuerep.DA("PHI-MARKER-19")  # raises ValueError quoting the value
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(worker.analyzer, "analyze", analyze)
+    monkeypatch.setattr(tasks.analyze, "apply_async", lambda **kw: None)
+    job_id = _phantom_job(worker, tmp_path)
+    with caplog.at_level("INFO"):
+        assert tasks.analyze(job_id) == "error"
+    job = get_row(worker, Job, job_id)
+    assert job.state == JobState.RETRYING and job.error == "ValueError in pydicom.valuerep"
+    logged = "\n".join(f"{r.getMessage()} {r.__dict__} {r.exc_text or ''}" for r in caplog.records)
+    assert "PHI-" not in logged and "job error" in logged
 
 
 def test_a_job_cancelled_while_it_runs_keeps_nothing(
