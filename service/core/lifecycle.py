@@ -297,24 +297,23 @@ def requeue_stale(
         if state != JobState.RUNNING:
             if _move(session, Job, job_id, waiting, {"enqueued_at": None}, unsent):
                 ids.append(job_id)
-        elif attempts >= max_attempts:
-            values = {
-                "state": JobState.FAILED,
-                "error": "worker lost on the last attempt",
-                "finished_at": now,
-            }
-            _move(session, Job, job_id, (JobState.RUNNING,), values, stale, Job.attempts == attempts)
-        elif _move(
-            session,
-            Job,
-            job_id,
-            (JobState.RUNNING,),
-            {"state": JobState.QUEUED, "enqueued_at": None},
-            stale,
-            Job.attempts == attempts,
-        ):
+        elif _requeue_lost(session, job_id, attempts, max_attempts, stale, now):
             ids.append(job_id)
     return ids
+
+
+def _requeue_lost(
+    session: Session, job_id: int, attempts: int, max_attempts: int, held: ColumnElement[bool], now: datetime
+) -> bool:
+    """RUNNING -> QUEUED for a job whose worker is gone (True: send it again), or -> FAILED when that
+    was its last attempt. ``held`` and the attempt count keep it from moving a job someone claimed
+    meanwhile."""
+    if attempts >= max_attempts:
+        values = {"state": JobState.FAILED, "error": "worker lost on the last attempt", "finished_at": now}
+        _move(session, Job, job_id, (JobState.RUNNING,), values, held, Job.attempts == attempts)
+        return False
+    values = {"state": JobState.QUEUED, "enqueued_at": None}
+    return _move(session, Job, job_id, (JobState.RUNNING,), values, held, Job.attempts == attempts)
 
 
 def requeue_abandoned(session: Session, holders: Collection[str], *, max_attempts: int) -> list[int]:
@@ -328,26 +327,12 @@ def requeue_abandoned(session: Session, holders: Collection[str], *, max_attempt
     candidates = session.execute(
         select(Job.id, Job.attempts).where(Job.state == JobState.RUNNING, held)
     ).all()
-    ids: list[int] = []
-    for job_id, attempts in candidates:
-        if attempts >= max_attempts:
-            values = {
-                "state": JobState.FAILED,
-                "error": "worker lost on the last attempt",
-                "finished_at": _now(session, None),
-            }
-            _move(session, Job, job_id, (JobState.RUNNING,), values, held, Job.attempts == attempts)
-        elif _move(
-            session,
-            Job,
-            job_id,
-            (JobState.RUNNING,),
-            {"state": JobState.QUEUED, "enqueued_at": None},
-            held,
-            Job.attempts == attempts,
-        ):
-            ids.append(job_id)
-    return ids
+    now = _now(session, None)
+    return [
+        job_id
+        for job_id, attempts in candidates
+        if _requeue_lost(session, job_id, attempts, max_attempts, held, now)
+    ]
 
 
 # Deliveries ---------------------------------------------------------------------------------------
