@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from service.cli.check import c_echo
+from service.cli.serve import process_tree
 from tests.conftest import free_port, stop, storescu
 from tests.factories import phantom_cine_file
 
@@ -113,20 +114,20 @@ def test_sigterm_at_any_moment_leaves_no_process_behind(tmp_path: Path, when: st
                 time.sleep(0.5)
             elif when == "while the worker starts":
                 deadline = time.monotonic() + 30
-                while not _descendants(proc.pid) and time.monotonic() < deadline:
+                while not process_tree(proc.pid) and time.monotonic() < deadline:
                     time.sleep(0.05)
-                assert _descendants(proc.pid), "the worker never started"
+                assert process_tree(proc.pid), "the worker never started"
             else:  # SCP and API answer, and the worker runs its pool (which loads the model)
                 ports = {"dicom_port": env["LUSAI_DICOM_PORT"], "api_port": env["LUSAI_API_PORT"]}
                 _wait_ready({"proc": proc, "log": tmp_path / "serve.log", **ports}, 30.0)
                 deadline = time.monotonic() + 30
-                while len(_descendants(proc.pid)) < 2 and time.monotonic() < deadline:
+                while len(process_tree(proc.pid)) < 2 and time.monotonic() < deadline:
                     time.sleep(0.05)
-            seen = _descendants(proc.pid)
+            seen = process_tree(proc.pid)
             os.killpg(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + 40
             while proc.poll() is None and time.monotonic() < deadline:
-                seen |= _descendants(proc.pid)  # whatever it starts while stopping counts too
+                seen |= process_tree(proc.pid)  # whatever it starts while stopping counts too
                 time.sleep(0.05)
             assert proc.poll() is not None, "serve did not stop within 40 s"
             left = [pid for pid in seen if _state(str(pid)) != "Z"]
@@ -134,30 +135,10 @@ def test_sigterm_at_any_moment_leaves_no_process_behind(tmp_path: Path, when: st
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            for pid in _descendants(proc.pid):
+            for pid in process_tree(proc.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             proc.wait()
-
-
-def _descendants(root: int) -> set[int]:
-    """Every process below ``root`` (its own new sessions included), from /proc."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    found: set[int] = set()
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def _state(pid: str) -> str:

@@ -61,6 +61,8 @@ sys.path.insert(0, str(REPO))
 
 from pydicom.uid import CTImageStorage, generate_uid  # noqa: E402
 
+from service.cli import serve  # noqa: E402
+
 PG_ADMIN_URL = os.environ.get("LUSAI_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("LUSAI_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 CALLING_AE = "CHAOSSCU"
@@ -170,19 +172,8 @@ def deployment(work: Path, **extra_env: str) -> Iterator[Deployment]:
 
 
 def process_tree(root: int) -> set[int]:
-    """``root`` and every process below it (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = {root}, [root]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return {p for p in found if Path(f"/proc/{p}").exists()}
+    """``root`` and every process below it that still exists (Linux /proc)."""
+    return {p for p in {root} | serve.process_tree(root) if Path(f"/proc/{p}").exists()}
 
 
 def rss_mib(pids: set[int]) -> float:

@@ -264,7 +264,7 @@ def stop_worker(
     job killed mid-way is not lost: ``requeue`` is given the killed processes' IDs and puts the
     jobs they held back on the queue (the embedded broker has consumed their message; Redis would
     redeliver it only after its visibility timeout). Returns the worker's exit code."""
-    tree = _process_tree(proc.pid)  # its pool processes; once it exits they are no longer its children
+    tree = process_tree(proc.pid)  # its pool processes; once it exits they are no longer its children
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(signal.SIGTERM)
     try:
@@ -273,7 +273,7 @@ def stop_worker(
         log.warning("worker killed: it did not stop in time", extra=ctx(grace_s=grace_s))
         code = None
     killed = {proc.pid} if code is None else set()
-    for pid in sorted(tree | _process_tree(proc.pid)):  # pool processes it left behind, if any
+    for pid in sorted(tree | process_tree(proc.pid)):  # pool processes it left behind, if any
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
             killed.add(pid)
@@ -288,8 +288,9 @@ def stop_worker(
     return code
 
 
-def _process_tree(root: int) -> set[int]:
-    """The processes below ``root`` (Linux /proc; empty elsewhere)."""
+def process_tree(root: int) -> set[int]:
+    """The processes below ``root`` (Linux /proc; empty elsewhere). Also what the shutdown tests and
+    the chaos campaign observe."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE
 
-from service.cli.serve import _process_tree, stop_worker
+from service.cli.serve import process_tree, stop_worker
 from tests.conftest import free_port
 from tests.factories import cine
 
@@ -51,7 +51,7 @@ def test_a_worker_killed_after_its_grace_has_its_jobs_requeued() -> None:
     assert time.monotonic() - t0 < 10
     assert len(calls) == 1 and {proc.pid, child} <= calls[0]
     time.sleep(0.2)
-    assert not _alive(child) and not _process_tree(proc.pid)
+    assert not _alive(child) and not process_tree(proc.pid)
 
 
 def test_a_worker_that_stops_in_time_requeues_nothing() -> None:
@@ -174,7 +174,7 @@ def test_api_sigterm_does_not_wait_for_a_slow_client_beyond_the_grace(tmp_path: 
 def _scp_children(pid: int) -> list[int]:
     """The SCP processes below ``pid`` (multiprocessing's resource tracker is not one)."""
     out = []
-    for child in _process_tree(pid):
+    for child in process_tree(pid):
         try:
             cmd = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
