@@ -149,11 +149,12 @@ def storescu(
 
 
 @contextlib.contextmanager
-def run_storescp(out: Path, ae_title: str = "PACS", *options: str) -> Iterator[int]:
-    """A real DCMTK storescp writing into ``out`` with extra ``options``; yields its port."""
+def run_storescp(out: Path, ae_title: str = "PACS", *options: str, port: int | None = None) -> Iterator[int]:
+    """A real DCMTK storescp writing into ``out`` with extra ``options``; yields its port
+    (``port``, or a free one)."""
     import time
 
-    port = free_port()
+    port = port or free_port()
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [which("storescp"), "-aet", ae_title, *options, "-od", str(out), str(port)],

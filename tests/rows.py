@@ -81,8 +81,11 @@ def stored_delivery(
     *,
     seed: int = 0,
     state: DeliveryState = DeliveryState.PENDING,
+    study_uid: str | None = None,
 ) -> tuple[int, str]:
-    """A noise cine (JPEG for odd seeds) in the store with its outbox row: (delivery ID, SOP UID)."""
+    """A noise cine (JPEG for odd seeds) in the store with its outbox row: (delivery ID, SOP UID).
+
+    ``study_uid`` puts the row in that study's line to its destination (none by default)."""
     f = noise_cine_file(folder / f"obj{seed}.dcm", seed=seed, jpeg=bool(seed % 2))
     key, _, _ = runtime.store.put_file(f)
     ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -93,6 +96,7 @@ def stored_delivery(
             sop_instance_uid=ds.SOPInstanceUID,
             storage_key=key,
             state=state,
+            study_uid=study_uid,
         )
         s.add(d)
         s.flush()

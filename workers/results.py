@@ -135,6 +135,7 @@ def save_result(job_id: int, analysis: Analysis, source: Dataset, *, runtime: Ru
                     sop_class_uid=str(output.dataset.SOPClassUID),
                     sop_instance_uid=str(output.dataset.SOPInstanceUID),
                     storage_key=key,
+                    study_uid=str(output.dataset.StudyInstanceUID),
                 )
                 if delivery_id is not None:  # None: the identical object is already in PACS
                     delivery_ids.append(delivery_id)

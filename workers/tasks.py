@@ -21,6 +21,7 @@ from service.core.logs import ctx
 from service.core.models import Job, JobState
 from service.core.queue import ANALYZE_TASK, DELIVER_TASK
 from service.core.runtime import Runtime
+from service.core.storage import storage_full
 from workers.celery_app import LusaiTask, app
 from workers.results import save_previews, save_result
 
@@ -104,6 +105,9 @@ def analyze(self: LusaiTask, job_id: int) -> str:
         log.warning("job failed: unusable input", extra=ctx(job_id=job_id, reason=str(exc)))
         return "failed"
     except Exception as exc:
+        if storage_full(exc):
+            _retry_when_space(self, job_id)
+            return "waiting for space"
         error, quotes_data = _describe(exc)
         if quotes_data:  # no traceback: its last line would quote the value
             log.error("job error", extra=ctx(job_id=job_id, error=error))
@@ -146,6 +150,14 @@ def _describe(exc: BaseException) -> tuple[str, bool]:
 def _finish_failed(runtime: Runtime, job_id: int, error: str) -> None:
     with runtime.db.session() as session:
         lifecycle.fail(session, job_id, error)
+
+
+def _retry_when_space(task: LusaiTask, job_id: int) -> None:
+    with task.runtime.db.session() as session:
+        countdown = lifecycle.retry_when_space(session, job_id, "storage full: waiting for space")
+    log.warning("job waits for storage space", extra=ctx(job_id=job_id, retry_in_s=countdown))
+    if countdown is not None:
+        task.apply_async(args=[job_id], countdown=countdown)
 
 
 def _fail_or_retry(task: LusaiTask, job_id: int, error: str) -> None:

@@ -14,7 +14,8 @@ pynetdicom; each fault hits while the burst is stored or analysed; then the book
 Faults (``--faults``, in this order): ``scp_kill`` (kill -9 of the SCP during the C-STORE of a
 large cine), ``worker_kill`` (kill -9 of the whole worker during inference), ``redis_restart``,
 ``pg_restart`` (these two restart the machine's shared servers: other users see a blip),
-``disk_full`` (storage on a 20 MiB tmpfs, needs root), ``pacs_down`` (the destination down for an
+``disk_full`` (storage on a 20 MiB tmpfs, needs root), ``disk_full_worker`` (the same tmpfs
+filled before the worker writes its outputs), ``pacs_down`` (the destination down for an
 hour of simulated time: deliveries' ``next_attempt_at`` is moved back, the recovery sweep resends
 them), ``clock_jump`` (the worker under ``faketime`` +2 h, then -2 h).
 
@@ -38,7 +39,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -445,9 +446,9 @@ def fault_worker_kill(run: Run) -> dict[str, Any]:
 
 def fault_redis_restart(run: Run) -> dict[str, Any]:
     """Redis shut down (nothing saved) mid-burst and started again: the queue is empty afterwards."""
-    # A message Redis lost is re-sent once its job has waited max(60 s, LUSAI_TASK_TIME_LIMIT)
-    # (lifecycle.requeue_stale's lost_after): 15 min by default, 1 min here.
-    dep = Deployment(run.work / "redis_restart", {"LUSAI_TASK_TIME_LIMIT": "60"})
+    # Default settings: the recovery sweep sees Redis's new run_id and sends again what went before
+    # the restart (recovery.BrokerRestarts), instead of waiting max(60 s, LUSAI_TASK_TIME_LIMIT).
+    dep = Deployment(run.work / "redis_restart")
     try:
         dep.start("scp", ["scp"])
         dep.start("worker", ["worker"])
@@ -571,6 +572,77 @@ def fault_disk_full(run: Run) -> dict[str, Any]:
         subprocess.run(["umount", str(mount)], capture_output=True)
 
 
+@contextlib.contextmanager
+def _tmpfs(mount: Path, size: str = "20m") -> Iterator[bool]:
+    """A small tmpfs at ``mount`` (True), or False when it cannot be mounted (not root)."""
+    mount.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True
+    )
+    try:
+        yield mounted.returncode == 0
+    finally:
+        if mounted.returncode == 0:
+            subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def _fill(mount: Path, leave: int) -> Path:
+    """Fill the file system of ``mount`` but for ``leave`` bytes; the filler's path."""
+    filler = mount / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, shutil.disk_usage(mount).free - leave))
+    return filler
+
+
+def fault_disk_full_worker(run: Run) -> dict[str, Any]:
+    """Storage full while the worker writes its outputs: every job waits (no attempt spent, none
+    FAILED with ``LUSAI_JOB_MAX_ATTEMPTS=1``), and all are analysed once space is freed."""
+    with _tmpfs(run.work / "disk_full_worker_storage") as mounted:
+        if not mounted:
+            return {"ok": None, "skipped": "cannot mount a tmpfs (not root?)"}
+        mount = run.work / "disk_full_worker_storage"
+        dep = Deployment(
+            run.work / "disk_full_worker", {"LUSAI_STORAGE_ROOT": str(mount), "LUSAI_JOB_MAX_ATTEMPTS": "1"}
+        )
+        try:
+            dep.start("scp", ["scp"])
+            dep.wait_scp()
+            paths = run.cines.burst(min(run.n, DISK_FULL_CINES))
+            statuses = send_burst(dep, paths, threads=1)  # the sources fit; the worker is not up yet
+            accepted = [u for u, s in statuses.items() if s == 0]
+            filler = _fill(mount, leave=64 << 10)
+            dep.start("worker", ["worker"])
+            waited = wait_until(
+                lambda: (
+                    dep.rows("SELECT count(*) FROM jobs WHERE error LIKE 'storage full%'")[0][0]
+                    >= len(accepted)
+                ),
+                run.timeout,
+                1,
+            )
+            time.sleep(45)  # a second round of tries on the full disk (the first countdown is 30 s)
+            states_while_full = dict(Counter(r[0] for r in dep.rows("SELECT state FROM jobs")))
+            filler.unlink()
+            t_free = time.monotonic()
+            recovery = caught_up(dep, accepted, run.timeout)
+            out = books(dep, accepted) | {
+                "sent": len(paths),
+                "jobs_waited_for_space": waited,
+                "job_states_while_full": states_while_full,
+                "max_attempts_after": dep.rows("SELECT max(attempts) FROM jobs")[0][0],
+                "recovery_s": None if recovery is None else round(time.monotonic() - t_free, 1),
+                "what": "sources stored, then the storage filled before the worker wrote any output; "
+                "LUSAI_JOB_MAX_ATTEMPTS=1; space freed after two rounds of tries",
+            }
+            out["ok"] = (
+                recovery is not None and waited and "failed" not in states_while_full
+                and len(accepted) == len(paths)
+            )  # fmt: skip
+            return out
+        finally:
+            dep.close()
+
+
 #: A retrying delivery's next try made due now, far enough back that the recovery sweep resends it.
 DUE_NOW = "UPDATE deliveries SET next_attempt_at = now() - interval '1 hour' WHERE state = 'retrying'"
 
@@ -590,7 +662,10 @@ def fault_pacs_down(run: Run) -> dict[str, Any]:
         t0 = time.monotonic()
         outputs = 2 * len(accepted)
         if not wait_until(
-            lambda: dep.rows("SELECT count(*) FROM deliveries WHERE state = 'retrying'")[0][0] >= outputs,
+            lambda: (
+                dep.rows("SELECT count(*) FROM deliveries WHERE state IN ('retrying', 'waiting')")[0][0]
+                >= outputs
+            ),
             run.timeout,
             1,
         ):
@@ -609,7 +684,7 @@ def fault_pacs_down(run: Run) -> dict[str, Any]:
             if any(s == "dead" for _i, s, _a in rows):
                 break
             behind = [i for i, s, a in rows if s == "retrying" and simulated(a + 1) <= hour]
-            if not behind and all(s == "retrying" for _i, s, _a in rows):
+            if not behind and all(s in ("retrying", "waiting") for _i, s, _a in rows):
                 break
             if behind:
                 with dep.engine.begin() as c:
@@ -622,14 +697,15 @@ def fault_pacs_down(run: Run) -> dict[str, Any]:
         attempts_during_outage = dep.rows("SELECT max(attempts) FROM deliveries")[0][0]
         dep.start_pacs()
         t_fault = time.monotonic()
-        # The PACS is back; each delivery's next try is due by its own backoff (the longest wait is
-        # the real cost of the outage, reported); then make them due now.
-        wait_s = dep.rows(
-            "SELECT coalesce(max(extract(epoch FROM next_attempt_at - now())), 0) FROM deliveries "
+        # The PACS is back. Nothing is made due: the worker's recovery sweep (every 2 s here)
+        # C-ECHOes the destination, finds it back and wakes its retries; each delivery then
+        # releases the next output of its study. (By the backoff alone the first retry would come
+        # first_retry_due_after_return_s later.)
+        first_due_s, last_due_s = dep.rows(
+            "SELECT coalesce(min(extract(epoch FROM next_attempt_at - now())), 0), "
+            "coalesce(max(extract(epoch FROM next_attempt_at - now())), 0) FROM deliveries "
             "WHERE state = 'retrying'"
-        )[0][0]
-        with dep.engine.begin() as c:
-            c.execute(text(DUE_NOW))
+        )[0]
         recovery = caught_up(dep, accepted, run.timeout)
         out = books(dep, accepted)
         # Order per study: each study's outputs arrive in the order their results were made.
@@ -653,11 +729,12 @@ def fault_pacs_down(run: Run) -> dict[str, Any]:
             "dead_during_outage": dead_during_outage,
             "out_of_order_per_study": out_of_order,
             "recovery_s": None if recovery is None else round(time.monotonic() - t_fault, 1),
-            "backoff_wait_after_return_s": round(float(wait_s)),
+            "first_retry_due_after_return_s": round(float(first_due_s)),
+            "last_retry_due_after_return_s": round(float(last_due_s)),
             "what": "storescp stopped; deliveries retried through an hour of simulated backoff; "
-            "storescp started",
+            "storescp started, nothing made due (the sweep's C-ECHO probe finds it)",
         }
-        out["ok"] = recovery is not None and dead_during_outage == 0
+        out["ok"] = recovery is not None and dead_during_outage == 0 and out_of_order == 0
         return out
     finally:
         dep.close()
@@ -721,6 +798,7 @@ FAULTS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "redis_restart": fault_redis_restart,
     "pg_restart": fault_pg_restart,
     "disk_full": fault_disk_full,
+    "disk_full_worker": fault_disk_full_worker,
     "pacs_down": fault_pacs_down,
     "clock_jump": fault_clock_jump,
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import queue
 import threading
@@ -23,7 +24,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from sqlalchemy import Engine, create_engine, insert, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 
 from service.api.auth import Principal
 from service.api.metrics import AUDIT_FAILURES
@@ -36,6 +37,15 @@ log = logging.getLogger("lusai.api")
 _INSERT = insert(AuditEvent)
 _ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
 MAX_BATCH = 500
+
+
+class _Outcome(enum.Enum):
+    """Of one INSERT: REFUSED is the rows' fault (a value the database will not take), so a batch
+    refused is tried again row by row and only the bad row's request is answered 503."""
+
+    COMMITTED = "committed"
+    REFUSED = "refused"
+    UNAVAILABLE = "unavailable"
 
 
 def audit_engine(url: str) -> Engine:
@@ -102,31 +112,43 @@ class AuditWriter:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            ok = self._commit([row for row, _, _ in batch])
-            for _, loop, fut in batch:
+            outcome = self._commit([row for row, _, _ in batch])
+            if outcome is _Outcome.REFUSED and len(batch) > 1:  # one bad row must not fail the rest
+                outcomes = [self._commit([row]) for row, _, _ in batch]
+            else:
+                outcomes = [outcome] * len(batch)
+            results = [o is _Outcome.COMMITTED for o in outcomes]
+            for (_, loop, fut), ok in zip(batch, results, strict=True):
                 with contextlib.suppress(RuntimeError):  # that request's loop is gone: nobody waits
                     loop.call_soon_threadsafe(_resolve, fut, ok)
 
-    def _commit(self, rows: list[dict[str, Any]]) -> bool:
+    def _commit(self, rows: list[dict[str, Any]]) -> _Outcome:
         """Never raises: the writer thread must outlive any database error."""
-        error = "unknown"
+        error, outcome = "unknown", _Outcome.UNAVAILABLE
         for attempt in (1, 2):  # a second try on a fresh connection after a database restart
             try:
                 with self.engine.begin() as conn:
                     if self.async_commit:
                         conn.execute(_ASYNC_COMMIT)
                     conn.execute(_INSERT, rows)
-                return True
+                return _Outcome.COMMITTED
             except DBAPIError as exc:
                 error = type(exc).__name__
                 if attempt == 1 and exc.connection_invalidated:
                     continue
+                refused = isinstance(exc, DataError | IntegrityError | ProgrammingError)
+                if refused or isinstance(exc.orig, ValueError):
+                    outcome = _Outcome.REFUSED
+            except ValueError as exc:  # a value the driver cannot send (a NUL in a string)
+                error, outcome = type(exc).__name__, _Outcome.REFUSED
             except Exception as exc:
                 error = type(exc).__name__
             break
+        if outcome is _Outcome.REFUSED and len(rows) > 1:
+            return outcome  # the caller retries row by row; each bad one is counted then
         AUDIT_FAILURES.inc(len(rows))
         log.error("audit write failed", extra=ctx(rows=len(rows), error=error))
-        return False
+        return outcome
 
 
 def _resolve(fut: asyncio.Future[bool], ok: bool) -> None:

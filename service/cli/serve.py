@@ -63,21 +63,26 @@ def require_model_package(s: Settings) -> None:
     )
 
 
-def start_recovery(runtime: Runtime) -> threading.Event:
-    """This process's recovery sweep: index spooled objects (receive), then the core's re-queues."""
+def start_recovery(runtime: Runtime, *, probe: bool = False) -> threading.Event:
+    """This process's recovery sweep: index spooled objects (receive), then the core's re-queues,
+    and with ``probe`` (a process that delivers) a C-ECHO to destinations waiting for a retry."""
     from service.core import recovery
     from service.receive.spool import drain_spool
 
     steps: list[recovery.Step] = [partial(drain_spool, runtime), *recovery.steps(runtime)]
+    if probe:  # last: a destination that does not answer costs the sweep a connect timeout
+        from workers.deliver import probe_destinations
+
+        steps.append(partial(probe_destinations, runtime))
     return recovery.start_background(steps, interval=runtime.settings.recovery_interval)
 
 
-def run_scp(runtime: Runtime, *, with_recovery: bool = True) -> None:
+def run_scp(runtime: Runtime, *, with_recovery: bool = True, probe: bool = False) -> None:
     """Serve DICOM in this process until SIGTERM/SIGINT."""
     from service.receive.scp import make_server
 
     server = make_server(runtime)
-    stop = start_recovery(runtime) if with_recovery else None
+    stop = start_recovery(runtime, probe=probe) if with_recovery else None
     try:
         server.serve_forever()
     finally:
@@ -193,7 +198,7 @@ def worker(
         require_model_package(s)
     _upgrade_embedded(s)
     with Runtime.from_settings(s) as runtime:  # the recovery sweep's; the Celery worker builds its own
-        start_recovery(runtime)
+        start_recovery(runtime, probe="deliver" in queues.split(","))
         proc = start_worker(s, queues)
         try:
             code = proc.wait()
@@ -218,7 +223,9 @@ def serve() -> None:
     try:
         worker_proc = start_worker(s, "analyze,deliver")
         runtime = Runtime.from_settings(s)  # one for the SCP thread and the API (the worker builds its own)
-        scp_thread = threading.Thread(target=run_scp, args=(runtime,), name="lusai-scp", daemon=True)
+        scp_thread = threading.Thread(
+            target=run_scp, args=(runtime,), kwargs={"probe": True}, name="lusai-scp", daemon=True
+        )
         scp_thread.start()
         log.info(
             "lusai serving",

@@ -12,15 +12,24 @@ Jobs (``new_job`` and ``rerun`` create QUEUED ones)::
     succeed          QUEUED, RUNNING, RETRYING, SUCCEEDED -> SUCCEEDED
     fail             RUNNING                   -> FAILED
     fail_or_retry    RUNNING                   -> RETRYING     (FAILED on the last attempt)
+    retry_when_space RUNNING                   -> RETRYING     attempt given back (FAILED after a day)
     cancel           QUEUED, RUNNING, RETRYING -> CANCELLED
     requeue_stale    RUNNING for too long      -> QUEUED       (FAILED on the last attempt)
 
 Deliveries (``upsert_delivery`` creates PENDING ones)::
 
+    wait_in_line            PENDING, RETRYING          -> WAITING     (an older one of its study is in line)
     start_sending           PENDING, RETRYING (due), SENDING -> SENDING     attempts + 1
     delivered               SENDING                    -> DELIVERED
     fail_or_retry_delivery  SENDING                    -> RETRYING    (DEAD: permanent, last attempt)
+    release_next            WAITING (head of its line) -> PENDING     (after DELIVERED or DEAD)
+    wake_destination        RETRYING                   -> due now     (its destination took one)
     resend                  all but SENDING            -> PENDING     attempts = 0
+
+The outputs of one study reach a destination in the order they were made (their IDs): a
+delivery with an older one of the same study and destination still in line waits, and each
+delivery that ends (delivered or dead) releases the next. A viewer or a PACS rule that keeps
+the latest object of a study then keeps the latest analysis, also after an outage.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, CursorResult, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.util import identity_key
 
 from service.core.logs import ctx
@@ -44,6 +53,13 @@ log = logging.getLogger(__name__)
 ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING)
 TERMINAL_JOB_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 TERMINAL_DELIVERY_STATES = (DeliveryState.DELIVERED, DeliveryState.DEAD)
+#: A delivery in one of these states holds its place in its study's line to its destination.
+IN_LINE_DELIVERY_STATES = (
+    DeliveryState.PENDING,
+    DeliveryState.SENDING,
+    DeliveryState.RETRYING,
+    DeliveryState.WAITING,
+)
 
 #: Attempts before a delivery is dead-lettered (jobs take theirs from ``LUSAI_JOB_MAX_ATTEMPTS``).
 #: With :data:`DELIVERY_BACKOFF` the last one comes about 4 h after the first: a PACS down for an
@@ -55,6 +71,8 @@ DELIVERY_LOST_AFTER = timedelta(minutes=5)
 DELIVERY_SENDING_LOST_AFTER = timedelta(hours=1)
 #: A retry's countdown message may arrive this much before its ``next_attempt_at`` (clocks differ).
 DELIVERY_DUE_SLACK = timedelta(seconds=5)
+#: Retrying deliveries made due at once when their destination has taken an object (per success).
+WAKE_LIMIT = 200
 #: Errors are kept for people to read, not as logs: the start is enough.
 MAX_ERROR_CHARS = 2000
 
@@ -72,7 +90,14 @@ class Backoff:
 
 
 JOB_BACKOFF = Backoff(base_s=10.0, cap_s=300.0)
+#: A job that failed for want of disk space waits at most this long since it was made for room.
+STORAGE_FULL_RETRY_FOR = timedelta(hours=24)
 DELIVERY_BACKOFF = Backoff(base_s=15.0, cap_s=3600.0)
+
+
+def db_now(session: Session) -> datetime:
+    """The clock every transition uses (the database server's on PostgreSQL): see :func:`_now`."""
+    return _now(session, None)
 
 
 def _now(session: Session, now: datetime | None) -> datetime:
@@ -242,6 +267,36 @@ def fail_or_retry(
     return JOB_BACKOFF.delay(attempts) if won and retry else None
 
 
+def retry_when_space(
+    session: Session, job_id: int, error: str, *, now: datetime | None = None
+) -> float | None:
+    """RUNNING -> RETRYING with its attempt given back, returning the countdown: the disk was full,
+    which is the host's failure, not the job's, and an administrator freeing space should find
+    every job still there (with its attempts, a backlog failed for good within minutes).
+
+    The countdown grows with the job's age (a quarter of it, 30 s to :data:`JOB_BACKOFF`'s cap),
+    so a long outage costs one attempt per job every few minutes; a job older than
+    :data:`STORAGE_FULL_RETRY_FOR` goes FAILED (None). None too when it is no longer running.
+    """
+    row = session.execute(select(Job.attempts, Job.created_at).where(Job.id == job_id)).one_or_none()
+    if row is None:
+        return None
+    now = _now(session, now)
+    created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+    age = now - created
+    if age > STORAGE_FULL_RETRY_FOR:
+        fail(session, job_id, f"{error} (waited {STORAGE_FULL_RETRY_FOR} for room)", now=now)
+        return None
+    values = {
+        "state": JobState.RETRYING,
+        "attempts": Job.attempts - 1,
+        "enqueued_at": now,
+        "error": error[:MAX_ERROR_CHARS],
+    }
+    won = _move(session, Job, job_id, (JobState.RUNNING,), values, Job.attempts == row.attempts)
+    return min(JOB_BACKOFF.cap_s, max(30.0, age.total_seconds() / 4)) if won else None
+
+
 def cancel(session: Session, job_id: int, *, now: datetime | None = None) -> bool:
     """QUEUED, RETRYING or RUNNING -> CANCELLED; a running worker then discards its outcome."""
     return _move(
@@ -302,6 +357,26 @@ def requeue_stale(
     return ids
 
 
+def lost_in_broker_restart(session: Session, restarted_at: datetime) -> tuple[list[int], list[int]]:
+    """After a broker restart that kept no messages (Redis without persistence): the QUEUED jobs
+    and PENDING deliveries whose message was sent before ``restarted_at``; returns (job IDs,
+    delivery IDs) to send again now rather than after :func:`requeue_stale`'s ``lost_after``.
+
+    A message that did survive (a persistent broker, or one a worker had already fetched) makes a
+    second one harmless: :func:`claim` and :func:`start_sending` let only one of them work.
+    RETRYING ones are left to their countdowns (already held by a worker) and the sweep.
+    """
+    sent_before = or_(Job.enqueued_at.is_(None), Job.enqueued_at < restarted_at)
+    jobs = session.scalars(select(Job.id).where(Job.state == JobState.QUEUED, sent_before)).all()
+    job_ids = [
+        j for j in jobs if _move(session, Job, j, (JobState.QUEUED,), {"enqueued_at": None}, sent_before)
+    ]
+    deliveries = session.scalars(
+        select(Delivery.id).where(Delivery.state == DeliveryState.PENDING, Delivery.created_at < restarted_at)
+    ).all()
+    return job_ids, list(deliveries)
+
+
 def _requeue_lost(
     session: Session, job_id: int, attempts: int, max_attempts: int, held: ColumnElement[bool], now: datetime
 ) -> bool:
@@ -346,9 +421,13 @@ def upsert_delivery(
     sop_class_uid: str,
     sop_instance_uid: str,
     storage_key: str,
+    study_uid: str | None,
 ) -> int | None:
     """The outbox row of one output to one destination, PENDING; returns its ID to send now, or
-    None when that object is already DELIVERED there (outputs are deterministic: it is the same)."""
+    None when that object is already DELIVERED there (outputs are deterministic: it is the same).
+
+    ``study_uid`` places it in its study's line to that destination (:func:`wait_in_line`).
+    """
     where = (Delivery.destination == destination, Delivery.sop_instance_uid == sop_instance_uid)
     existing = session.scalar(select(Delivery.id).where(*where))
     if existing is None:
@@ -358,6 +437,7 @@ def upsert_delivery(
             sop_class_uid=sop_class_uid,
             sop_instance_uid=sop_instance_uid,
             storage_key=storage_key,
+            study_uid=study_uid,
             state=DeliveryState.PENDING,
             attempts=0,
             created_at=_now(session, None),  # the clock lost_deliveries compares it with
@@ -368,12 +448,109 @@ def upsert_delivery(
     session.execute(
         update(Delivery)
         .where(Delivery.id == existing)
-        .values(result_id=result_id)
+        .values(result_id=result_id, study_uid=study_uid)
         .execution_options(synchronize_session=False)
     )
     not_delivered = [s for s in DeliveryState if s != DeliveryState.DELIVERED]
     values = {"state": DeliveryState.PENDING, "storage_key": storage_key}
     return existing if _move(session, Delivery, existing, not_delivered, values) else None
+
+
+def _line(session: Session, delivery_id: int) -> tuple[str, str] | None:
+    """The (destination, study) line a delivery stands in; None: it stands in none (before 0007)."""
+    row = session.execute(
+        select(Delivery.destination, Delivery.study_uid).where(Delivery.id == delivery_id)
+    ).one_or_none()
+    if row is None or row.study_uid is None:
+        return None
+    return row.destination, row.study_uid
+
+
+def _in_line(destination: str, study_uid: str, row: Any = Delivery) -> ColumnElement[bool]:
+    """``row`` (the Delivery model or an alias of it) stands in this line and holds its place."""
+    return cast(
+        ColumnElement[bool],
+        (row.destination == destination)
+        & (row.study_uid == study_uid)
+        & row.state.in_(IN_LINE_DELIVERY_STATES),
+    )
+
+
+def wait_in_line(session: Session, delivery_id: int) -> bool:
+    """PENDING or RETRYING -> WAITING while an older delivery of the same study to the same
+    destination is still in line; True then: do not send it, :func:`release_next` will.
+
+    The test for an older one is part of the UPDATE, so on SQLite (one writer at a time) a
+    predecessor ends either before it (and is seen as done) or after it (and releases this one).
+    On PostgreSQL the older rows are first read ``FOR SHARE``, which waits for a predecessor
+    being ended right now. Should a WAITING row still head its line, :func:`lost_deliveries`
+    releases it.
+    """
+    line = _line(session, delivery_id)
+    if line is None:
+        return False
+    older = aliased(Delivery)
+    ahead = select(older.id).where(_in_line(*line, older), older.id < delivery_id)
+    if session.get_bind().dialect.name == "postgresql":
+        session.scalars(ahead.with_for_update(read=True)).all()
+    return _move(
+        session,
+        Delivery,
+        delivery_id,
+        (DeliveryState.PENDING, DeliveryState.RETRYING),
+        {"state": DeliveryState.WAITING},
+        ahead.exists(),
+    )
+
+
+def release_next(session: Session, delivery_id: int) -> list[int]:
+    """After a delivery ended (DELIVERED or DEAD): the head of its line, when WAITING, -> PENDING;
+    returns the ID to send (none when the head has a message of its own or the line is empty).
+
+    Call in the transaction that ended it, after the change (see :func:`wait_in_line`)."""
+    line = _line(session, delivery_id)
+    if line is None:
+        return []
+    head = session.scalar(select(Delivery.id).where(_in_line(*line)).order_by(Delivery.id).limit(1))
+    if head is None:
+        return []
+    won = _move(session, Delivery, head, (DeliveryState.WAITING,), {"state": DeliveryState.PENDING})
+    return [head] if won else []
+
+
+def wake_destination(session: Session, destination: str, *, now: datetime | None = None) -> list[int]:
+    """RETRYING deliveries to ``destination`` due later made due now (at most :data:`WAKE_LIMIT`);
+    returns their IDs to send.
+
+    Called when the destination has just taken an object: it is back, and the backoff of each
+    delivery that failed during its outage (up to an hour) need not run out first.
+    """
+    now = _now(session, now)
+    later = (
+        (Delivery.destination == destination)
+        & (Delivery.state == DeliveryState.RETRYING)
+        & (Delivery.next_attempt_at > now + DELIVERY_DUE_SLACK)
+    )
+    ids = list(session.scalars(select(Delivery.id).where(later).order_by(Delivery.id).limit(WAKE_LIMIT)))
+    if not ids:
+        return []
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(ids), later)
+        .values(next_attempt_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return ids
+
+
+def sleeping_destinations(session: Session, *, now: datetime | None = None) -> list[str]:
+    """Destinations with deliveries RETRYING and not due yet: the ones a probe should try, since
+    one that answers again need not wait for the backoff (:func:`wake_destination`)."""
+    now = _now(session, now)
+    later = (Delivery.state == DeliveryState.RETRYING) & (Delivery.next_attempt_at > now + DELIVERY_DUE_SLACK)
+    return list(
+        session.scalars(select(Delivery.destination).where(later).distinct().order_by(Delivery.destination))
+    )
 
 
 def start_sending(session: Session, delivery_id: int, *, now: datetime | None = None) -> bool:
@@ -453,10 +630,32 @@ def resend(session: Session, delivery_id: int, *, now: datetime | None = None) -
 
 
 def lost_deliveries(session: Session, *, now: datetime | None = None) -> list[int]:
-    """Deliveries that should have been attempted by now but were not: send their messages again."""
+    """Deliveries that should have been attempted by now but were not: send their messages again.
+
+    A WAITING delivery that heads its line (its predecessor ended without releasing it: a race
+    :func:`wait_in_line` cannot rule out on SQLite, or a worker killed in between) goes back to
+    PENDING here.
+    """
     now = _now(session, now)
     due_before = now - DELIVERY_LOST_AFTER
-    return list(
+    older = aliased(Delivery)
+    stuck = select(Delivery.id).where(
+        Delivery.state == DeliveryState.WAITING,
+        ~select(older.id)
+        .where(
+            older.destination == Delivery.destination,
+            older.study_uid == Delivery.study_uid,
+            older.id < Delivery.id,
+            older.state.in_(IN_LINE_DELIVERY_STATES),
+        )
+        .exists(),
+    )
+    released = [
+        d
+        for d in session.scalars(stuck).all()
+        if _move(session, Delivery, d, (DeliveryState.WAITING,), {"state": DeliveryState.PENDING})
+    ]
+    return released + list(
         session.scalars(
             select(Delivery.id).where(
                 or_(

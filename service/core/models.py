@@ -58,6 +58,7 @@ class DeliveryState(enum.StrEnum):
     DELIVERED = "delivered"
     RETRYING = "retrying"
     DEAD = "dead"  # gave up after the configured attempts; re-send by hand
+    WAITING = "waiting"  # behind an older output of the same study to the same destination
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -227,6 +228,8 @@ class Delivery(Base):
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(128))
+    # Outputs of one study reach a destination in the order they were made (None: before 0007).
+    study_uid: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[DeliveryState] = mapped_column(
         _enum(DeliveryState, "delivery_state"), default=DeliveryState.PENDING, index=True
     )
@@ -236,7 +239,10 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_delivery_dest_uid"),)
+    __table_args__ = (
+        UniqueConstraint("destination", "sop_instance_uid", name="uq_delivery_dest_uid"),
+        Index("ix_deliveries_destination_study", "destination", "study_uid"),
+    )
 
 
 class ApiKey(Base):

@@ -91,6 +91,25 @@ class TaskQueue:
             DELIVER_TASK, args=[delivery_id], queue=DELIVER_QUEUE, countdown=countdown or None
         )
 
+    def broker_started(self) -> tuple[str, float] | None:
+        """The broker's identity and age: (Redis ``run_id``, seconds up); None for the embedded
+        queue, whose messages are files that outlive any restart.
+
+        A new ``run_id`` means Redis restarted, and one run without persistence (as lusai's
+        deployment docs and ``.ci/run`` start it) lost every message it held.
+        """
+        url = self._settings.broker_url
+        if self._settings.embedded_broker or not url or not url.startswith(("redis://", "rediss://")):
+            return None
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
+        try:
+            info = client.info("server")
+        finally:
+            client.close()
+        return str(info["run_id"]), float(info["uptime_in_seconds"])
+
     def ping(self, timeout: float = 3.0) -> None:
         """Raise if the broker cannot be reached (``/health``, ``lusai check``)."""
         with self.producer.connection_for_write() as conn:

@@ -72,6 +72,43 @@ def requeue_lost_deliveries(runtime: Runtime) -> int:
     return len(ids)
 
 
+class BrokerRestarts:
+    """A sweep step that notices a broker restart (a new Redis ``run_id``) and sends again, at
+    once, the jobs and deliveries whose message went before it; without it they wait for
+    :func:`requeue_stale_jobs`'s ``max(60 s, LUSAI_TASK_TIME_LIMIT)`` (15 min by default)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.run_id: str | None = None
+
+    def __call__(self) -> int:
+        try:
+            started = self.runtime.queue.broker_started()
+        except Exception as exc:  # down: the other steps still run; the restart is seen once it is back
+            log.debug("broker not reachable", extra=ctx(error=type(exc).__name__))
+            return 0
+        if started is None:
+            return 0
+        run_id, uptime_s = started
+        seen, self.run_id = self.run_id, run_id
+        if seen is None or seen == run_id:
+            return 0
+        with self.runtime.db.session() as session:
+            # a few seconds' slack: the database's clock and the broker's uptime are two clocks
+            restarted_at = lifecycle.db_now(session) - timedelta(seconds=uptime_s + 5)
+            job_ids, delivery_ids = lifecycle.lost_in_broker_restart(session, restarted_at)
+        for job_id in job_ids:
+            with self.runtime.db.session() as session:
+                lifecycle.enqueue(session, job_id, self.runtime.queue.enqueue_analysis)
+        for delivery_id in delivery_ids:
+            self.runtime.queue.enqueue_delivery(delivery_id)
+        log.warning(
+            "broker restarted: messages sent before it sent again",
+            extra=ctx(jobs=len(job_ids), deliveries=len(delivery_ids)),
+        )
+        return len(job_ids) + len(delivery_ids)
+
+
 def remove_stale_temp_files(runtime: Runtime, now: float | None = None) -> int:
     """Delete temporary files no receive can still be writing (a killed SCP process leaves them).
 
@@ -95,8 +132,10 @@ def remove_stale_temp_files(runtime: Runtime, now: float | None = None) -> int:
 
 
 def steps(runtime: Runtime) -> list[Step]:
-    """The core's part of a sweep, in order: lost jobs, lost deliveries, abandoned temp files."""
+    """The core's part of a sweep, in order: a broker restart, lost jobs, lost deliveries,
+    abandoned temp files."""
     return [
+        BrokerRestarts(runtime),
         partial(requeue_stale_jobs, runtime),
         partial(requeue_lost_deliveries, runtime),
         partial(remove_stale_temp_files, runtime),

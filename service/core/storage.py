@@ -10,6 +10,7 @@ after ``adopt`` returns cannot lose one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -37,6 +38,28 @@ CHUNK = 1 << 20
 
 class StorageFull(OSError):
     """No space left for an incoming object (maps to DIMSE 0xA700)."""
+
+
+#: errno values that mean "no room": the host's condition, not the object's.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def storage_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says a disk is full: the storage's, or SQLite's file's.
+
+    A job that fails this way is not at fault and is retried once there is room
+    (:func:`service.core.lifecycle.retry_when_space`).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, StorageFull) or (isinstance(current, OSError) and current.errno in NO_SPACE):
+            return True
+        if getattr(current, "sqlite_errorcode", None) == 13:  # SQLITE_FULL: database or disk is full
+            return True
+        current = current.__cause__ or current.__context__ or getattr(current, "orig", None)
+    return False
 
 
 def suffix_of(key: str) -> str:

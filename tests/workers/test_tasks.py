@@ -4,6 +4,7 @@ retried, cancelled), the take-over of a job whose worker process died, and ``del
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -212,6 +213,37 @@ def test_an_error_raised_inside_pydicom_is_recorded_without_its_message(
     assert job.state == JobState.RETRYING and job.error == "ValueError in pydicom.valuerep"
     logged = "\n".join(f"{r.getMessage()} {r.__dict__} {r.exc_text or ''}" for r in caplog.records)
     assert "PHI-" not in logged and "job error" in logged
+
+
+def test_a_full_disk_never_fails_a_job_it_waits_for_room(
+    worker: WorkerRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (bench/chaos/faults.py disk_full): a job whose outputs met a full disk spent an
+    attempt each time and went FAILED after LUSAI_JOB_MAX_ATTEMPTS, minutes into the outage; the
+    administrator who freed space found a backlog of failed jobs to re-run by hand."""
+    from service.core.storage import StorageFull
+
+    scheduled: list[float] = []
+    monkeypatch.setattr(tasks.analyze, "apply_async", lambda **kw: scheduled.append(kw["countdown"]))
+    real = worker.store.put_bytes
+    full = [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))] * 2 + [StorageFull("no space")] * 3
+
+    def put_bytes(*args: Any, **kwargs: Any) -> tuple[str, str, int]:
+        if full:
+            raise full.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker.store, "put_bytes", put_bytes)
+    job_id = _phantom_job(worker, tmp_path)
+    for _ in range(5):  # more failures than LUSAI_JOB_MAX_ATTEMPTS
+        assert tasks.analyze(job_id) == "waiting for space"
+        job = get_row(worker, Job, job_id)
+        assert job.state == JobState.RETRYING and job.attempts == 0 and job.error is not None
+        assert job.error.startswith("storage full")
+    assert len(scheduled) == 5 and all(30 <= c <= lifecycle.JOB_BACKOFF.cap_s for c in scheduled)
+    assert tasks.analyze(job_id) == "succeeded"  # room again
+    job = get_row(worker, Job, job_id)
+    assert job.state == JobState.SUCCEEDED and job.attempts == 1 and _results(worker) == 1
 
 
 def test_a_job_cancelled_while_it_runs_keeps_nothing(

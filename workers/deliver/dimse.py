@@ -11,6 +11,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from service.core.dicom import permanent_failure, stored
 from service.core.settings import Destination, Settings
@@ -22,6 +23,28 @@ class DeliveryError(Exception):
     def __init__(self, message: str, *, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+#: Seconds a probe waits for a destination to accept the TCP connection (a host that is down
+#: drops the SYN; the sweep must not wait the full ACSE timeout for each such destination).
+ECHO_CONNECT_TIMEOUT = 5.0
+
+
+def c_echo(destination: Destination, settings: Settings) -> None:
+    """A C-ECHO (Verification) to ``destination``; raises :class:`DeliveryError` unless it succeeds."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = min(settings.acse_timeout, 10.0)
+    ae.connection_timeout = ECHO_CONNECT_TIMEOUT
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        raise DeliveryError(f"association with {destination} not established")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if not status or "Status" not in status or int(status.Status) != 0:
+        raise DeliveryError("C-ECHO not answered with success")
 
 
 def c_store(path: Path, destination: Destination, settings: Settings) -> None:

@@ -150,7 +150,7 @@ def test_a_worker_clock_hours_off_makes_no_job_or_delivery_look_lost(
         assert lifecycle.claim(s, job, "off-clock:1")
         d = lifecycle.upsert_delivery(
             s, result_id=_result(s, job), destination="PACS@h:104", sop_class_uid="1.2",
-            sop_instance_uid="9.8.7", storage_key="k",
+            sop_instance_uid="9.8.7", storage_key="k", study_uid="1.2.3",
         )  # fmt: skip
     for clock in (offset, timedelta(0)):  # its own sweep, then a sweep on a host with the right time
         _clock_off(monkeypatch, clock)
@@ -449,7 +449,7 @@ DELIVERY_MOVES: dict[str, tuple[DeliveryMove, set[DeliveryState], DeliveryState]
     "delivered": (lambda s, d: lifecycle.delivered(s, d, now=NOW), {D.SENDING}, D.DELIVERED),
     "resend": (
         lambda s, d: lifecycle.resend(s, d, now=NOW),
-        {D.PENDING, D.RETRYING, D.DELIVERED, D.DEAD},
+        {D.PENDING, D.RETRYING, D.DELIVERED, D.DEAD, D.WAITING},
         D.PENDING,
     ),
 }
@@ -532,6 +532,7 @@ def test_upsert_delivery(sessions: sessionmaker[Session], instance_id: int) -> N
             sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
             sop_instance_uid=uid,
             storage_key=key,
+            study_uid="1.2.3",
         )
 
     with sessions.begin() as s:
@@ -564,6 +565,29 @@ def test_lost_deliveries(sessions: sessionmaker[Session]) -> None:
     assert fresh not in lost and retry_due not in lost and sending not in lost
 
 
+@BOTH
+def test_retry_when_space_gives_the_attempt_back_for_a_day(
+    sessions: sessionmaker[Session], instance_id: int
+) -> None:
+    young = _job(sessions, instance_id, J.RUNNING, attempts=3, created_at=NOW - timedelta(minutes=2))
+    older = _job(sessions, instance_id, J.RUNNING, attempts=1, created_at=NOW - timedelta(hours=3))
+    too_old = _job(sessions, instance_id, J.RUNNING, attempts=1, created_at=NOW - timedelta(hours=25))
+    queued = _job(sessions, instance_id, J.QUEUED, attempts=0, created_at=NOW)
+    with sessions.begin() as s:
+        assert (
+            lifecycle.retry_when_space(s, young, "storage full", now=NOW) == 30.0
+        )  # 2 min / 4 -> 30 s floor
+        assert lifecycle.retry_when_space(s, older, "storage full", now=NOW) == lifecycle.JOB_BACKOFF.cap_s
+        assert lifecycle.retry_when_space(s, too_old, "storage full", now=NOW) is None
+        assert lifecycle.retry_when_space(s, queued, "storage full", now=NOW) is None  # not running
+    y = _get_job(sessions, young)
+    assert y.state == J.RETRYING and y.attempts == 2 and y.error == "storage full"
+    assert _get_job(sessions, older).attempts == 0
+    gone = _get_job(sessions, too_old)
+    assert gone.state == J.FAILED and gone.error is not None and "waited 1 day" in gone.error
+    assert _get_job(sessions, queued).state == J.QUEUED
+
+
 def test_claim_takes_over_only_from_the_named_dead_worker(
     sessions: sessionmaker[Session], instance_id: int
 ) -> None:
@@ -578,3 +602,123 @@ def test_claim_takes_over_only_from_the_named_dead_worker(
         assert not lifecycle.claim(s, job_id, "host:3", lost_worker="host:1")
     job = _get_job(sessions, job_id)
     assert job.state == J.RUNNING and job.worker == "host:2" and job.attempts == 2
+
+
+# Order per study ----------------------------------------------------------------------------------
+
+STUDY, OTHER_STUDY, PACS, OTHER_PACS = "1.2.3.1", "1.2.3.2", "PACS@127.0.0.1:104", "ARCH@127.0.0.1:105"
+
+
+@BOTH
+def test_a_study_s_outputs_wait_behind_an_older_one_to_the_same_destination(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Regression (bench/chaos/faults.py pacs_down): after an outage each delivery went when its own
+    retry came due, so 39 of 48 outputs reached PACS before an older output of their study."""
+    head = _delivery(sessions, D.RETRYING, uid="9.1", study_uid=STUDY, next_attempt_at=NOW)
+    behind = _delivery(sessions, D.PENDING, uid="9.2", study_uid=STUDY)
+    last = _delivery(sessions, D.PENDING, uid="9.3", study_uid=STUDY)
+    other_study = _delivery(sessions, D.PENDING, uid="9.4", study_uid=OTHER_STUDY)
+    other_pacs = _delivery(sessions, D.PENDING, uid="9.5", study_uid=STUDY, destination=OTHER_PACS)
+    no_study = _delivery(sessions, D.PENDING, uid="9.6")  # written before 0007: in no line
+    with sessions.begin() as s:
+        assert not lifecycle.wait_in_line(s, head)
+        assert lifecycle.wait_in_line(s, behind) and lifecycle.wait_in_line(s, last)
+        assert not any(lifecycle.wait_in_line(s, d) for d in (other_study, other_pacs, no_study))
+        assert not lifecycle.start_sending(s, behind, now=NOW)  # a waiting one is never sent
+        assert lifecycle.release_next(s, head) == []  # the head has not ended: nobody moves
+    assert _get_delivery(sessions, behind).state == D.WAITING
+    for current, following in ((head, behind), (behind, last), (last, None)):
+        with sessions.begin() as s:
+            assert lifecycle.start_sending(s, current, now=NOW) and lifecycle.delivered(s, current)
+            released = lifecycle.release_next(s, current)
+        assert released == ([] if following is None else [following])
+        if following is not None:  # released exactly once, and now free to go
+            assert _get_delivery(sessions, following).state == D.PENDING
+            with sessions.begin() as s:
+                assert lifecycle.release_next(s, current) == []
+                assert not lifecycle.wait_in_line(s, following)
+
+
+@BOTH
+def test_a_dead_delivery_releases_the_next_and_a_resend_joins_the_line_again(
+    sessions: sessionmaker[Session],
+) -> None:
+    first = _delivery(
+        sessions, D.SENDING, uid="9.1", study_uid=STUDY, attempts=lifecycle.DELIVERY_MAX_ATTEMPTS
+    )
+    second = _delivery(sessions, D.WAITING, uid="9.2", study_uid=STUDY)
+    with sessions.begin() as s:
+        assert lifecycle.fail_or_retry_delivery(s, first, "refused", permanent=True) is None
+        assert lifecycle.release_next(s, first) == [second]
+    with sessions.begin() as s:  # the dead one sent again by hand: it goes first again
+        assert lifecycle.resend(s, first, now=NOW)
+        assert lifecycle.wait_in_line(s, second)
+        assert not lifecycle.wait_in_line(s, first)
+
+
+@BOTH
+def test_a_destination_that_takes_an_object_wakes_its_retrying_deliveries(
+    sessions: sessionmaker[Session],
+) -> None:
+    later = NOW + timedelta(minutes=40)
+    sleeping = [_delivery(sessions, D.RETRYING, uid=f"9.{i}", next_attempt_at=later) for i in range(3)]
+    due = _delivery(sessions, D.RETRYING, uid="9.7", next_attempt_at=NOW)
+    elsewhere = _delivery(sessions, D.RETRYING, uid="9.8", next_attempt_at=later, destination=OTHER_PACS)
+    with sessions.begin() as s:
+        assert lifecycle.wake_destination(s, PACS, now=NOW) == sleeping
+        assert lifecycle.wake_destination(s, PACS, now=NOW) == []  # once
+    assert all(_utc(_get_delivery(sessions, d).next_attempt_at) == NOW for d in sleeping)
+    assert _utc(_get_delivery(sessions, due).next_attempt_at) == NOW
+    assert _utc(_get_delivery(sessions, elsewhere).next_attempt_at) == later
+    with sessions.begin() as s:  # woken means due: the next message sends it
+        assert lifecycle.start_sending(s, sleeping[0], now=NOW)
+
+
+@BOTH
+def test_the_recovery_sweep_releases_a_waiting_delivery_that_heads_its_line(
+    sessions: sessionmaker[Session],
+) -> None:
+    stuck = _delivery(sessions, D.WAITING, uid="9.1", study_uid=STUDY)
+    _delivery(sessions, D.DELIVERED, uid="9.0", study_uid=OTHER_STUDY)
+    behind_stuck = _delivery(sessions, D.WAITING, uid="9.2", study_uid=STUDY)
+    head = _delivery(sessions, D.RETRYING, uid="9.3", study_uid=OTHER_STUDY, next_attempt_at=NOW)
+    behind_head = _delivery(sessions, D.WAITING, uid="9.4", study_uid=OTHER_STUDY)
+    with sessions.begin() as s:
+        lost = lifecycle.lost_deliveries(s, now=NOW)
+    assert lost == [stuck]
+    assert _get_delivery(sessions, stuck).state == D.PENDING
+    assert {_get_delivery(sessions, d).state for d in (behind_stuck, behind_head)} == {D.WAITING}
+    assert head not in lost
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("engine", ["postgres"], indirect=True)
+def test_a_delivery_never_waits_behind_one_that_ends_at_the_same_moment(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Race: the older delivery is marked delivered (and releases the next) while the younger one
+    decides to wait. Whichever order the two transactions take, the younger one ends up free to
+    send: never WAITING with nobody ahead of it."""
+    for i in range(25):
+        older = _delivery(sessions, D.SENDING, uid=f"9.{i}.1", study_uid=f"{STUDY}.{i}")
+        younger = _delivery(sessions, D.PENDING, uid=f"9.{i}.2", study_uid=f"{STUDY}.{i}")
+        gate = threading.Barrier(2)
+
+        def end_older(older: int = older, gate: threading.Barrier = gate) -> None:
+            with sessions.begin() as s:
+                gate.wait()
+                assert lifecycle.delivered(s, older)
+                lifecycle.release_next(s, older)
+
+        def younger_waits(younger: int = younger, gate: threading.Barrier = gate) -> None:
+            with sessions.begin() as s:
+                gate.wait()
+                lifecycle.wait_in_line(s, younger)
+
+        threads = [threading.Thread(target=end_older), threading.Thread(target=younger_waits)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert _get_delivery(sessions, younger).state == D.PENDING, f"round {i}: left waiting"

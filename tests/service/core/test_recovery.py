@@ -3,11 +3,17 @@ abandoned temporary files removed, and a failing step costs one sweep, not the p
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import itertools
+import json
 import logging
 import os
 import socket
+import subprocess
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,7 +29,7 @@ from service.core.models import (
 )
 from service.core.queue import ANALYZE_TASK, DELIVER_TASK, TaskQueue
 from service.core.runtime import Runtime
-from tests.conftest import broker_messages
+from tests.conftest import broker_messages, free_port, which
 from tests.rows import add_delivery, add_instance, add_job
 
 _uids = itertools.count(1)
@@ -179,13 +185,15 @@ def test_a_slow_network_keeps_temporary_files_longer(runtime: Runtime) -> None:
 
 
 def test_the_core_steps_in_order(runtime: Runtime) -> None:
-    steps = recovery.steps(runtime)
+    watch, *steps = recovery.steps(runtime)
+    assert isinstance(watch, recovery.BrokerRestarts) and watch.runtime is runtime
     assert [s.func for s in steps] == [  # type: ignore[attr-defined]
         recovery.requeue_stale_jobs,
         recovery.requeue_lost_deliveries,
         recovery.remove_stale_temp_files,
     ]
     assert all(s.args == (runtime,) for s in steps)  # type: ignore[attr-defined]
+    steps = [watch, *steps]
     recovery.sweep(steps)  # an empty deployment: nothing to do, nothing raised
 
 
@@ -222,3 +230,79 @@ def test_background_sweeps_repeat_until_stopped() -> None:
     stop.set()
     thread.join(5)
     assert not thread.is_alive()
+
+
+@contextlib.contextmanager
+def _own_redis(port: int) -> Iterator[None]:
+    """A redis-server of this test's own on ``port``, keeping nothing on disk (as deployed)."""
+    proc = subprocess.Popen(
+        [
+            which("redis-server"),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            with contextlib.suppress(redis.ConnectionError):
+                if client.ping():
+                    break
+            time.sleep(0.05)
+        client.close()
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.redis
+def test_a_broker_restart_sends_the_messages_it_lost_at_the_next_sweep(runtime: Runtime) -> None:
+    """Regression (bench/chaos/faults.py redis_restart): the jobs whose message Redis lost in a
+    restart waited for requeue_stale's max(60 s, LUSAI_TASK_TIME_LIMIT), 15 min by default."""
+    import redis
+
+    port = free_port()
+    settings = runtime.settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{port}/0"})
+    rt = replace(runtime, settings=settings, queue=TaskQueue(settings))
+    watch = recovery.BrokerRestarts(rt)
+    instance_id = _instance(rt)
+    with _own_redis(port):
+        assert watch() == 0  # the first look only learns who the broker is
+        lost_job = _job(rt, instance_id, JobState.QUEUED, enqueued_at=_ago(seconds=30))
+        unsent = _job(rt, instance_id, JobState.QUEUED)
+        retrying = _job(rt, instance_id, JobState.RETRYING, attempts=1, enqueued_at=_ago(seconds=30))
+        with rt.db.session() as s:
+            lost_delivery = add_delivery(s, DeliveryState.PENDING, created_at=_ago(seconds=30))
+        rt.queue.close()
+    with _own_redis(port):  # restarted: empty
+        assert watch() == 0 + 3  # the job sent before, the one never sent, the pending delivery
+        assert watch() == 0  # once
+        with rt.db.session() as s:
+            fresh = add_job(s, instance_id, JobState.QUEUED, enqueued_at=datetime.now(UTC))
+        client = redis.Redis(port=port)
+        bodies = [
+            json.loads(base64.b64decode(json.loads(m)["body"]))[0]
+            for queue in ("analyze", "deliver")
+            for m in client.lrange(queue, 0, -1)
+        ]
+        client.close()
+        rt.queue.close()
+    assert sorted(bodies) == sorted([[lost_job], [unsent], [lost_delivery]])
+    assert retrying not in {b[0] for b in bodies} and fresh not in {b[0] for b in bodies}
+    assert _jobs(rt)[lost_job].enqueued_at is not None  # stamped again when sent
+
+
+def test_the_embedded_queue_has_no_restart_to_notice(runtime: Runtime) -> None:
+    assert runtime.queue.broker_started() is None
+    assert recovery.BrokerRestarts(runtime)() == 0

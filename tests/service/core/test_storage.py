@@ -107,3 +107,26 @@ def test_adopt_trusts_a_digest_computed_while_receiving(
     with pytest.raises(ValueError):
         store.adopt(bad, ("../../etc/passwd", 1))
     assert bad.exists()  # the caller (ingest) removes what it could not adopt
+
+
+def test_storage_full_recognises_a_full_disk_wherever_it_surfaces() -> None:
+    import errno
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from service.core.storage import StorageFull, storage_full
+
+    enospc = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        raise RuntimeError("writing the SEG") from enospc
+    except RuntimeError as exc:
+        wrapped = exc
+    sqlite_full = sqlite3.OperationalError("database or disk is full")
+    sqlite_full.sqlite_errorcode = 13  # type: ignore[attr-defined]
+    assert storage_full(enospc) and storage_full(wrapped) and storage_full(StorageFull("x"))
+    assert storage_full(OSError(errno.EDQUOT, "quota"))
+    assert storage_full(OperationalError("INSERT", {}, sqlite_full))
+    assert not storage_full(OSError(errno.EIO, "I/O error"))
+    assert not storage_full(ValueError("no"))
+    assert not storage_full(OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked")))

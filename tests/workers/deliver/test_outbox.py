@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -72,6 +72,85 @@ def test_dead_peer_backs_off_then_dead_letters_without_blocking_others(
     d = get_row(runtime, Delivery, dead_id)
     assert d.state == DeliveryState.DEAD and d.attempts == 3
     assert send_delivery(dead_id, runtime=runtime) == ("skipped", None)
+
+
+def test_after_an_outage_a_study_s_outputs_go_in_order_and_at_once(runtime: Runtime, tmp_path: Path) -> None:
+    """Regression (bench/chaos/faults.py pacs_down): each delivery went when its own retry came due
+    (up to an hour after the PACS returned) and most outputs overtook an older one of their study.
+    Now those behind a failing one wait without spending attempts, and the first object the PACS
+    takes releases the next of its study and wakes the other studies' retries."""
+    from tests.conftest import run_storescp
+
+    port = free_port()
+    pacs = f"PACS@127.0.0.1:{port}"
+    line = [stored_delivery(runtime, tmp_path, pacs, seed=s, study_uid="1.2.3.4")[0] for s in (10, 11, 12)]
+    other, _ = stored_delivery(runtime, tmp_path, pacs, seed=13, study_uid="1.2.3.5")
+    queue = runtime.settings.broker_dir / "queue"
+
+    def sent() -> set[str]:  # the deliver messages on the embedded queue since the last call
+        nonlocal seen
+        now = set(queue.iterdir()) if queue.exists() else set()
+        new, seen = now - seen, now
+        return {p.read_text() for p in new}
+
+    seen: set[Path] = set()
+    # the PACS is down
+    assert send_delivery(line[0], runtime=runtime)[0] == "retrying"
+    assert send_delivery(line[1], runtime=runtime) == ("waiting", None)
+    assert send_delivery(line[2], runtime=runtime) == ("waiting", None)
+    assert send_delivery(other, runtime=runtime)[0] == "retrying"
+    assert [get_row(runtime, Delivery, d).attempts for d in line] == [1, 0, 0]
+    sent()
+    with run_storescp(tmp_path / "received", "PACS", "+xa", port=port):
+        _due(runtime, line[0])  # the first retry comes due; the other study's is an hour off
+        with runtime.db.session() as s:
+            d = s.get(Delivery, other)
+            assert d is not None
+            d.next_attempt_at = datetime.now(UTC) + timedelta(hours=1)
+        assert send_delivery(line[0], runtime=runtime) == ("delivered", None)
+        follow = sent()  # released the next of its study, woke the other study's retry
+        assert any(f"[{line[1]}]" in m for m in follow) and any(f"[{other}]" in m for m in follow)
+        assert len(follow) == 2
+        assert send_delivery(other, runtime=runtime)[0] == "delivered"
+        assert send_delivery(line[2], runtime=runtime) == ("skipped", None)  # a stray message
+        assert get_row(runtime, Delivery, line[2]).state == DeliveryState.WAITING  # still behind
+        assert send_delivery(line[1], runtime=runtime)[0] == "delivered"
+        assert any(f"[{line[2]}]" in m for m in sent())
+        assert send_delivery(line[2], runtime=runtime)[0] == "delivered"
+    rows = [get_row(runtime, Delivery, d) for d in line]
+    assert [d.state for d in rows] == [DeliveryState.DELIVERED] * 3
+    assert [d.attempts for d in rows] == [2, 1, 1]
+    assert [r.delivered_at for r in rows] == sorted(r.delivered_at for r in rows)  # type: ignore[type-var]
+
+
+def test_the_sweep_s_probe_wakes_the_retries_of_a_destination_that_answers_again(
+    runtime: Runtime, storescp: tuple[int, Path], tmp_path: Path
+) -> None:
+    """Without new traffic, a PACS back from an outage got each delivery only when its backoff ran
+    out (up to an hour); the recovery sweep's C-ECHO finds it back within one sweep interval."""
+    from workers.deliver import probe_destinations
+
+    port, _ = storescp
+    back, _ = stored_delivery(
+        runtime, tmp_path, f"PACS@127.0.0.1:{port}", seed=20, state=DeliveryState.RETRYING
+    )
+    down, _ = stored_delivery(
+        runtime, tmp_path, f"NOBODY@127.0.0.1:{free_port()}", seed=21, state=DeliveryState.RETRYING
+    )
+    later = datetime.now(UTC) + timedelta(minutes=50)
+    for d_id in (back, down):
+        with runtime.db.session() as s:
+            d = s.get(Delivery, d_id)
+            assert d is not None
+            d.next_attempt_at = later
+    queue = runtime.settings.broker_dir / "queue"
+    assert probe_destinations(runtime) == 1
+    messages = [p.read_text() for p in queue.iterdir()]
+    assert len(messages) == 1 and f"[{back}]" in messages[0]
+    assert get_row(runtime, Delivery, back).next_attempt_at.replace(tzinfo=UTC) <= datetime.now(UTC)  # type: ignore[union-attr]
+    assert get_row(runtime, Delivery, down).next_attempt_at.replace(tzinfo=UTC) == later  # type: ignore[union-attr]
+    assert send_delivery(back, runtime=runtime)[0] == "delivered"
+    assert probe_destinations(runtime) == 0  # nothing sleeps at the live one any more
 
 
 def test_resend_command_revives_dead_deliveries(runtime, storescp, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
