@@ -7,6 +7,9 @@ torch, pydicom and database imports so every stage can be tested alone.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -114,3 +117,11 @@ class Analysis:
             "model": asdict(self.model),
             "timings_ms": dict(self.timings_ms),
         }
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the milliseconds the block took to ``timings[stage]`` (a job records them per stage)."""
+    t = time.perf_counter()
+    yield
+    timings[stage] = round((time.perf_counter() - t) * 1000.0, 2)

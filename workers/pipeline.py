@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +17,7 @@ from pydicom.errors import InvalidDicomError
 
 from service.core.dicom import US_SOP_CLASSES
 from service.core.model_package import DEFAULT_PACKAGE, ModelInfo, ModelPackage, load_package
-from workers.domain import Analysis, VideoFindings
+from workers.domain import Analysis, VideoFindings, timed
 from workers.infer.predict import Predictor
 from workers.infer.refine import RefineConfig, refine
 from workers.infer.scorer import LearnedScorer, ScoreOutput
@@ -63,13 +60,13 @@ class Analyzer:
         """Segment and score every frame; raises :class:`InputError` for unusable input."""
         seg = self.segment(ds)
         timings = seg.timings_ms
-        with _timed(timings, "score"):
+        with timed(timings, "score"):
             findings = video_findings(seg.grid_labels, seg.grid.spacing(), self.score_config, seg.frame_rate)
             findings = with_gradability(findings, seg.grid_frames)
         if self.scorer is not None:
-            with _timed(timings, "score_head"):
+            with timed(timings, "score_head"):
                 findings = _learned_score(findings, self.scorer.score(seg.grid_frames, seg.grid.valid_mask()))
-        with _timed(timings, "labels"):
+        with timed(timings, "labels"):
             labels = seg.grid.to_source(seg.grid_labels)
             probs = _probs_to_source(seg.grid, seg.probabilities) if seg.probabilities is not None else None
         timings["total"] = round(sum(timings.values()), 2)
@@ -92,15 +89,15 @@ class Analyzer:
         if sop_class not in US_SOP_CLASSES:
             raise InputError(f"SOP class {sop_class or '(none)'} is not an ultrasound image")
         timings: dict[str, float] = {}
-        with _timed(timings, "decode"):
+        with timed(timings, "decode"):
             frames = decode_frames(ds)
-        with _timed(timings, "preprocess"):
+        with timed(timings, "preprocess"):
             sector = detect_sector(frames, ds)
             grid = Grid(sector, (frames.shape[1], frames.shape[2]), self.predictor.grid_shape)
             grid_frames = grid.to_grid(frames)
-        with _timed(timings, "infer"):
+        with timed(timings, "infer"):
             grid_labels, probs = self.predictor.predict(grid_frames, probabilities=self.keep_probabilities)
-        with _timed(timings, "refine"):
+        with timed(timings, "refine"):
             grid_labels = refine(grid_frames, grid_labels, self.refine_config)
         return Segmentation(grid, grid_frames, grid_labels, probs, timings, frame_rate(ds))
 
@@ -151,10 +148,3 @@ def _probs_to_source(grid: Grid, probs: np.ndarray) -> np.ndarray:
     n, c = probs.shape[:2]
     flat = grid.to_source(probs.reshape(n * c, *probs.shape[2:]))
     return flat.reshape(n, c, *flat.shape[1:])
-
-
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    t = time.perf_counter()
-    yield
-    timings[stage] = round((time.perf_counter() - t) * 1000.0, 2)

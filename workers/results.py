@@ -6,10 +6,10 @@ outputs' UIDs are deterministic, so a retry rewrites the same objects rather tha
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException
 from sqlalchemy import delete, update
@@ -19,19 +19,11 @@ from service.core.dicom import OutputKind
 from service.core.models import Job, Result
 from service.core.runtime import Runtime
 from service.core.settings import Settings
-from service.core.storage import ObjectStore
-from workers.domain import Analysis
+from workers.domain import Analysis, timed
 from workers.write_dicom.previews import Caption, store_previews
 
 if TYPE_CHECKING:
     from workers.write_dicom.build import Output
-
-
-def _store_dataset(ds: Dataset, store: ObjectStore) -> str:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    key, _sha, _size = store.put_bytes([buf.getvalue()])
-    return key
 
 
 #: What copying a malformed source header into the outputs raises: pydicom's BytesLengthException
@@ -47,11 +39,20 @@ SOURCE_VALUE_ERRORS = (
 )
 
 
-def build_result_outputs(source: Dataset, analysis: Analysis, settings: Settings) -> list[Output]:
-    """SEG and SR always; the burned-in overlay SC when enabled (it needs the frames decoded again)."""
+def build_result_outputs(
+    source: Dataset, analysis: Analysis, settings: Settings, timings: dict[str, float] | None = None
+) -> list[tuple[Output, bytes]]:
+    """SEG and SR always; the burned-in overlay SC when enabled (it needs the frames decoded again);
+    each with its Part 10 file, encoded once: the bytes validated are the bytes stored and sent.
+
+    ``timings`` gets the milliseconds of ``build`` and ``validate`` (the job records them: they
+    cost more than the analysis on small cines).
+    """
     from workers.preprocess import InputError
     from workers.write_dicom.build import OutputOptions, build_outputs
-    from workers.write_dicom.validate import OutputValidationError
+    from workers.write_dicom.validate import OutputValidationError, encode, validate_outputs
+
+    timings = {} if timings is None else timings
 
     frames = None
     if settings.overlay_sc:
@@ -59,9 +60,17 @@ def build_result_outputs(source: Dataset, analysis: Analysis, settings: Settings
 
         frames = decode_frames(source)
     try:
-        return build_outputs(
-            source, analysis, frames_rgb=frames, options=OutputOptions(uid_root=settings.uid_root)
-        )
+        with timed(timings, "build"):
+            outputs = build_outputs(
+                source,
+                analysis,
+                frames_rgb=frames,
+                options=OutputOptions(uid_root=settings.uid_root, validate=False),
+            )
+            encoded = [encode(o.dataset) for o in outputs]
+        with timed(timings, "validate"):
+            validate_outputs(source, [o.dataset for o in outputs], encoded=encoded)
+        return list(zip(outputs, encoded, strict=True))
     except InputError:
         raise
     except (*SOURCE_VALUE_ERRORS, OutputValidationError) as exc:
@@ -76,25 +85,23 @@ def build_result_outputs(source: Dataset, analysis: Analysis, settings: Settings
 
 @dataclass(frozen=True)
 class Saved:
-    """A saved result: its row, the deliveries to send now, and its SEG (for the previews)."""
+    """A saved result: its row and the deliveries to send now."""
 
     result_id: int
     delivery_ids: list[int]
-    seg: Dataset | None
 
 
 def save_result(job_id: int, analysis: Analysis, source: Dataset, *, runtime: Runtime) -> Saved | None:
     """Write outputs and rows; None if the job was cancelled (or deleted) while it ran and nothing
     was kept. Previews come after, with :func:`save_previews`, once the deliveries are on their way."""
     settings, store = runtime.settings, runtime.store
-    outputs = build_result_outputs(source, analysis, settings)
-    stored = [(o, _store_dataset(o.dataset, store)) for o in outputs]
+    timings = dict(analysis.timings_ms)
+    built = build_result_outputs(source, analysis, settings, timings)
+    with timed(timings, "store"):
+        stored = [(o, store.put_bytes([data])[0]) for o, data in built]
     f = analysis.findings
-    seg = next((o.dataset for o in outputs if o.kind == OutputKind.SEG), None)
     with runtime.db.session() as session:
-        won = lifecycle.succeed(
-            session, job_id, model_version=analysis.model.version, timings_ms=analysis.timings_ms
-        )
+        won = lifecycle.succeed(session, job_id, model_version=analysis.model.version, timings_ms=timings)
         job = session.get(Job, job_id)
         if not won or job is None:
             return None  # cancelled while running: keep nothing, send nothing
@@ -140,25 +147,27 @@ def save_result(job_id: int, analysis: Analysis, source: Dataset, *, runtime: Ru
                 if delivery_id is not None:  # None: the identical object is already in PACS
                     delivery_ids.append(delivery_id)
         result_id = result.id
-    return Saved(result_id, delivery_ids, seg)
+    return Saved(result_id, delivery_ids)
 
 
-def save_previews(
-    result_id: int, analysis: Analysis, source: Dataset, seg: Dataset | None, *, runtime: Runtime
-) -> None:
-    """Render the previews of a saved result and record their keys (or why there are none).
+def save_previews(result_id: int, *, runtime: Runtime) -> bool:
+    """Render the previews of a saved result from its stored source and SEG, and record their keys
+    (or why there are none); False when the result is gone (re-analysed or deleted meanwhile).
 
-    Called after the SEG and SR are on their way to PACS: rendering a cine costs about as much as
-    building its SEG, and no reader should wait for the REST API's pictures. Until then the API
-    answers 404 for the previews of this result.
+    Its own task, queued behind the result's deliveries: rendering a cine costs about as much as
+    building its SEG, and neither PACS nor the next job should wait for the REST API's pictures.
+    Until it has run the API answers 404 for the previews of this result.
     """
+    with runtime.db.session() as session:
+        r = session.get(Result, result_id)
+        if r is None:
+            return False
+        source_key, seg_key, key_frame = r.job.instance.storage_key, r.seg_storage_key, r.key_frame
+        caption = Caption(r.score, f"{r.model_name} {r.model_version}", r.ungradable_reason)
+    source = pydicom.dcmread(runtime.store.path(source_key))
+    seg = pydicom.dcmread(runtime.store.path(seg_key)) if seg_key else None
     previews = store_previews(
-        runtime.store,
-        source,
-        seg,
-        Caption.of(analysis),
-        key_frame=analysis.findings.key_frame,
-        settings=runtime.settings,
+        runtime.store, source, seg, caption, key_frame=key_frame, settings=runtime.settings
     )
     with runtime.db.session() as session:
         session.execute(
@@ -171,6 +180,7 @@ def save_previews(
                 preview_error=previews.error,
             )
         )
+    return True
 
 
 def _record(result: Result, output: Output, key: str) -> None:

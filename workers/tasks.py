@@ -19,7 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from service.core import lifecycle
 from service.core.logs import ctx
 from service.core.models import Job, JobState
-from service.core.queue import ANALYZE_TASK, DELIVER_TASK
+from service.core.queue import ANALYZE_TASK, DELIVER_TASK, PREVIEWS_TASK
 from service.core.runtime import Runtime
 from service.core.storage import storage_full
 from workers.celery_app import LusaiTask, app
@@ -120,15 +120,26 @@ def analyze(self: LusaiTask, job_id: int) -> str:
         return "cancelled"
     for delivery_id in saved.delivery_ids:
         runtime.queue.enqueue_delivery(delivery_id)
+    try:  # behind the deliveries on their queue: PACS never waits for the REST API's pictures
+        runtime.queue.enqueue_previews(saved.result_id)
+    except Exception as exc:  # the job has succeeded; its previews answer 404 until a re-run
+        log.warning("previews not queued", extra=ctx(job_id=job_id, error=type(exc).__name__))
     log.info(
         "job succeeded",
         extra=ctx(job_id=job_id, score=analysis.findings.score, ms=round((time.perf_counter() - t0) * 1000)),
     )
-    try:  # after the deliveries: PACS never waits for the REST API's pictures
-        save_previews(saved.result_id, analysis, source, saved.seg, runtime=runtime)
-    except Exception as exc:  # the job has succeeded; its previews answer 404 until a re-run
-        log.warning("previews not stored", extra=ctx(job_id=job_id, error=type(exc).__name__))
     return "succeeded"
+
+
+@app.task(name=PREVIEWS_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def previews(self: LusaiTask, result_id: int) -> str:
+    """The REST API's pictures of a result (PNG key frame, GIF/WebP loops); idempotent."""
+    try:
+        return "stored" if save_previews(result_id, runtime=self.runtime) else "gone"
+    except Exception as exc:  # never retried: its previews answer 404 until a re-run
+        error, _ = _describe(exc)
+        log.warning("previews not stored", extra=ctx(result_id=result_id, error=error))
+        return "failed"
 
 
 #: Libraries whose exception messages quote DICOM element values, which can be patient data.

@@ -188,7 +188,7 @@ def worker_argv(s: Settings, queues: str) -> list[str]:
 @app.command()
 def worker(
     queues: Annotated[
-        str, typer.Option(help="Comma list of queues: analyze (GPU/CPU), deliver (network).")
+        str, typer.Option(help="Comma list of queues: analyze (GPU/CPU), deliver (network, then previews).")
     ] = ("analyze,deliver"),
 ) -> None:
     """Run a Celery worker (prefetch 1, late acks) on the configured broker."""

@@ -632,9 +632,8 @@ def resend(session: Session, delivery_id: int, *, now: datetime | None = None) -
 def lost_deliveries(session: Session, *, now: datetime | None = None) -> list[int]:
     """Deliveries that should have been attempted by now but were not: send their messages again.
 
-    A WAITING delivery that heads its line (its predecessor ended without releasing it: a race
-    :func:`wait_in_line` cannot rule out on SQLite, or a worker killed in between) goes back to
-    PENDING here.
+    A WAITING delivery that heads its line goes back to PENDING here: a safety net, since every
+    path that ends a delivery releases the next in its own transaction (:func:`release_next`).
     """
     now = _now(session, now)
     due_before = now - DELIVERY_LOST_AFTER

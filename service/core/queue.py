@@ -17,6 +17,7 @@ from service.core.settings import Settings
 
 ANALYZE_TASK = "lusai.analyze"
 DELIVER_TASK = "lusai.deliver"
+PREVIEWS_TASK = "lusai.previews"
 ANALYZE_QUEUE = "analyze"
 DELIVER_QUEUE = "deliver"
 
@@ -35,7 +36,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.task_time_limit,
         "task_soft_time_limit": max(settings.task_time_limit - 30, 5),
         "task_default_queue": ANALYZE_QUEUE,
-        "task_routes": {ANALYZE_TASK: {"queue": ANALYZE_QUEUE}, DELIVER_TASK: {"queue": DELIVER_QUEUE}},
+        # Previews go behind the deliveries of the same result: PACS never waits for them.
+        "task_routes": {
+            ANALYZE_TASK: {"queue": ANALYZE_QUEUE},
+            DELIVER_TASK: {"queue": DELIVER_QUEUE},
+            PREVIEWS_TASK: {"queue": DELIVER_QUEUE},
+        },
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
@@ -109,6 +115,10 @@ class TaskQueue:
         finally:
             client.close()
         return str(info["run_id"]), float(info["uptime_in_seconds"])
+
+    def enqueue_previews(self, result_id: int) -> None:
+        """Render a result's previews for the REST API, behind its deliveries (same queue)."""
+        self.producer.send_task(PREVIEWS_TASK, args=[result_id], queue=DELIVER_QUEUE)
 
     def ping(self, timeout: float = 3.0) -> None:
         """Raise if the broker cannot be reached (``/health``, ``lusai check``)."""

@@ -24,7 +24,7 @@ from service.core import lifecycle
 from service.core.ingest import ingest_file
 from service.core.model_package import DEFAULT_PACKAGE, load_package
 from service.core.models import Delivery, DeliveryState, Job, JobState, Result
-from service.core.queue import DELIVER_TASK
+from service.core.queue import DELIVER_TASK, PREVIEWS_TASK
 from service.core.runtime import Runtime
 from tests.conftest import broker_messages, free_port
 from tests.factories import phantom_cine_file, save, us_cine
@@ -84,12 +84,19 @@ def test_a_job_runs_once_and_a_finished_one_is_skipped(worker: WorkerRuntime, tm
     assert job.state == JobState.SUCCEEDED and job.attempts == 1
     assert job.worker == f"{HOST}:{os.getpid()}" and job.model_version == worker.analyzer.model.version
     assert _results(worker) == 1
-    # the previews are rendered after the deliveries are sent, and recorded on the result
+    # the previews are a task of their own (queued), rendered from the stored source and SEG
+    with worker.db.session() as s:
+        result = s.scalars(select(Result)).one()
+    assert result.preview_png_key is None
+    [message] = [m for m in broker_messages(worker.settings) if m.task == PREVIEWS_TASK]
+    assert message.args == [result.id]
+    assert tasks.previews(result.id) == "stored"
     with worker.db.session() as s:
         result = s.scalars(select(Result)).one()
         keys = (result.preview_png_key, result.preview_gif_key, result.preview_webp_key)
     assert all(keys) and result.preview_error is None
     assert all(worker.store.path(k).is_file() for k in keys if k)
+    assert tasks.previews(result.id + 1) == "gone"
     # acks_late redelivers a message whose worker died after finishing: nothing is done twice.
     assert tasks.analyze(job_id) == "skipped"
     assert get_row(worker, Job, job_id).attempts == 1 and _results(worker) == 1
@@ -104,8 +111,11 @@ def test_a_result_with_a_destination_queues_its_deliveries(runtime: Runtime, tmp
         with worker.db.session() as s:
             deliveries = sorted(s.scalars(select(Delivery.id)))
         assert deliveries  # SEG and SR (and whatever else the settings send)
-        sent = [m.args[0] for m in broker_messages(pacs) if m.task == DELIVER_TASK]
+        messages = broker_messages(pacs)
+        sent = [m.args[0] for m in messages if m.task == DELIVER_TASK]
         assert sorted(sent) == deliveries
+        # the previews are a message of their own on the same queue, sent after the deliveries
+        assert [m.task for m in messages].count(PREVIEWS_TASK) == 1
     finally:
         LusaiTask.release()
 

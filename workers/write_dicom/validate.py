@@ -13,6 +13,7 @@ Tool messages may quote attribute values; they are returned, never logged.
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import subprocess
@@ -96,11 +97,24 @@ def parse_dicom3tools(output: str, check: str, subject: str) -> ValidationResult
 
 
 def _run(args: list[str]) -> str:
+    return _collect(_start(args))
+
+
+def _start(args: list[str]) -> subprocess.Popen[str]:
     # errors="replace": dciodvfy quotes the values it checks, and a source's bytes need not be UTF-8.
-    proc = subprocess.run(
-        args, capture_output=True, text=True, errors="replace", timeout=_TIMEOUT_S, check=False
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
     )
-    return proc.stdout + proc.stderr
+
+
+def _collect(proc: subprocess.Popen[str]) -> str:
+    try:
+        out, _ = proc.communicate(timeout=_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        return f"Error - validator timed out after {_TIMEOUT_S} s\n{out}"
+    return out
 
 
 def _subject(ds: Dataset) -> str:
@@ -146,26 +160,49 @@ def reread(path: Path, subject: str) -> ValidationResult:
     return result
 
 
+def encode(ds: Dataset) -> bytes:
+    """The Part 10 file of ``ds``: written once, validated, then stored and sent as these bytes."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def validate_outputs(
-    source: Dataset, outputs: Sequence[Dataset], *, workdir: Path | None = None
+    source: Dataset,
+    outputs: Sequence[Dataset],
+    *,
+    encoded: Sequence[bytes] | None = None,
+    workdir: Path | None = None,
 ) -> list[ValidationResult]:
-    """Run all checks; raises :class:`OutputValidationError` when any check has errors."""
+    """Run all checks; raises :class:`OutputValidationError` when any check has errors.
+
+    ``encoded`` are the outputs' files as they will be stored (:func:`encode`); without it they
+    are encoded here. The dicom3tools checks run as concurrent processes while this process
+    re-reads each file, so the checks take about as long as the slowest of them.
+    """
+    files = list(encoded) if encoded is not None else [encode(ds) for ds in outputs]
+    if len(files) != len(outputs):
+        raise ValueError("one encoded file per output is needed")
     with tempfile.TemporaryDirectory(prefix="lusai-validate-", dir=workdir) as tmp:
         folder = Path(tmp)
         src_path = folder / "source.dcm"
         src_meta = metadata_copy(source)  # no pixel data, so any transfer syntax's metadata fits
         src_meta.file_meta = file_meta(source.SOPClassUID, source.SOPInstanceUID)
         src_meta.save_as(src_path, enforce_file_format=True)
-        results: list[ValidationResult] = []
         paths = []
-        for i, ds in enumerate(outputs):
+        for i, data in enumerate(files):
             path = folder / f"out{i}.dcm"
-            ds.save_as(path, enforce_file_format=True)
+            path.write_bytes(data)
             paths.append(path)
-            subject = _subject(ds)
-            results.append(dciodvfy(path, subject))
-            results.append(reread(path, subject))
-        results.append(dcentvfy([src_path, *paths]))
+        subjects = [_subject(ds) for ds in outputs]
+        iod_checks = [_start([_require("dciodvfy"), "-new", str(p)]) for p in paths]
+        entity_check = _start([_require("dcentvfy"), str(src_path), *map(str, paths)])
+        rereads = [reread(p, subject) for p, subject in zip(paths, subjects, strict=True)]
+        results: list[ValidationResult] = []
+        for proc, subject, reread_result in zip(iod_checks, subjects, rereads, strict=True):
+            results.append(parse_dicom3tools(_collect(proc), "dciodvfy", subject))
+            results.append(reread_result)
+        results.append(parse_dicom3tools(_collect(entity_check), "dcentvfy", "entities"))
     n_errors = sum(len(r.errors) for r in results)
     log.info("validated %d output(s): %d error(s)", len(outputs), n_errors)
     if n_errors:

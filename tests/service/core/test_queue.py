@@ -15,6 +15,7 @@ from service.core.queue import (
     ANALYZE_TASK,
     DELIVER_QUEUE,
     DELIVER_TASK,
+    PREVIEWS_TASK,
     TaskQueue,
     celery_config,
 )
@@ -28,6 +29,7 @@ def test_both_brokers_route_each_task_to_its_queue_and_ack_late(tmp_path: Path) 
         assert conf["task_routes"] == {
             ANALYZE_TASK: {"queue": ANALYZE_QUEUE},
             DELIVER_TASK: {"queue": DELIVER_QUEUE},
+            PREVIEWS_TASK: {"queue": DELIVER_QUEUE},  # behind the deliveries, off the analysis queue
         }
         assert conf["task_default_queue"] == ANALYZE_QUEUE
         assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
