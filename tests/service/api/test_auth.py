@@ -163,12 +163,21 @@ def test_audit_failure_withholds_data(
     sqlite_api: Api, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     seed_study(sqlite_api, tmp_path, zones=[("LUS R1", 2)], patient_id="SECRET-PAT-88", with_seg=False)
+    before = _audit_failures(sqlite_api)  # a process-wide counter: other tests count too
     with sqlite_api.session() as s:
         s.execute(text("DROP TABLE audit_events"))  # the audit log cannot be written any more
     r = sqlite_api.get("/api/v1/studies")
     _problem(r, 503, "audit-unavailable")
     assert "SECRET-PAT-88" not in r.text
-    assert "lusai_audit_write_failures_total 1.0" in sqlite_api.client.get("/metrics").text
+    assert _audit_failures(sqlite_api) == before + 1
+
+
+def _audit_failures(api: Api) -> float:
+    """lusai_audit_write_failures_total as /metrics shows it (0 before the first failure)."""
+    for line in api.client.get("/metrics").text.splitlines():
+        if line.startswith("lusai_audit_write_failures_total "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def test_concurrent_requests_are_all_audited(api: Api, tmp_path: Path) -> None:
