@@ -89,7 +89,12 @@ class Settings(BaseSettings):
     max_object_bytes: int = Field(
         2 * 1024**3, ge=1024, description="Largest object accepted; bigger ones are refused (0xA700)."
     )
-    max_associations: int = Field(32, ge=1, description="Concurrent associations per SCP process.")
+    max_associations: int = Field(
+        64,
+        ge=1,
+        description="Concurrent associations per SCP process (one thread each; more are refused, "
+        "transiently). A ward's PACS routing may hold 50 open at once.",
+    )
     max_pdu: int = Field(131072, ge=0, description="Maximum PDU size we accept (bytes, 0 = unlimited).")
     acse_timeout: float = Field(30.0, gt=0, description="ACSE timeout (s).")
     dimse_timeout: float = Field(60.0, gt=0, description="DIMSE timeout (s).")
