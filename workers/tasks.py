@@ -23,7 +23,7 @@ from service.core.queue import ANALYZE_TASK, DELIVER_TASK, PREVIEWS_TASK
 from service.core.runtime import Runtime
 from service.core.storage import storage_full
 from workers.celery_app import LusaiTask, app
-from workers.results import save_previews, save_result
+from workers.results import SOURCE_VALUE_ERRORS, save_previews, save_result
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,15 @@ def analyze(self: LusaiTask, job_id: int) -> str:
                 f"package {m.package_sha256[:12]})"
             )
         source = pydicom.dcmread(runtime.store.path(storage_key))
-        analysis = analyzer.analyze(source)
+        try:
+            analysis = analyzer.analyze(source)
+        except SOURCE_VALUE_ERRORS as exc:
+            error, raised_by_pydicom = _describe(exc)
+            if not raised_by_pydicom:
+                raise  # lusai's own error: logged with its traceback, retried
+            # A header value of the source pydicom cannot convert (a length that does not fit its
+            # VR, an unknown VR): the same on every attempt (found by bench/chaos/fuzz.py).
+            raise InputError(f"a header value of the source cannot be read ({error})") from exc
         saved = save_result(job_id, analysis, source, runtime=runtime)
     except SoftTimeLimitExceeded:
         _fail_or_retry(self, job_id, "time limit exceeded")

@@ -18,7 +18,6 @@ Full size: 10,000 mutants through the SCP and 2,000 over REST; ``--quick``: 160 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -42,6 +41,7 @@ from pynetdicom import AE, _config  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
 from bench.chaos.mutate import PHI_MARKERS, SOP_CLASSES, SYNTAXES, Mutant, make  # noqa: E402
+from service.cli.serve import process_tree  # noqa: E402
 from tests.test_production import Procs  # noqa: E402
 
 _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are, never re-encoded
@@ -67,17 +67,6 @@ def wait_port(port: int, timeout: float = 90) -> None:
 
 
 # --- process watch -------------------------------------------------------------------------------
-
-
-def _tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*/children"):
-            with contextlib.suppress(OSError):  # the process just exited
-                todo += [int(c) for c in task.read_text().split()]
-    return out
 
 
 def _hwm_kib(pid: int) -> int:
@@ -106,7 +95,10 @@ class Watch(threading.Thread):
 
     def run(self) -> None:
         while not self.halt.wait(0.5):
-            self.sample()
+            try:
+                self.sample()
+            except Exception as exc:  # a sample lost; the watch goes on (it ended on a vanished pid)
+                print(f"process watch: sample failed ({type(exc).__name__})", file=sys.stderr)
 
     def sample(self) -> None:
         for name, proc in list(self.procs.items()):
@@ -114,7 +106,7 @@ class Watch(threading.Thread):
                 if name not in self.stopping and name not in self.died:
                     self.died[name] = int(proc.returncode)
                 continue
-            for pid in _tree(proc.pid):
+            for pid in (proc.pid, *process_tree(proc.pid)):
                 self.peak_kib[name] = max(self.peak_kib[name], _hwm_kib(pid))
 
 

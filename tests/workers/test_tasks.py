@@ -208,7 +208,8 @@ def test_an_error_raised_inside_pydicom_is_recorded_without_its_message(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """pydicom's messages quote element values: the job's error and the log name only the type."""
+    """pydicom's messages quote element values: the job's error and the log name only the type
+    (and a value pydicom cannot convert is the source's fault: failed at once, not retried)."""
 
     def analyze(_source: pydicom.Dataset) -> Analysis:
         pydicom.valuerep.DA("PHI-MARKER-19")  # raises ValueError quoting the value
@@ -218,11 +219,34 @@ def test_an_error_raised_inside_pydicom_is_recorded_without_its_message(
     monkeypatch.setattr(tasks.analyze, "apply_async", lambda **kw: None)
     job_id = _phantom_job(worker, tmp_path)
     with caplog.at_level("INFO"):
-        assert tasks.analyze(job_id) == "error"
+        assert tasks.analyze(job_id) == "failed"
     job = get_row(worker, Job, job_id)
-    assert job.state == JobState.RETRYING and job.error == "ValueError in pydicom.valuerep"
+    cause = "ValueError in pydicom.valuerep"
+    assert job.state == JobState.FAILED
+    assert job.error == f"input rejected: a header value of the source cannot be read ({cause})"
     logged = "\n".join(f"{r.getMessage()} {r.__dict__} {r.exc_text or ''}" for r in caplog.records)
-    assert "PHI-" not in logged and "job error" in logged
+    assert "PHI-" not in logged and "unusable input" in logged
+
+
+def test_a_header_value_pydicom_cannot_convert_fails_the_job_at_once(
+    worker: WorkerRuntime, tmp_path: Path
+) -> None:
+    """Regression (bench/chaos/fuzz.py at full size): a FrameTime (or region spacing) whose length
+    does not fit its VR raised BytesLengthException inside pydicom while the worker read it; the
+    job was retried as transient (3 attempts, minutes of backoff) and failed without saying why."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds = pydicom.dcmread(phantom_cine_file(tmp_path / "cine.dcm", frames=4))
+    frame_time = Tag(0x00181063)
+    ds._dict[frame_time] = RawDataElement(frame_time, "US", 3, b"\x01\x02\x03", 0, False, True)
+    ds.save_as(tmp_path / "bad.dcm")
+    job_id = _job(worker, tmp_path / "bad.dcm")
+    assert tasks.analyze(job_id) == "failed"
+    job = get_row(worker, Job, job_id)
+    assert job.state == JobState.FAILED and job.attempts == 1
+    cause = "BytesLengthException in pydicom.hooks"
+    assert job.error == f"input rejected: a header value of the source cannot be read ({cause})"
 
 
 def test_a_full_disk_never_fails_a_job_it_waits_for_room(
