@@ -68,6 +68,8 @@ from pydicom.uid import generate_uid  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
+from tests.conftest import free_port  # noqa: E402
+
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 CALLING_AE = "SCANNER"
@@ -77,12 +79,6 @@ MODES = ("embedded", "production")
 STAGE_ORDER = (
     "decode", "preprocess", "infer", "refine", "score", "score_head", "labels", "build", "validate", "store",
 )  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 120, alive: Callable[[], bool] = lambda: True) -> None:

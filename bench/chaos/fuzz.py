@@ -42,18 +42,13 @@ from sqlalchemy import create_engine, text  # noqa: E402
 
 from bench.chaos.mutate import PHI_MARKERS, SOP_CLASSES, SYNTAXES, Mutant, make  # noqa: E402
 from service.cli.serve import process_tree  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 from tests.test_production import Procs  # noqa: E402
 
 _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are, never re-encoded
 DIMSE_TIMEOUT = 60.0
 PER_ASSOCIATION = 40
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 90) -> None:
