@@ -77,6 +77,23 @@ def start_recovery(runtime: Runtime, *, probe: bool = False) -> threading.Event:
     return recovery.start_background(steps, interval=runtime.settings.recovery_interval)
 
 
+def run_api(runtime: Runtime) -> None:
+    """Serve the REST API in this process until SIGTERM/SIGINT (uvicorn handles the signal)."""
+    import uvicorn
+
+    from service.api.main import create_app
+
+    s = runtime.settings
+    uvicorn.run(
+        create_app(runtime),
+        host=s.api_host,
+        port=s.api_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=math.ceil(s.shutdown_grace),  # a slow client cannot hold the stop
+    )
+
+
 def run_scp(runtime: Runtime, *, with_recovery: bool = True, probe: bool = False) -> None:
     """Serve DICOM in this process until SIGTERM/SIGINT."""
     from service.receive.scp import make_server
@@ -142,21 +159,10 @@ def scp(
 @app.command()
 def api() -> None:
     """Run the REST API alone (uvicorn)."""
-    import uvicorn
-
     s = _settings()
     _upgrade_embedded(s)
-    from service.api.main import create_app
-
     with Runtime.from_settings(s) as runtime:
-        uvicorn.run(
-            create_app(runtime),
-            host=s.api_host,
-            port=s.api_port,
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=math.ceil(s.shutdown_grace),  # a slow client cannot hold the stop
-        )
+        run_api(runtime)
 
 
 def worker_argv(s: Settings, queues: str) -> list[str]:
@@ -214,10 +220,6 @@ def serve() -> None:
     s = _settings()
     require_model_package(s)
     _upgrade_embedded(s)
-    import uvicorn
-
-    from service.api.main import create_app
-
     worker_proc: subprocess.Popen[bytes] | None = None
     runtime: Runtime | None = None
     try:
@@ -238,14 +240,7 @@ def serve() -> None:
         )
         # uvicorn handles SIGTERM itself, then raises it again once it has shut down: the handler
         # installed above turns that into KeyboardInterrupt, so the worker is stopped below.
-        uvicorn.run(
-            create_app(runtime),
-            host=s.api_host,
-            port=s.api_port,
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=math.ceil(s.shutdown_grace),  # a slow client cannot hold the stop
-        )
+        run_api(runtime)
     except KeyboardInterrupt:
         pass
     finally:
