@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 
+from service.cli import stopping
 from service.cli.app import app
 from service.core.libraries import configure_libraries
 from service.core.logs import configure_logging, ctx
@@ -103,13 +104,15 @@ def run_scp(runtime: Runtime, *, with_recovery: bool = True, probe: bool = False
     try:
         server.serve_forever()
     finally:
+        if threading.current_thread() is threading.main_thread():  # the scp commands, not serve's thread
+            stopping.acknowledge()
         if stop is not None:
             stop.set()
         server.server_close()
 
 
 def _scp_child(reserved: int) -> None:  # multiprocessing target; no recovery thread but in #0
-    _install_term_handler(once=True)  # the parent's SIGTERM: stop accepting, let associations finish
+    stopping.install(once=True)  # the parent's SIGTERM: stop accepting, let associations finish
     with contextlib.suppress(KeyboardInterrupt), Runtime.from_settings(_settings()) as runtime:
         run_scp(runtime, with_recovery=reserved == 0)
 
@@ -125,7 +128,7 @@ def scp(
     s = _settings()
     _upgrade_embedded(s)
     if processes <= 1:
-        _install_term_handler(once=True)
+        stopping.install(once=True)
         with contextlib.suppress(KeyboardInterrupt), Runtime.from_settings(s) as runtime:
             run_scp(runtime)  # SIGTERM: no new associations; those in progress finish first
         log.info("lusai scp stopped")
@@ -134,13 +137,14 @@ def scp(
     children = [ctx_.Process(target=_scp_child, args=(i,), daemon=True) for i in range(processes)]
     for c in children:
         c.start()
-    _install_term_handler(once=True)
-    stopping = False
+    stopping.install(once=True)
+    stopped = False
     try:
         while all(c.is_alive() for c in children):
             time.sleep(0.5)
     except KeyboardInterrupt:
-        stopping = True
+        stopping.acknowledge()
+        stopped = True
     finally:
         for c in children:  # each drains its associations like a single SCP process, then exits
             c.terminate()
@@ -150,7 +154,7 @@ def scp(
             if c.is_alive():
                 c.kill()
                 c.join()
-    if not stopping:  # a process died under us: fail, so the service manager restarts us
+    if not stopped:  # a process died under us: fail, so the service manager restarts us
         log.error("an SCP process exited: all stopped", extra=ctx(exit_codes=[c.exitcode for c in children]))
         raise typer.Exit(code=1)
     log.info("lusai scp stopped")
@@ -198,7 +202,7 @@ def worker(
     ] = ("analyze,deliver"),
 ) -> None:
     """Run a Celery worker (prefetch 1, late acks) on the configured broker."""
-    _install_term_handler()  # first: a SIGTERM at any moment takes the way out below
+    stopping.install()  # first: a SIGTERM at any moment takes the way out below
     s = _settings()
     if "analyze" in queues.split(","):
         require_model_package(s)
@@ -209,6 +213,7 @@ def worker(
         try:
             code = proc.wait()
         except KeyboardInterrupt:
+            stopping.acknowledge()
             code = stop_worker(proc, s.shutdown_grace, requeue=partial(requeue_jobs_of, runtime))
     sys.exit(code)
 
@@ -216,7 +221,7 @@ def worker(
 @app.command()
 def serve() -> None:
     """Run SCP, REST API and a Celery worker together on embedded defaults (no server needed)."""
-    _install_term_handler()  # first: a SIGTERM at any moment, even while starting, stops everything
+    stopping.install()  # first: a SIGTERM at any moment, even while starting, stops everything
     s = _settings()
     require_model_package(s)
     _upgrade_embedded(s)
@@ -240,10 +245,12 @@ def serve() -> None:
         )
         # uvicorn handles SIGTERM itself, then raises it again once it has shut down: the handler
         # installed above turns that into KeyboardInterrupt, so the worker is stopped below.
-        run_api(runtime)
+        if not stopping.requested():  # a SIGTERM lost in a finalizer while starting: do not serve
+            run_api(runtime)
     except KeyboardInterrupt:
         pass
     finally:
+        stopping.acknowledge()
         if worker_proc is not None:
             requeue = partial(requeue_jobs_of, runtime) if runtime is not None else None
             stop_worker(worker_proc, s.shutdown_grace, requeue=requeue)
@@ -317,15 +324,3 @@ def _die_with_parent() -> None:
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-
-
-def _install_term_handler(once: bool = False) -> None:
-    """SIGTERM raises KeyboardInterrupt in the main thread; ``once``: later ones are ignored, so a
-    service manager's signal to every process of the unit, on top of ours, cannot cut a drain."""
-
-    def _raise(signum: int, _frame: object) -> None:
-        if once:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _raise)
