@@ -168,6 +168,7 @@ class Pacs:
     _offset: int = 0
     #: StudyInstanceUID -> kind (seg, sr, other) -> arrival stamps
     arrived: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # study -> kind -> bytes at PACS
 
     @property
     def log(self) -> Path:
@@ -212,6 +213,8 @@ class Pacs:
                 study, sop_class = "unreadable", ""
             kind = "seg" if sop_class == SEG_CLASS else "sr" if sop_class.startswith(SR_PREFIX) else "other"
             self.arrived.setdefault(study, {}).setdefault(kind, []).append(float(stamp))
+            with contextlib.suppress(OSError):
+                self.sizes.setdefault(study, {})[kind] = (self.folder / name).stat().st_size
 
     def wait(self, study_uid: str, timeout: float, give_up: Callable[[], bool]) -> float | None:
         """t1, when both the SEG and the SR of ``study_uid`` have arrived; None after ``timeout``
@@ -521,8 +524,10 @@ def run_mode(setup: Setup, plan: Plan, ref: Pacs | None) -> dict[str, Any]:
     setup.pacs.poll()
     for row in rows:
         row |= job_records(setup, row["sop_uid"], row.pop("_t1"))
-        got = setup.pacs.arrived.get(row.pop("_study"), {})
+        study = row.pop("_study")
+        got = setup.pacs.arrived.get(study, {})
         row["pacs_copies"] = {k: len(v) for k, v in sorted(got.items())}
+        row["pacs_bytes"] = dict(sorted(setup.pacs.sizes.get(study, {}).items()))
     measured = [r for r in rows if not r["warmup"]]
     arrived = [r for r in measured if r["arrived"]]
     stage_names: list[str] = []
@@ -549,12 +554,20 @@ def run_mode(setup: Setup, plan: Plan, ref: Pacs | None) -> dict[str, Any]:
         "e2e_s": percentiles([r["e2e_s"] for r in arrived]),
         "stage_medians_ms": medians,
         "timings_ms_keys": sorted({k for r in rows for k in r.get("timings_ms_keys", [])}),
+        "output_to_source_size": {  # bytes stored at the PACS / the source cine's file size
+            kind: _ratio(_median([r["pacs_bytes"].get(kind) for r in arrived]), plan.template.stat().st_size)
+            for kind in ("seg", "sr")
+        },
         "ref_storescp_receive_ms": _median(
             [r["ref_storescp"]["receive_ms"] for r in measured if "ref_storescp" in r]
         ),
         "cines": rows,
     }
     return out
+
+
+def _ratio(part: float | None, whole: int) -> float | None:
+    return None if part is None else round(part / whole, 4)
 
 
 def _median(values: list[Any]) -> float | None:
@@ -609,6 +622,8 @@ def summary(report: dict[str, Any]) -> str:
         row(f"receipt to PACS {q} (s)", "e2e_s", q)
     row("cold first cine (s)", "cold_first_cine_s")
     row("startup (s)", "startup_s", fmt="{:.1f}")
+    row("SEG size / source size", "output_to_source_size", "seg", fmt="{:.4f}")
+    row("SR size / source size", "output_to_source_size", "sr", fmt="{:.4f}")
     lines.append("stage medians (ms)")
     names: list[str] = []
     for m in modes:

@@ -1,6 +1,7 @@
 """Worker time per job: what one analysis costs beyond the network, stage by stage.
 
-    .venv/bin/python bench/jobcost.py [--frames 6] [--jobs 12] [--raw] [--out bench-jobcost.json]
+    .venv/bin/python bench/jobcost.py [--frames 6] [--jobs 12] [--raw] [--rows R --cols C]
+        [--out bench-jobcost.json]
 
 Runs the worker's own tasks in this process, as a pool process would (``workers.tasks.analyze``,
 then ``workers.tasks.previews``), on phantom cines (JPEG Baseline YBR_FULL_422 by default) of
@@ -11,7 +12,10 @@ SR. Worker time per job is this process's CPU time plus its children's (the dico
 validators run as subprocesses), so a check moved into a subprocess is not hidden. The first job
 (model load, imports) is reported apart. ``fixed_cost_wall_ms`` is the analyze task's time less
 the analysis stages (claim, read, build, validate, store, database): issue 13 aims at <= 150 ms
-of worker time for a 6-frame cine.
+of worker time for a 6-frame cine. With ``--rows``/``--cols`` the phantom is rendered at that size
+(JPEG only; default 300 x 320). Also reported: the stored SEG and SR sizes over the source's
+(``output_to_source_size``) and this process's peak RSS (``peak_rss_mb``, the worker's for the
+largest job: ``--frames 1000 --rows 768 --cols 1024 --jobs 1`` for issue 13's long cine).
 """
 
 from __future__ import annotations
@@ -36,16 +40,25 @@ def _cpu_s() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run(frames: int, jobs: int, jpeg: bool) -> dict[str, Any]:
+def _cine(path: Path, frames: int, jpeg: bool, seed: int, size: tuple[int, int] | None) -> Path:
+    from tests.factories import phantom_cine_file
+
+    if size is None:
+        return phantom_cine_file(path, frames=frames, jpeg=jpeg, seed=seed)
+    from bench.e2e import make_template
+
+    return make_template(path, frames, *size, seed=seed)
+
+
+def run(frames: int, jobs: int, jpeg: bool, size: tuple[int, int] | None = None) -> dict[str, Any]:
     data = Path(tempfile.mkdtemp(prefix="lusai-jobcost-"))
     os.environ["LUSAI_DATA_DIR"] = str(data)
     for var in ("LUSAI_DATABASE_URL", "LUSAI_BROKER_URL", "LUSAI_STORAGE_ROOT"):
         os.environ.pop(var, None)
     from migrations.runner import upgrade
     from service.core.ingest import ingest_file
-    from service.core.models import Job
+    from service.core.models import Job, Result
     from service.core.settings import Settings
-    from tests.factories import phantom_cine_file
     from workers import tasks
     from workers.celery_app import LusaiTask, WorkerRuntime
 
@@ -55,7 +68,8 @@ def run(frames: int, jobs: int, jpeg: bool) -> dict[str, Any]:
     runtime = LusaiTask.use(WorkerRuntime.from_settings(settings))
     rows: list[dict[str, Any]] = []
     for i in range(jobs + 1):  # +1: the cold first job
-        cine = phantom_cine_file(data / f"cine{i}.dcm", frames=frames, jpeg=jpeg, seed=i)
+        cine = _cine(data / f"cine{i}.dcm", frames, jpeg, i, size)
+        source_bytes = cine.stat().st_size
         tmp = runtime.store.new_temp()
         tmp.write_bytes(cine.read_bytes())
         outcome = ingest_file(tmp, calling_ae=None, runtime=runtime)
@@ -67,6 +81,10 @@ def run(frames: int, jobs: int, jpeg: bool) -> dict[str, Any]:
             job = session.get(Job, outcome.job_id)
             assert job is not None and job.result is not None, state
             timings, result_id = dict(job.timings_ms), job.result.id
+            result = session.get(Result, result_id)
+            assert result is not None
+            keys = {"seg": result.seg_storage_key, "sr": result.sr_storage_key}
+        sizes = {k: runtime.store.path(v).stat().st_size for k, v in keys.items() if v}
         previews = tasks.previews(result_id)
         cpu2, t2 = _cpu_s(), time.perf_counter()
         rows.append(
@@ -78,6 +96,8 @@ def run(frames: int, jobs: int, jpeg: bool) -> dict[str, Any]:
                 "previews_wall_ms": round((t2 - t1) * 1000, 1),
                 "previews_cpu_ms": round((cpu2 - cpu1) * 1000, 1),
                 "timings_ms": timings,
+                "source_bytes": source_bytes,
+                "output_bytes": sizes,
             }
         )
     LusaiTask.release()
@@ -90,8 +110,13 @@ def run(frames: int, jobs: int, jpeg: bool) -> dict[str, Any]:
 
     wall_ms = med([r["analyze_wall_ms"] for r in warm])
     analysis_ms = med([r["timings_ms"].get("total", 0.0) for r in warm])
+    ratios = {
+        kind: round(statistics.median([r["output_bytes"][kind] / r["source_bytes"] for r in rows]), 4)
+        for kind in ("seg", "sr")
+    }
     return {
         "frames": frames,
+        "size": list(size) if size else [300, 320],
         "jobs": jobs,
         "syntax": "jpeg-ybr422" if jpeg else "raw-mono",
         "cold_first_job": rows[0],
@@ -104,6 +129,8 @@ def run(frames: int, jobs: int, jpeg: bool) -> dict[str, Any]:
         # validate, store, database): the cost every job pays whatever its size
         "fixed_cost_wall_ms": round(wall_ms - analysis_ms, 1),
         "aim_fixed_cost_ms": 150,
+        "output_to_source_size": ratios,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "jobs_detail": warm,
     }
 
@@ -113,9 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=6)
     ap.add_argument("--jobs", type=int, default=12, help="warm jobs measured (after one cold job)")
     ap.add_argument("--raw", action="store_true", help="uncompressed MONOCHROME2 instead of JPEG YBR")
+    ap.add_argument("--rows", type=int, default=None, help="phantom rows (with --cols; JPEG only)")
+    ap.add_argument("--cols", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("bench-jobcost.json"))
     a = ap.parse_args(argv)
-    report = run(a.frames, a.jobs, not a.raw)
+    if (a.rows is None) != (a.cols is None) or (a.rows is not None and a.raw):
+        ap.error("--rows and --cols go together, and with a JPEG cine")
+    report = run(a.frames, a.jobs, not a.raw, (a.rows, a.cols) if a.rows is not None else None)
     a.out.write_text(json.dumps(report, indent=2))
     summary = {k: v for k, v in report.items() if k not in ("jobs_detail", "cold_first_job")}
     print(json.dumps(summary, indent=2))

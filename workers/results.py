@@ -6,6 +6,7 @@ outputs' UIDs are deterministic, so a retry rewrites the same objects rather tha
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,11 +17,14 @@ from sqlalchemy import delete, update
 
 from service.core import lifecycle
 from service.core.dicom import OutputKind
+from service.core.logs import ctx
 from service.core.models import Job, Result
 from service.core.runtime import Runtime
 from service.core.settings import Settings
 from workers.domain import Analysis, timed
 from workers.write_dicom.previews import Caption, store_previews
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from workers.write_dicom.build import Output
@@ -49,7 +53,7 @@ def build_result_outputs(
     cost more than the analysis on small cines).
     """
     from workers.preprocess import InputError
-    from workers.write_dicom.build import OutputOptions, build_outputs
+    from workers.write_dicom.build import SEG_ENCODINGS, OutputOptions, build_outputs
     from workers.write_dicom.validate import OutputValidationError, encode, validate_outputs
 
     timings = {} if timings is None else timings
@@ -65,11 +69,14 @@ def build_result_outputs(
                 source,
                 analysis,
                 frames_rgb=frames,
-                options=OutputOptions(uid_root=settings.uid_root, validate=False),
+                options=OutputOptions(
+                    uid_root=settings.uid_root, seg=SEG_ENCODINGS[settings.seg_encoding], validate=False
+                ),
             )
             encoded = [encode(o.dataset) for o in outputs]
         with timed(timings, "validate"):
-            validate_outputs(source, [o.dataset for o in outputs], encoded=encoded)
+            inline = settings.output_validation == "inline"
+            validate_outputs(source, [o.dataset for o in outputs], encoded=encoded, tools=inline)
         return list(zip(outputs, encoded, strict=True))
     except InputError:
         raise
@@ -124,6 +131,7 @@ def save_result(job_id: int, analysis: Analysis, source: Dataset, *, runtime: Ru
             model_version=analysis.model.version,
             weights_sha256=analysis.model.weights_sha256,
             model_package_sha256=analysis.model.package_sha256 or None,
+            output_audit="inline" if settings.output_validation == "inline" else None,
         )
         for output, key in stored:
             _record(result, output, key)
@@ -148,6 +156,42 @@ def save_result(job_id: int, analysis: Analysis, source: Dataset, *, runtime: Ru
                     delivery_ids.append(delivery_id)
         result_id = result.id
     return Saved(result_id, delivery_ids)
+
+
+def audit_outputs_of(result_id: int, *, runtime: Runtime) -> str | None:
+    """dicom3tools on a result's stored outputs, after their deliveries were queued
+    (LUSAI_OUTPUT_VALIDATION=background); records and returns "passed" or "failed", None when
+    there is nothing to audit (inline validation already ran them, or the result is gone).
+
+    The outputs passed the in-process conformance check before they were stored; a failure here
+    is a class of error that check misses: logged (checks and counts, never the tools' messages,
+    which may quote patient data) and kept on the result for the REST API.
+    """
+    from workers.write_dicom.validate import audit_outputs
+
+    with runtime.db.session() as session:
+        r = session.get(Result, result_id)
+        if r is None or r.output_audit is not None:
+            return None
+        source_key = r.job.instance.storage_key
+        keys = [k for k in (r.seg_storage_key, r.sr_storage_key, r.sc_storage_key) if k]
+    source = pydicom.dcmread(runtime.store.path(source_key), stop_before_pixels=True)
+    results = audit_outputs(source, [runtime.store.path(k).read_bytes() for k in keys])
+    failed = [r for r in results if not r.ok]
+    outcome = "failed" if failed else "passed"
+    detail = "; ".join(f"{r.check} {r.subject}: {len(r.errors)} error(s)" for r in failed)[:200] or None
+    with runtime.db.session() as session:
+        session.execute(
+            update(Result)
+            .where(Result.id == result_id)
+            .values(output_audit=outcome, output_audit_detail=detail)
+        )
+    if failed:
+        log.error(
+            "output audit failed: dicom3tools refuse a stored output",
+            extra=ctx(result_id=result_id, detail=detail),
+        )
+    return outcome
 
 
 def save_previews(result_id: int, *, runtime: Runtime) -> bool:

@@ -23,7 +23,7 @@ from service.core.queue import ANALYZE_TASK, DELIVER_TASK, PREVIEWS_TASK
 from service.core.runtime import Runtime
 from service.core.storage import storage_full
 from workers.celery_app import LusaiTask, app
-from workers.results import SOURCE_VALUE_ERRORS, save_previews, save_result
+from workers.results import SOURCE_VALUE_ERRORS, audit_outputs_of, save_previews, save_result
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,13 @@ def analyze(self: LusaiTask, job_id: int) -> str:
 
 @app.task(name=PREVIEWS_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def previews(self: LusaiTask, result_id: int) -> str:
-    """The REST API's pictures of a result (PNG key frame, GIF/WebP loops); idempotent."""
+    """The dicom3tools audit of a result's outputs (LUSAI_OUTPUT_VALIDATION=background), then the
+    REST API's pictures (PNG key frame, GIF/WebP loops); idempotent."""
+    try:
+        audit_outputs_of(result_id, runtime=self.runtime)
+    except Exception as exc:  # the audit is recorded as pending (NULL); the previews still come
+        error, _ = _describe(exc)
+        log.warning("output audit not run", extra=ctx(result_id=result_id, error=error))
     try:
         return "stored" if save_previews(result_id, runtime=self.runtime) else "gone"
     except Exception as exc:  # never retried: its previews answer 404 until a re-run

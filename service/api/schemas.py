@@ -190,6 +190,12 @@ class ResultOut(ResultSummary):
     seg_sop_instance_uid: str | None
     sr_sop_instance_uid: str | None
     sc_sop_instance_uid: str | None
+    output_audit: Literal["inline", "passed", "failed"] | None = Field(
+        description="dicom3tools (dciodvfy, dcentvfy) on the outputs: 'inline' (before they were stored),"
+        " 'passed' or 'failed' (audited after delivery; every output passed lusai's in-process"
+        " conformance check before it was stored), null while that audit is pending."
+    )
+    output_audit_detail: str | None = Field(description="Which checks failed and how many errors.")
     links: ResultLinks
 
 

@@ -188,6 +188,10 @@ class Result(Base):
     preview_gif_key: Mapped[str | None] = mapped_column(String(128))
     preview_webp_key: Mapped[str | None] = mapped_column(String(128))
     preview_error: Mapped[str | None] = mapped_column(String(200))
+    # dicom3tools on the stored outputs: "inline" (before they were stored), "passed" or "failed"
+    # (after delivery, LUSAI_OUTPUT_VALIDATION=background), None while that audit is pending.
+    output_audit: Mapped[str | None] = mapped_column(String(16))
+    output_audit_detail: Mapped[str | None] = mapped_column(String(200))  # checks and counts only
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
     job: Mapped[Job] = relationship(back_populates="result")

@@ -188,6 +188,24 @@ class Settings(BaseSettings):
         ),
     )
 
+    seg_encoding: Literal["binary-deflated", "binary", "labelmap-rle", "labelmap"] = Field(
+        "binary-deflated",
+        description=(
+            "How the SEG is written: BINARY (one 1-bit frame per segment and source frame with pixels)"
+            " or LABELMAP (Label Map Segmentation, one 8-bit frame per source frame), deflated (Deflated"
+            " Explicit VR Little Endian; re-encoded for a PACS that does not accept it), RLE Lossless"
+            " or uncompressed. See docs/dicom-outputs.md for what each viewer reads."
+        ),
+    )
+    output_validation: Literal["background", "inline"] = Field(
+        "background",
+        description=(
+            "Every output passes lusai's in-process conformance check before it is stored and sent."
+            " dicom3tools (dciodvfy, dcentvfy) then audit it after delivery (background, the result"
+            " records the outcome) or before it is stored (inline: ~150 ms more per job, a failure"
+            " fails the job)."
+        ),
+    )
     overlay_sc: bool = Field(
         False, description="Also write a burned-in overlay Secondary Capture for viewers without SEG support."
     )

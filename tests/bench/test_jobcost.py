@@ -22,3 +22,5 @@ def test_jobcost_reports_every_stage_of_a_job(tmp_path: Path, monkeypatch: pytes
     assert (job["state"], job["previews"]) == ("succeeded", "stored")
     assert {"decode", "infer", "total", "build", "validate", "store"} <= set(report["stage_median_ms"])
     assert report["fixed_cost_wall_ms"] > 0 and report["aim_fixed_cost_ms"] == 150
+    assert report["output_to_source_size"]["sr"] > 0 and report["output_to_source_size"]["seg"] > 0
+    assert report["peak_rss_mb"] > 0

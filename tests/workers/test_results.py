@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from service.core.header import read_header
 from service.core.ingest import index_object
@@ -46,3 +46,55 @@ def test_cancelled_while_running_keeps_nothing(runtime: Runtime, tmp_path: Path,
         assert ids is None and results == 0 and deliveries == 0
     else:
         assert ids and results == 1 and deliveries == len(ids)
+
+
+def _saved(runtime: Runtime, tmp_path: Path, validation: str) -> tuple[Runtime, int]:
+    runtime = replace(runtime, settings=runtime.settings.model_copy(update={"output_validation": validation}))
+    f = phantom_cine_file(tmp_path / "cine.dcm", frames=4)
+    key, sha, size = runtime.store.put_file(f)
+    header, _ = read_header(f)
+    outcome = index_object(header, key, sha, size, calling_ae=None, ignore_reason=None, db=runtime.db)
+    assert outcome.job_id is not None
+    analysis = Analyzer(device="cpu").analyze(pydicom.dcmread(f))
+    saved = save_result(outcome.job_id, analysis, pydicom.dcmread(f), runtime=runtime)
+    assert saved is not None
+    return runtime, saved.result_id
+
+
+@pytest.mark.usefixtures("dicom3tools")
+def test_the_background_audit_records_what_dicom3tools_say_of_the_stored_outputs(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """LUSAI_OUTPUT_VALIDATION=background: stored after the in-process check, audited after."""
+    from workers.results import audit_outputs_of
+
+    runtime, result_id = _saved(runtime, tmp_path, "background")
+    with runtime.db.session() as s:
+        r = s.get(Result, result_id)
+        assert r is not None and r.output_audit is None  # pending until the deliver queue runs it
+        sr_path = runtime.store.path(r.sr_storage_key or "")
+    assert audit_outputs_of(result_id, runtime=runtime) == "passed"
+    assert audit_outputs_of(result_id, runtime=runtime) is None  # audited once
+
+    # a stored SR that dicom3tools refuse (no CompletionFlag): the audit says so, without values
+    ds = pydicom.dcmread(sr_path)
+    del ds.CompletionFlag
+    ds.save_as(sr_path, enforce_file_format=True)
+    with runtime.db.session() as s:
+        s.execute(update(Result).where(Result.id == result_id).values(output_audit=None))
+    assert audit_outputs_of(result_id, runtime=runtime) == "failed"
+    with runtime.db.session() as s:
+        r = s.get(Result, result_id)
+        assert r is not None and r.output_audit == "failed"
+        assert r.output_audit_detail == "dciodvfy Comprehensive3DSRStorage: 1 error(s)"
+
+
+@pytest.mark.usefixtures("dicom3tools")
+def test_inline_validation_is_recorded_and_not_audited_again(runtime: Runtime, tmp_path: Path) -> None:
+    from workers.results import audit_outputs_of
+
+    runtime, result_id = _saved(runtime, tmp_path, "inline")
+    with runtime.db.session() as s:
+        r = s.get(Result, result_id)
+        assert r is not None and r.output_audit == "inline"
+    assert audit_outputs_of(result_id, runtime=runtime) is None

@@ -1,7 +1,10 @@
 """C-STORE SCU for one object to one ``AET@host:port`` destination.
 
-The presentation context is the object's exact SOP class and transfer syntax (plus Explicit VR
-Little Endian as a fallback the peer may prefer), so nothing is transcoded on the way out.
+Each transfer syntax is proposed in a presentation context of its own: the object's as stored,
+then Explicit and Implicit VR Little Endian. A peer that takes the stored syntax gets the stored
+bytes' dataset unchanged (a deflated SEG stays deflated: a peer that chose among the syntaxes of
+one context would often take an uncompressed one); one that does not gets it re-encoded
+uncompressed (possible for the uncompressed and deflated syntaxes lusai writes).
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ def c_store(path: Path, destination: Destination, settings: Settings) -> None:
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
-    syntaxes = list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
-    ae.add_requested_context(ds.SOPClassUID, syntaxes)
+    for syntax in dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian]):
+        ae.add_requested_context(ds.SOPClassUID, syntax)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         raise DeliveryError(f"association with {destination} not established")

@@ -59,6 +59,15 @@ class OutputOptions:
     validate: bool = True
 
 
+SEG_ENCODINGS: dict[str, SegOptions] = {
+    "binary-deflated": SegOptions(deflate=True),
+    "binary": SegOptions(),
+    "labelmap-rle": SegOptions(segmentation_type="LABELMAP", compress=True),
+    "labelmap": SegOptions(segmentation_type="LABELMAP"),
+}
+"""``LUSAI_SEG_ENCODING`` values."""
+
+
 def series_info(source: Dataset, analysis: Analysis, kind: OutputKind, options: OutputOptions) -> SeriesInfo:
     uids = output_uids(source.SOPInstanceUID, analysis.model, kind, options.uid_root)
     return SeriesInfo(

@@ -70,7 +70,8 @@ def _referenced_frame(item: Dataset) -> int | None:
 
 
 def class_maps_from_seg(seg: Dataset, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (frames, rows, cols) uint8, has_map (frames,) bool) from a SEG (BINARY or LABELMAP)."""
+    """(labels (frames, rows, cols) uint8, has_map (frames,) bool) from a SEG (BINARY or LABELMAP);
+    ``has_map`` marks the source frames the SEG segmented (all, or every n-th with ``max_frames``)."""
     try:
         pix = np.asarray(seg.pixel_array)
     except Exception as exc:
@@ -84,6 +85,7 @@ def class_maps_from_seg(seg: Dataset, shape: tuple[int, int, int]) -> tuple[np.n
     has = np.zeros(n, dtype=bool)
     labelmap = str(seg.get("SegmentationType", "BINARY")) == "LABELMAP"
     groups = seg.get("PerFrameFunctionalGroupsSequence", [])
+    steps: set[int] = set()  # source frames per temporal position: the writer's subsampling
     for i in range(min(len(groups), pix.shape[0])):
         item = groups[i]
         ref = _referenced_frame(item)
@@ -93,6 +95,9 @@ def class_maps_from_seg(seg: Dataset, shape: tuple[int, int, int]) -> tuple[np.n
             continue
         f = ref - 1
         has[f] = True
+        content = item.get("FrameContentSequence", [None])[0]
+        if content is not None and int(content.get("TemporalPositionIndex", 1) or 1) > 1:
+            steps.add(f // (int(content.TemporalPositionIndex) - 1))
         if labelmap:
             labels[f] = np.where(pix[i] > 0, pix[i], labels[f]).astype(np.uint8)
         else:
@@ -100,6 +105,10 @@ def class_maps_from_seg(seg: Dataset, shape: tuple[int, int, int]) -> tuple[np.n
             if not ids:
                 continue
             labels[f][pix[i] > 0] = int(ids[0].ReferencedSegmentNumber)
+    if not labelmap and has.any():
+        # A BINARY SEG has no frame where a segment is empty; a source frame the writer selected
+        # (every ``step``-th) and found empty is still segmented.
+        has[:: steps.pop() if len(steps) == 1 else 1] = True
     return labels, has
 
 

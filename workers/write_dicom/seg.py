@@ -18,8 +18,10 @@ validated Segment Description and Algorithm Identification items:
 
 Segments are rows of :data:`service.core.segments.SEGMENTS`, numbered by class value and always
 all described.
-Frames are written, one per selected source frame, only for segments with pixels somewhere in the
-cine (an all-background cine keeps the frames of every segment so the object is never empty).
+A BINARY SEG has a frame for a segment and a source frame only where that segment has pixels on
+that frame (C.8.20.2 does not ask for empty frames, and a normal lung leaves most of them empty);
+an all-background cine keeps one empty frame per segment so the object is never empty. A
+LABELMAP SEG has one frame per selected source frame.
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SegmentationStorage
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    RLELossless,
+    SegmentationStorage,
+)
 
 from service.core.dicom import LABEL_MAP_SEGMENTATION_STORAGE, ultrasound_region
 from service.core.segments import SEGMENT_CLASSES, SegmentClass, segment
@@ -66,12 +73,16 @@ class SegOptions:
     """``segmentation_type``: BINARY (one frame per segment and source frame, widest viewer
     support) or LABELMAP (Label Map Segmentation SOP class, one 8-bit frame per source frame).
     ``compress``: RLE Lossless (LABELMAP only; 1-bit frames are not RLE-coded by viewers).
+    ``deflate``: Deflated Explicit VR Little Endian (either type): the whole object zlib-coded,
+    which shrinks BINARY masks ~100-fold; read by DCMTK, pydicom/highdicom, dcm4che (Weasis) and
+    dcmjs (OHIF), and re-encoded by the sender for a peer that does not accept it.
     ``max_frames``: subsample source frames evenly so the SEG has at most this many frames
     (e.g. :data:`WEASIS_MAX_FRAMES`); None keeps every source frame.
     """
 
     segmentation_type: Literal["BINARY", "LABELMAP"] = "BINARY"
     compress: bool = False
+    deflate: bool = False
     max_frames: int | None = None
     device_serial_number: str | None = None
 
@@ -86,10 +97,23 @@ def selected_source_frames(n_frames: int, n_segments: int, max_frames: int | Non
     return list(range(0, n_frames, math.ceil(n_frames / per_segment)))
 
 
-def pack_frames(pixels: np.ndarray) -> bytes:
-    """1-bit pixel data: frames back to back, least significant bit first, padded to even length
-    only at the end (PS3.5 8.1.1, 8.2)."""
-    packed = np.packbits(pixels.ravel(), bitorder="little").tobytes()
+_PACK_CHUNK = 64  # SEG frames per packing pass; a multiple of 8, so each pass ends on a byte
+
+
+def pack_masks(labels: np.ndarray, frames: list[tuple[int, int]]) -> bytes:
+    """1-bit pixel data of the (segment number, 0-based source frame) masks: frames back to back,
+    least significant bit first, padded to even length only at the end (PS3.5 8.1.1, 8.2).
+
+    Packed a few frames at a time, so a long cine never holds every mask as a boolean array."""
+    rows, cols = labels.shape[1:]
+    parts = []
+    block = np.empty((min(_PACK_CHUNK, len(frames)), rows, cols), dtype=bool)
+    for start in range(0, len(frames), _PACK_CHUNK):
+        chunk = frames[start : start + _PACK_CHUNK]
+        for j, (cls, f) in enumerate(chunk):
+            np.equal(labels[f], cls, out=block[j])
+        parts.append(np.packbits(block[: len(chunk)].ravel(), bitorder="little").tobytes())
+    packed = b"".join(parts)
     return packed + b"\0" if len(packed) % 2 else packed
 
 
@@ -209,9 +233,12 @@ def build_seg(
     binary = options.segmentation_type == "BINARY"
     if options.compress and binary:
         raise ValueError("compression is only offered for LABELMAP segmentations")
+    if options.compress and options.deflate:
+        raise ValueError("RLE and deflate are two transfer syntaxes: choose one")
 
-    present = [c for c in SEGMENT_CLASSES if bool((labels == c).any())] or list(SEGMENT_CLASSES)
-    frames = selected_source_frames(n_src, len(present) if binary else 1, options.max_frames)
+    presence = analysis.class_frames
+    present = [c for c in SEGMENT_CLASSES if presence[:, int(c)].any()]
+    frames = selected_source_frames(n_src, max(len(present), 1) if binary else 1, options.max_frames)
 
     ds = Dataset()
     copy_patient_study(source, ds)
@@ -241,13 +268,15 @@ def build_seg(
 
     groups: list[Dataset] = []
     if binary:
-        selected = labels[frames]
-        pixels = np.empty((len(present) * len(frames), *selected.shape[1:]), dtype=bool)
-        for i, cls in enumerate(present):
-            pixels[i * len(frames) : (i + 1) * len(frames)] = selected == cls
-            groups.extend(_frame_group(source, f, t, int(cls)) for t, f in enumerate(frames, start=1))
+        # (segment, temporal position, source frame) of every SEG frame: a segment only where it
+        # has pixels; an all-background cine keeps one empty frame per segment (never no frame).
+        items = [
+            (int(c), t, f) for c in present for t, f in enumerate(frames, start=1) if presence[f, int(c)]
+        ]
+        items = items or [(int(c), 1, frames[0]) for c in SEGMENT_CLASSES]
+        groups = [_frame_group(source, f, t, cls) for cls, t, f in items]
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
-        ds.PixelData = pack_frames(pixels)
+        ds.PixelData = pack_masks(labels, [(cls, f) for cls, _, f in items])
     else:
         groups = [_frame_group(source, f, t, None) for t, f in enumerate(frames, start=1)]
         pixels = labels[frames].astype(np.uint8)
@@ -262,7 +291,8 @@ def build_seg(
     lossy_history(source, ds)
     codes.declare_private_scheme(ds)
 
-    ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    syntax = DeflatedExplicitVRLittleEndian if options.deflate else ExplicitVRLittleEndian
+    ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, syntax)
     if options.compress:
         ds.compress(RLELossless, pixels, generate_instance_uid=False)
     return ds

@@ -11,7 +11,9 @@ Content tree (all groups carry a Tracking Identifier and UID, every NUM carries 
 * TID 1501 video-level group: LUS score, % of pleural line with B-lines, B-line count, B-line
   artifact score, consolidation / effusion / pleural irregularity present or absent, finding
   site lung with laterality;
-* TID 1501 per-frame scores, each NUM referencing its source frame;
+* TID 1501 per-frame scores: one NUM per score present, referencing every frame with that score
+  (at most four NUMs whatever the cine's length: one NUM per frame made the SR of a 1,000-frame
+  cine ~7,000 content items and most of the cost of writing it);
 * TID 1411 volumetric ROI groups referencing each non-empty SEG segment (with areas where the
   findings provide them).
 
@@ -225,6 +227,9 @@ def _score_groups(
         )
     )
 
+    frames_of: dict[int, list[int]] = {}  # score -> the (1-based) frames that have it
+    for i, score in enumerate(f.frame_scores):
+        frames_of.setdefault(int(score), []).append(i + 1)
     groups.append(
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(root, sop_uid, "LUS per-frame scores"),
@@ -237,9 +242,9 @@ def _score_groups(
                     score,
                     codes.UNIT_SCORE,
                     algorithm,
-                    referenced_images=[hd.sr.SourceImageForMeasurement(sop_class, src_uid, [i + 1])],
+                    referenced_images=[hd.sr.SourceImageForMeasurement(sop_class, src_uid, frames)],
                 )
-                for i, score in enumerate(f.frame_scores)
+                for score, frames in sorted(frames_of.items())
             ],
         )
     )
@@ -263,7 +268,7 @@ def _segment_groups(
     }
     groups = []
     for cls in SEGMENT_CLASSES:
-        if int(cls) not in with_frames or not bool((analysis.labels == cls).any()):
+        if int(cls) not in with_frames or not analysis.class_frames[:, int(cls)].any():
             continue
         row = segment(cls)
         measurements = []

@@ -1,13 +1,16 @@
 """Validation of every output before it leaves the service.
 
+* :func:`workers.write_dicom.conformance.check_output` (in process, on the encoded bytes as a
+  consumer reads them back: values, file meta, IOD attributes, SEG/SR structure, entities, and a
+  highdicom parse) always runs before an output is stored.
 * ``dciodvfy`` (dicom3tools) checks each object against its IOD, modules and (for SR) templates;
   any "Error" fails. Warnings are kept; those about the private ``99LUSAI`` coding scheme are
   expected (PS3.3 8.2 allows private schemes, dciodvfy cannot know them) and reported apart.
 * ``dcentvfy`` checks that patient/study attributes agree between the source and the outputs
   (PS3.3 A.1.2 entity consistency).
-* Each object is re-read by the library a consumer would use: highdicom
-  ``Segmentation.from_dataset`` / ``sr.srread`` and pydicom pixel decoding.
 
+The dicom3tools run before storing (``tools=True``, LUSAI_OUTPUT_VALIDATION=inline) or, by default,
+as an audit of the stored objects after their deliveries are queued (:func:`audit_outputs`).
 Tool messages may quote attribute values; they are returned, never logged.
 """
 
@@ -19,21 +22,27 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filereader import _read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from service.core.dicom import LABEL_MAP_SEGMENTATION_STORAGE
 from service.core.segments import PRIVATE_SCHEME
 from workers.write_dicom.common import file_meta, metadata_copy
+from workers.write_dicom.conformance import check_output
 
 log = logging.getLogger(__name__)
 
 _TIMEOUT_S = 120
+_CHUNK = 1 << 20
 
 
 class ValidatorNotFoundError(RuntimeError):
@@ -54,7 +63,7 @@ class OutputValidationError(RuntimeError):
 
 @dataclass
 class ValidationResult:
-    check: str  # "dciodvfy", "dcentvfy" or "reread"
+    check: str  # "conformance", "dciodvfy" or "dcentvfy"
     subject: str  # SOP class keyword or "entities"
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -131,40 +140,33 @@ def dcentvfy(paths: Sequence[Path]) -> ValidationResult:
     return parse_dicom3tools(_run([_require("dcentvfy"), *map(str, paths)]), "dcentvfy", "entities")
 
 
-def reread(path: Path, subject: str) -> ValidationResult:
-    """Parse the written file as a consumer would; exceptions become errors."""
-    result = ValidationResult(check="reread", subject=subject)
-    try:
-        ds = pydicom.dcmread(path)
-        if ds.Modality == "SEG":
-            seg = hd.seg.Segmentation.from_dataset(ds)
-            if seg.number_of_segments != len(ds.SegmentSequence):
-                result.errors.append("highdicom sees a different number of segments")
-            seg.get_pixels_by_source_frame(
-                ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID,
-                source_frame_numbers=[
-                    int(
-                        ds.PerFrameFunctionalGroupsSequence[0]
-                        .DerivationImageSequence[0]
-                        .SourceImageSequence[0]
-                        .ReferencedFrameNumber
-                    )
-                ],
-            )
-        elif ds.Modality == "SR":
-            hd.sr.srread(path)
-        else:
-            _ = ds.pixel_array
-    except Exception as exc:
-        result.errors.append(f"{type(exc).__name__}: {exc}")
-    return result
-
-
 def encode(ds: Dataset) -> bytes:
     """The Part 10 file of ``ds``: written once, validated, then stored and sent as these bytes."""
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def _deflated(data: bytes) -> bool:
+    return DeflatedExplicitVRLittleEndian.encode() in data[:1024]  # the meta group's syntax UID
+
+
+def write_inflated(path: Path, data: bytes) -> None:
+    """A Deflated Explicit VR Little Endian file written out as Explicit VR Little Endian: the
+    same meta information (but the syntax) and the dataset inflated chunk by chunk, so a long
+    cine's SEG is never held uncompressed in memory."""
+    buf = io.BytesIO(data)
+    buf.seek(128 + 4)  # preamble and "DICM"
+    meta = _read_file_meta_info(buf)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)  # PS3.5 A.5: raw deflate, no zlib header
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(f), meta, enforce_standard=True)
+        view = memoryview(data)[buf.tell() :]
+        for start in range(0, len(view), _CHUNK):
+            f.write(inflate.decompress(view[start : start + _CHUNK]))
+        f.write(inflate.flush())
 
 
 def validate_outputs(
@@ -173,38 +175,71 @@ def validate_outputs(
     *,
     encoded: Sequence[bytes] | None = None,
     workdir: Path | None = None,
+    tools: bool = True,
 ) -> list[ValidationResult]:
-    """Run all checks; raises :class:`OutputValidationError` when any check has errors.
+    """The conformance check, and with ``tools`` dicom3tools; raises :class:`OutputValidationError`
+    when any check has errors.
 
     ``encoded`` are the outputs' files as they will be stored (:func:`encode`); without it they
-    are encoded here. The dicom3tools checks run as concurrent processes while this process
-    re-reads each file, so the checks take about as long as the slowest of them.
+    are encoded here. The dicom3tools run as concurrent processes while this process checks.
     """
     files = list(encoded) if encoded is not None else [encode(ds) for ds in outputs]
     if len(files) != len(outputs):
         raise ValueError("one encoded file per output is needed")
+    subjects = [_subject(ds) for ds in outputs]
     with tempfile.TemporaryDirectory(prefix="lusai-validate-", dir=workdir) as tmp:
-        folder = Path(tmp)
-        src_path = folder / "source.dcm"
-        src_meta = metadata_copy(source)  # no pixel data, so any transfer syntax's metadata fits
-        src_meta.file_meta = file_meta(source.SOPClassUID, source.SOPInstanceUID)
-        src_meta.save_as(src_path, enforce_file_format=True)
-        paths = []
-        for i, data in enumerate(files):
-            path = folder / f"out{i}.dcm"
-            path.write_bytes(data)
-            paths.append(path)
-        subjects = [_subject(ds) for ds in outputs]
-        iod_checks = [_start([_require("dciodvfy"), "-new", str(p)]) for p in paths]
-        entity_check = _start([_require("dcentvfy"), str(src_path), *map(str, paths)])
-        rereads = [reread(p, subject) for p, subject in zip(paths, subjects, strict=True)]
-        results: list[ValidationResult] = []
-        for proc, subject, reread_result in zip(iod_checks, subjects, rereads, strict=True):
-            results.append(parse_dicom3tools(_collect(proc), "dciodvfy", subject))
-            results.append(reread_result)
-        results.append(parse_dicom3tools(_collect(entity_check), "dcentvfy", "entities"))
+        running = _start_dicom3tools(source, files, Path(tmp)) if tools else None
+        results = [
+            ValidationResult("conformance", subject, errors=check_output(source, data))
+            for subject, data in zip(subjects, files, strict=True)
+        ]
+        if running is not None:
+            results += _collect_dicom3tools(running, subjects)
     n_errors = sum(len(r.errors) for r in results)
     log.info("validated %d output(s): %d error(s)", len(outputs), n_errors)
     if n_errors:
         raise OutputValidationError(results)
+    return results
+
+
+def audit_outputs(
+    source: Dataset, files: Sequence[bytes], *, workdir: Path | None = None
+) -> list[ValidationResult]:
+    """dicom3tools on stored outputs (the background audit); never raises on findings."""
+    subjects = [_subject(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)) for data in files]
+    with tempfile.TemporaryDirectory(prefix="lusai-audit-", dir=workdir) as tmp:
+        return _collect_dicom3tools(_start_dicom3tools(source, files, Path(tmp)), subjects)
+
+
+def _start_dicom3tools(
+    source: Dataset, files: Sequence[bytes], folder: Path
+) -> tuple[list[subprocess.Popen[str]], subprocess.Popen[str]]:
+    """dciodvfy per file and dcentvfy over all of them with the source, started, not awaited."""
+    src_path = folder / "source.dcm"
+    src_meta = metadata_copy(source)  # no pixel data, so any transfer syntax's metadata fits
+    src_meta.file_meta = file_meta(source.SOPClassUID, source.SOPInstanceUID)
+    src_meta.save_as(src_path, enforce_file_format=True)
+    paths = []
+    for i, data in enumerate(files):
+        path = folder / f"out{i}.dcm"
+        # dicom3tools cannot read Deflated Explicit VR Little Endian: they check the stored bytes
+        # as a reader inflates them, written out again uncompressed (same dataset, same values).
+        if _deflated(data):
+            write_inflated(path, data)
+        else:
+            path.write_bytes(data)
+        paths.append(path)
+    iod_checks = [_start([_require("dciodvfy"), "-new", str(p)]) for p in paths]
+    return iod_checks, _start([_require("dcentvfy"), str(src_path), *map(str, paths)])
+
+
+def _collect_dicom3tools(
+    running: tuple[list[subprocess.Popen[str]], subprocess.Popen[str]], subjects: Sequence[str]
+) -> list[ValidationResult]:
+    iod_checks, entity_check = running
+    results = [
+        parse_dicom3tools(_collect(proc), "dciodvfy", subject)
+        for proc, subject in zip(iod_checks, subjects, strict=True)
+    ]
+    results.append(parse_dicom3tools(_collect(entity_check), "dcentvfy", "entities"))
     return results

@@ -38,6 +38,7 @@ SUMMARY_COLUMNS = (
 _DETAIL_COLUMNS = (
     Result.frame_scores, Result.measurements, Result.seg_sop_instance_uid, Result.seg_storage_key,
     Result.sr_sop_instance_uid, Result.sr_storage_key, Result.sc_sop_instance_uid, Result.sc_storage_key,
+    Result.output_audit, Result.output_audit_detail,
     Series.series_instance_uid, Study.study_instance_uid,
 )  # fmt: skip
 
@@ -154,6 +155,8 @@ def result_out(r: Any) -> ResultOut:
         seg_sop_instance_uid=r.seg_sop_instance_uid,
         sr_sop_instance_uid=r.sr_sop_instance_uid,
         sc_sop_instance_uid=r.sc_sop_instance_uid,
+        output_audit=r.output_audit,
+        output_audit_detail=r.output_audit_detail,
         links=ResultLinks(
             seg=f"{base}/seg" if r.seg_storage_key else None,
             sr=f"{base}/sr" if r.sr_storage_key else None,

@@ -153,7 +153,7 @@ def build_seg(source: Dataset, labels: np.ndarray, frames_written: list[int]) ->
             der.SourceImageSequence = [src]
             g.DerivationImageSequence = [der]
             fc = Dataset()
-            fc.TemporalPositionIndex = f + 1
+            fc.TemporalPositionIndex = frames_written.index(f) + 1  # position in the selection
             g.FrameContentSequence = [fc]
             groups.append(g)
             planes.append((labels[f] == number).astype(np.uint8))

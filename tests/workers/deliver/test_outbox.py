@@ -35,6 +35,34 @@ def test_delivered_byte_for_byte_in_its_own_transfer_syntax(runtime, storescp, t
     assert send_delivery(did, runtime=runtime) == ("skipped", None)
 
 
+@pytest.mark.parametrize(
+    ("peer_option", "arrives_as"), [("+xd", "1.2.840.10008.1.2.1.99"), ("+xi", "1.2.840.10008.1.2")]
+)
+def test_a_deflated_seg_reaches_a_peer_that_takes_deflate_and_one_that_does_not(
+    runtime: Runtime, tmp_path: Path, peer_option: str, arrives_as: str
+) -> None:
+    """The SEG is stored deflated (LUSAI_SEG_ENCODING=binary-deflated); a PACS that accepts only
+    Implicit VR Little Endian gets the same dataset re-encoded, the masks bit for bit."""
+    from tests.conftest import run_storescp
+    from tests.factories import make_analysis, make_source
+    from workers.write_dicom.build import SEG_ENCODINGS, OutputOptions, build_outputs
+
+    source = make_source(64, 80, 4, jpeg=False)
+    seg = build_outputs(
+        source, make_analysis(source), options=OutputOptions(seg=SEG_ENCODINGS["binary-deflated"], sr=False)
+    )[0].dataset
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    received = tmp_path / "received"
+    received.mkdir()
+    with run_storescp(received, "PACS", peer_option) as port:
+        did, uid = stored_delivery(runtime, tmp_path, f"PACS@127.0.0.1:{port}", file=path)
+        assert send_delivery(did, runtime=runtime) == ("delivered", None)
+    (got,) = [pydicom.dcmread(p) for p in received.iterdir()]
+    assert got.SOPInstanceUID == uid and got.file_meta.TransferSyntaxUID == arrives_as
+    assert got.PixelData == pydicom.dcmread(path).PixelData
+
+
 def _due(runtime, delivery_id: int) -> None:  # type: ignore[no-untyped-def]
     """The backoff has passed: the retry is due now."""
     with runtime.db.session() as s:

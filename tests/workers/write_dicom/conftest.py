@@ -11,11 +11,9 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from tests.conftest import missing
 from tests.factories import frames_rgb, make_analysis, make_source
 from workers.domain import Analysis
 from workers.write_dicom import OutputOptions, build_outputs
-from workers.write_dicom.validate import find_tool
 
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5)
 N_FRAMES = 4
@@ -37,12 +35,6 @@ def outputs_for(
     rgb = frames_rgb(n, rows, cols, seed=1)
     outputs = build_outputs(source, analysis, frames_rgb=rgb, options=opts, now=NOW)
     return {o.dataset.Modality: o.dataset for o in outputs}
-
-
-@pytest.fixture
-def dicom3tools() -> None:
-    if not (find_tool("dciodvfy") and find_tool("dcentvfy")):
-        missing("dicom3tools (dciodvfy, dcentvfy)")
 
 
 @pytest.fixture(params=SOURCE_KINDS, ids=lambda p: f"{p[0]}x{p[1]}-{'jpeg' if p[2] else 'raw'}")

@@ -55,13 +55,13 @@ def test_dcmjs_reads_seg(node: str, case: tuple[pydicom.Dataset, Analysis], tmp_
 
     present = [int(c) for c in SEGMENT_CLASSES if (analysis.labels == c).any()]
     n = analysis.labels.shape[0]
-    assert summary["numberOfFrames"] == len(present) * n
     expected = []
     for number in present:
         for f in range(n):
             mask = (analysis.labels[f] == number).ravel()
-            first = int(np.argmax(mask)) if mask.any() else -1
-            expected.append((number, source.SOPInstanceUID, f + 1, int(mask.sum()), first))
+            if mask.any():  # a segment has frames only where it has pixels
+                expected.append((number, source.SOPInstanceUID, f + 1, int(mask.sum()), int(np.argmax(mask))))
+    assert summary["numberOfFrames"] == len(expected) < len(present) * n
     got = [
         (
             fr["segment"],

@@ -89,7 +89,7 @@ def test_not_gradable_outputs_validate(reason: str) -> None:
     results = validate_outputs(source, outputs)
     checked = {(r.check, r.subject) for r in results}
     assert ("dciodvfy", "Comprehensive3DSRStorage") in checked and (
-        "reread",
+        "conformance",
         "Comprehensive3DSRStorage",
     ) in checked
     assert ("dciodvfy", "SegmentationStorage") in checked

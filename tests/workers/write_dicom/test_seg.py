@@ -67,7 +67,9 @@ def test_segments_frames_and_references(case: tuple[pydicom.Dataset, Analysis]) 
     )
     assert ds.PatientOrientation == source.PatientOrientation
     assert ds.LossyImageCompression == source.LossyImageCompression  # "01" stays "01" (C.7.6.1.1.5)
-    assert ds.NumberOfFrames == len(present) * N_FRAMES
+    expected = [(int(c), f + 1) for c in present for f in range(N_FRAMES) if (analysis.labels[f] == c).any()]
+    assert len(expected) < len(present) * N_FRAMES  # consolidation on every other frame: no empty frames
+    assert ds.NumberOfFrames == len(expected)
     assert [int(s.SegmentNumber) for s in ds.SegmentSequence] == [int(c) for c in SEGMENT_CLASSES]
     for item in ds.SegmentSequence:
         assert item.SegmentAlgorithmType == "AUTOMATIC"
@@ -84,7 +86,6 @@ def test_segments_frames_and_references(case: tuple[pydicom.Dataset, Analysis]) 
     assert types[5].CodeValue == "60046008" and types[6].CodeValue == "113197003"
     assert any(i.CodingSchemeDesignator == "99LUSAI" for i in ds.CodingSchemeIdentificationSequence)
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
-    expected = [(int(c), f + 1) for c in present for f in range(N_FRAMES)]
     seen = []
     for group in ds.PerFrameFunctionalGroupsSequence:
         src = group.DerivationImageSequence[0].SourceImageSequence[0]
@@ -135,7 +136,7 @@ def test_all_background_keeps_every_segment() -> None:
     analysis = make_analysis(source)
     analysis.labels[:] = 0
     ds = seg_of(source, analysis)
-    assert ds.NumberOfFrames == 2 * len(SEGMENT_CLASSES)
+    assert ds.NumberOfFrames == len(SEGMENT_CLASSES)  # one empty frame each, on the first source frame
     assert not np.any(ds.pixel_array)
 
 
@@ -154,7 +155,8 @@ def test_max_frames_subsamples_evenly() -> None:
         int(g.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
         for g in ds.PerFrameFunctionalGroupsSequence
     ]
-    assert ds.NumberOfFrames == 10 and sorted(set(refs)) == [1, 4]
+    assert sorted(set(refs)) == [1, 4]
+    assert ds.NumberOfFrames == 9  # 5 segments x 2 frames, less consolidation on frame 4 (odd: none)
 
 
 def test_rejects_mismatched_labels_and_binary_compression() -> None:
@@ -192,3 +194,40 @@ def test_outputs_share_no_elements_with_source() -> None:
             ds.PatientOrientation[0] = "P"
     after = {kw: source[kw].value for kw in before}
     assert after == before
+
+
+def test_deflated_binary_is_the_same_seg_and_a_fraction_of_the_size() -> None:
+    """LUSAI_SEG_ENCODING=binary-deflated: Deflated Explicit VR Little Endian, masks unchanged."""
+    source = make_source(120, 160, 12, jpeg=False)
+    analysis = make_analysis(source)
+    plain, deflated = seg_of(source, analysis), seg_of(source, analysis, SegOptions(deflate=True))
+    assert deflated.file_meta.TransferSyntaxUID == pydicom.uid.DeflatedExplicitVRLittleEndian
+    np.testing.assert_array_equal(deflated.pixel_array, plain.pixel_array)
+    sizes = []
+    for ds in (plain, deflated):
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        sizes.append(len(buf.getvalue()))
+    assert sizes[1] < sizes[0] / 10, sizes
+    with pytest.raises(ValueError, match="choose one"):
+        seg_of(source, analysis, SegOptions(segmentation_type="LABELMAP", compress=True, deflate=True))
+
+
+def test_sparse_frames_cover_exactly_the_pixels_of_each_segment() -> None:
+    """No SEG frame is empty, and every labelled pixel is in one (a moving consolidation)."""
+    source = make_source(40, 48, 7, jpeg=False)
+    analysis = make_analysis(source)
+    ds = seg_of(source, analysis)
+    pix = ds.pixel_array
+    refs = [
+        (
+            int(g.SegmentIdentificationSequence[0].ReferencedSegmentNumber),
+            int(g.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber),
+        )
+        for g in ds.PerFrameFunctionalGroupsSequence
+    ]
+    assert all(pix[i].any() for i in range(len(refs)))
+    rebuilt = np.zeros_like(analysis.labels)
+    for i, (segment, frame) in enumerate(refs):
+        rebuilt[frame - 1][pix[i] > 0] = segment
+    np.testing.assert_array_equal(rebuilt, analysis.labels)

@@ -111,9 +111,14 @@ def test_video_and_frame_groups(built: tuple[Dataset, Analysis, dict[str, Datase
     assert video.finding_sites[0].value.value == c.LUNG.value
     frames = groups[c.LUS_FRAME_SCORES.value]
     measurements = frames.get_measurements(name=c.FRAME_LUS_SCORE)
-    assert [m.value for m in measurements] == list(analysis.findings.frame_scores)
+    assert [m.value for m in measurements] == sorted(set(analysis.findings.frame_scores))  # one per score
     refs = [m.referenced_images[0].ReferencedSOPSequence[0] for m in measurements]
-    assert [int(r.ReferencedFrameNumber) for r in refs] == [1, 2, 3, 4, 5]
+    score_of_frame = {
+        int(n): m.value
+        for m, r in zip(measurements, refs, strict=True)
+        for n in (r.ReferencedFrameNumber if r["ReferencedFrameNumber"].VM > 1 else [r.ReferencedFrameNumber])
+    }
+    assert [score_of_frame[n] for n in range(1, 6)] == list(analysis.findings.frame_scores)
     assert {r.ReferencedSOPInstanceUID for r in refs} == {source.SOPInstanceUID}
 
 
@@ -166,3 +171,21 @@ def test_labelmap_seg_is_not_referenced_by_segment() -> None:
     report = report_of(out["SR"])
     assert report.get_volumetric_roi_measurement_groups() == []
     assert len(report.get_planar_roi_measurement_groups()) == 1
+
+
+def test_the_report_does_not_grow_with_the_cine() -> None:
+    """Per-frame scores are one NUM per score value listing its frames: a 120-frame cine's SR has
+    as many content items as a 6-frame one's (one NUM per frame made long cines slow to write)."""
+    sizes = []
+    for n in (6, 120):
+        source = make_source(64, 80, n, jpeg=False)
+        sr = outputs_for(source, make_analysis(source))["SR"]
+        sizes.append(sum(1 for _ in content_items(sr)))
+        frames = report_of(sr).get_image_measurement_groups(finding_type=c.LUS_FRAME_SCORES)[0]
+        listed = [
+            int(f)
+            for m in frames.get_measurements(name=c.FRAME_LUS_SCORE)
+            for f in np.atleast_1d(m.referenced_images[0].ReferencedSOPSequence[0].ReferencedFrameNumber)
+        ]
+        assert sorted(listed) == list(range(1, n + 1))  # every frame has exactly one score
+    assert sizes[0] == sizes[1]
