@@ -33,7 +33,7 @@ from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import SegmentationStorage
+from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 from pydicom.valuerep import validate_value
 
 from service.core.dicom import LABEL_MAP_SEGMENTATION_STORAGE
@@ -376,6 +376,8 @@ def _check_consumers(ds: Dataset, data: bytes, p: _Problems) -> None:
             seg.get_pixels_by_source_frame(
                 ref.ReferencedSOPInstanceUID, source_frame_numbers=[int(ref.ReferencedFrameNumber)]
             )
+        elif ds.SOPClassUID == Comprehensive3DSRStorage:  # what lusai writes: parse what is read
+            hd.sr.Comprehensive3DSR.from_dataset(ds, copy=False)
         elif ds.Modality == "SR":
             hd.sr.srread(io.BytesIO(data))
         else:

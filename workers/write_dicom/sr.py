@@ -99,10 +99,11 @@ def _present(flag: bool) -> Code:
     return codes.PRESENT if flag else codes.ABSENT
 
 
-def _num(
-    name: Code, value: float, unit: Code, algorithm: hd.sr.AlgorithmIdentification, **kw: object
-) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm, **kw)  # type: ignore[arg-type]
+def _num(name: Code, value: float, unit: Code, **kw: object) -> hd.sr.Measurement:
+    """A NUM without its own algorithm identification: its measurement group carries it (TID
+    1501/1410/1411 row "Algorithm Identification"), and repeating it in every NUM was 20% of the
+    report's content items."""
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit, **kw)  # type: ignore[arg-type]
 
 
 def _tracking(root: str, sop_uid: str, label: str) -> hd.sr.TrackingIdentifier:
@@ -131,7 +132,7 @@ def build_measurement_groups(
         | hd.sr.MeasurementsAndQualitativeEvaluations
     ] = []
 
-    key_score = [_num(codes.LUS_SCORE, f.score, codes.UNIT_SCORE, algorithm)] if f.gradable else None
+    key_score = [_num(codes.LUS_SCORE, f.score, codes.UNIT_SCORE)] if f.gradable else None
     key_ref = hd.sr.SourceImageForRegion(sop_class, src_uid, [f.key_frame + 1])
     groups.append(
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -214,10 +215,10 @@ def _score_groups(
             algorithm,
             sites,
             measurements=[
-                _num(codes.LUS_SCORE, f.score, codes.UNIT_SCORE, algorithm),
-                _num(codes.B_LINE_PLEURA_PERCENT, 100.0 * f.b_line_fraction, codes.UNIT_PERCENT, algorithm),
-                _num(codes.B_LINE_COUNT, f.b_line_count, codes.UNIT_COUNT, algorithm),
-                _num(codes.B_LINE_ARTIFACT_SCORE, f.bla_score, codes.UNIT_SCORE, algorithm),
+                _num(codes.LUS_SCORE, f.score, codes.UNIT_SCORE),
+                _num(codes.B_LINE_PLEURA_PERCENT, 100.0 * f.b_line_fraction, codes.UNIT_PERCENT),
+                _num(codes.B_LINE_COUNT, f.b_line_count, codes.UNIT_COUNT),
+                _num(codes.B_LINE_ARTIFACT_SCORE, f.bla_score, codes.UNIT_SCORE),
             ],
             qualitative=[
                 hd.sr.QualitativeEvaluation(consolidation.type, _present(f.consolidation)),
@@ -241,7 +242,6 @@ def _score_groups(
                     codes.FRAME_LUS_SCORE,
                     score,
                     codes.UNIT_SCORE,
-                    algorithm,
                     referenced_images=[hd.sr.SourceImageForMeasurement(sop_class, src_uid, frames)],
                 )
                 for score, frames in sorted(frames_of.items())
@@ -273,7 +273,7 @@ def _segment_groups(
         row = segment(cls)
         measurements = []
         if cls in areas:
-            measurements.append(_num(codes.AREA, areas[cls], codes.UNIT_MM2, algorithm))
+            measurements.append(_num(codes.AREA, areas[cls], codes.UNIT_MM2))
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
