@@ -8,8 +8,9 @@ YBR_FULL_422) is rendered once; each send is a copy with fresh Study, Series and
 UIDs. The cines go ONE AFTER THE OTHER: cine i+1 is sent once the SEG and the SR of cine i have
 arrived at the PACS (or ``--timeout`` seconds have passed: the cine counts as lost).
 
-Modes: ``embedded`` is ``lusai serve`` (SCP, API and Celery worker on SQLite and the filesystem
-queue, in a temp ``LUSAI_DATA_DIR``); ``production`` is ``lusai scp`` + ``lusai worker`` on a
+Modes: ``embedded`` is ``lusai serve`` (SCP, API and its two Celery workers on SQLite and the
+filesystem queue, in a temp ``LUSAI_DATA_DIR``); ``production`` is ``lusai scp`` + ``lusai worker
+--queues analyze`` + ``lusai worker --queues deliver`` (docker-compose.yml's services) on a
 throw-away PostgreSQL database and a Redis DB index of its own (``bench.chaos.faults.Deployment``,
 with the default recovery interval and stale-job timeout). The PACS is a DCMTK storescp
 (``+xa -uf``, ``LUSAI_DEFAULT_DESTINATION``). storescp writes each file in place, not atomically,
@@ -341,7 +342,8 @@ class Production(Setup):
 
     def start(self) -> None:
         self.dep.start("scp", ["scp"])
-        self.dep.start("worker", ["worker"])
+        self.dep.start("worker", ["worker", "--queues", "analyze"])  # as docker-compose.yml runs them
+        self.dep.start("deliver", ["worker", "--queues", "deliver"])
         wait_port(self.port, 180, self.alive)
 
     def close(self) -> None:

@@ -35,11 +35,15 @@ def test_compose_config_is_valid() -> None:
         "lusai-api",
         "lusai-worker",
         "lusai-worker-cpu",
+        "lusai-deliver",
         "orthanc",
     } <= set(services)
     gpu = services["lusai-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
-    for name in ("lusai-scp", "lusai-api", "lusai-worker"):
+    assert services["lusai-worker"]["command"] == ["worker", "--queues", "analyze"]
+    assert services["lusai-deliver"]["command"] == ["worker", "--queues", "deliver"]
+    assert "deploy" not in services["lusai-deliver"]  # no GPU for deliveries
+    for name in ("lusai-scp", "lusai-api", "lusai-worker", "lusai-deliver"):
         env = services[name]["environment"]
         assert env["LUSAI_DATABASE_URL"].startswith("postgresql") and env["LUSAI_BROKER_URL"].startswith(
             "redis"

@@ -1,4 +1,4 @@
-"""`lusai serve` on embedded defaults, as a user starts it: DICOM, API and a real Celery worker."""
+"""`lusai serve` on embedded defaults, as a user starts it: DICOM, API and real Celery workers."""
 
 from __future__ import annotations
 
@@ -139,6 +139,34 @@ def test_sigterm_at_any_moment_leaves_no_process_behind(tmp_path: Path, when: st
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.parametrize("queue", ["analyze", "deliver"])
+def test_a_worker_that_dies_stops_serve_with_exit_1(served: dict[str, object], queue: str) -> None:
+    """An analyze or deliver worker killed (OOM killer, kill -9) would leave jobs nobody takes:
+    `lusai serve` stops everything it started and exits 1, so the service manager restarts it."""
+    _wait_ready(served, 20.0)
+    proc = served["proc"]
+    assert isinstance(proc, subprocess.Popen)
+    workers = [
+        int(pid)
+        for pid in subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+    ]
+    target = next(
+        pid for pid in workers if f"--queues\0{queue}\0" in Path(f"/proc/{pid}/cmdline").read_text()
+    )
+    seen = process_tree(proc.pid)
+    os.kill(target, signal.SIGKILL)
+    assert proc.wait(timeout=60) == 1, Path(str(served["log"])).read_text()[-3000:]
+    assert "a worker process exited" in Path(str(served["log"])).read_text()
+    deadline = time.monotonic() + 30
+    left = seen
+    while left and time.monotonic() < deadline:
+        left = {pid for pid in left if _state(str(pid)) != "Z"}
+        time.sleep(0.2)
+    assert not left, f"processes outlived serve: {left}"
 
 
 def _state(pid: str) -> str:

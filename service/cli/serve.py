@@ -180,7 +180,7 @@ def worker_argv(s: Settings, queues: str) -> list[str]:
         "--loglevel",
         s.log_level,
         "--concurrency",
-        str(s.worker_concurrency),
+        str(s.deliver_concurrency if queues == "deliver" else s.worker_concurrency),
         "--queues",
         queues,
         "--prefetch-multiplier",
@@ -188,7 +188,7 @@ def worker_argv(s: Settings, queues: str) -> list[str]:
         "--without-gossip",
         "--without-mingle",
         "-n",
-        f"lusai-{os.getpid()}@%h",
+        f"lusai-{os.getpid()}-{queues.replace(',', '-')}@%h",
     ]
     if s.embedded_broker:
         argv.append("--without-heartbeat")
@@ -220,20 +220,29 @@ def worker(
 
 @app.command()
 def serve() -> None:
-    """Run SCP, REST API and a Celery worker together on embedded defaults (no server needed)."""
+    """Run SCP, REST API and two Celery workers together on embedded defaults (no server needed).
+
+    One worker analyses, the other delivers (then audits and renders previews): the deliveries,
+    audit and previews of one cine never hold up the analysis of the next, and the second core
+    is used. The deliver worker loads no model."""
     stopping.install()  # first: a SIGTERM at any moment, even while starting, stops everything
     s = _settings()
     require_model_package(s)
     _upgrade_embedded(s)
-    worker_proc: subprocess.Popen[bytes] | None = None
+    worker_procs: list[subprocess.Popen[bytes]] = []
     runtime: Runtime | None = None
+    died = threading.Event()
     try:
-        worker_proc = start_worker(s, "analyze,deliver")
-        runtime = Runtime.from_settings(s)  # one for the SCP thread and the API (the worker builds its own)
+        for queues in ("analyze", "deliver"):
+            worker_procs.append(start_worker(s, queues))
+        runtime = Runtime.from_settings(s)  # one for the SCP thread and the API (the workers build their own)
         scp_thread = threading.Thread(
             target=run_scp, args=(runtime,), kwargs={"probe": True}, name="lusai-scp", daemon=True
         )
         scp_thread.start()
+        threading.Thread(
+            target=_watch_workers, args=(worker_procs, died), name="lusai-watch", daemon=True
+        ).start()
         log.info(
             "lusai serving",
             extra=ctx(
@@ -244,17 +253,47 @@ def serve() -> None:
             ),
         )
         # uvicorn handles SIGTERM itself, then raises it again once it has shut down: the handler
-        # installed above turns that into KeyboardInterrupt, so the worker is stopped below.
+        # installed above turns that into KeyboardInterrupt, so the workers are stopped below.
         if not stopping.requested():  # a SIGTERM lost in a finalizer while starting: do not serve
             run_api(runtime)
     except KeyboardInterrupt:
         pass
     finally:
         stopping.acknowledge()
-        if worker_proc is not None:
-            requeue = partial(requeue_jobs_of, runtime) if runtime is not None else None
-            stop_worker(worker_proc, s.shutdown_grace, requeue=requeue)
+        requeue = partial(requeue_jobs_of, runtime) if runtime is not None else None
+        stop_workers(worker_procs, s.shutdown_grace, requeue=requeue)
+    if died.is_set():  # fail, so the service manager restarts all of it
+        log.error("lusai stopped: a worker process exited")
+        raise typer.Exit(code=1)
     log.info("lusai stopped")
+
+
+def _watch_workers(procs: list[subprocess.Popen[bytes]], died: threading.Event) -> None:
+    """A worker that exits on its own (killed, out of memory) leaves jobs that nobody takes: stop
+    the whole service (SIGTERM to ourselves, the way every stop goes) and exit 1."""
+    while not stopping.requested():
+        if any(p.poll() is not None for p in procs):
+            log.error(
+                "a worker process exited: stopping",
+                extra=ctx(exit_codes=[p.returncode for p in procs]),
+            )
+            died.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        time.sleep(1.0)
+
+
+def stop_workers(
+    procs: list[subprocess.Popen[bytes]], grace_s: float, requeue: Callable[[set[int]], object] | None
+) -> None:
+    """Stop several workers within one grace period: all are told at once, then each is waited
+    for (and killed) by :func:`stop_worker` with what is left of it."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        stop_worker(proc, max(0.0, deadline - time.monotonic()), requeue=requeue)
 
 
 def start_worker(s: Settings, queues: str) -> subprocess.Popen[bytes]:

@@ -173,6 +173,16 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device.")
     worker_concurrency: int = Field(1, ge=1, le=64, description="Celery worker processes.")
+    deliver_concurrency: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description=(
+            "Processes of a worker that only consumes the deliver queue (`lusai serve`'s second worker,"
+            " `lusai worker --queues deliver`): a C-STORE is not held up by the audit and previews of"
+            " the result before it."
+        ),
+    )
     task_time_limit: int = Field(900, ge=10, description="Hard time limit of one analysis job (s).")
     job_max_attempts: int = Field(3, ge=1, le=20, description="Attempts before a job is marked failed.")
     stale_job_after: int = Field(1800, ge=5, description="Seconds after which a running job is re-queued.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import pydicom
@@ -47,8 +48,9 @@ def frame_rate(ds: pydicom.Dataset) -> float | None:
     return None
 
 
-def decode_frames(ds: pydicom.Dataset) -> np.ndarray:
-    """All frames as ``(frames, rows, cols)`` uint8 luminance; raises :class:`InputError`."""
+def decode_frames(ds: pydicom.Dataset, indices: Sequence[int] | None = None) -> np.ndarray:
+    """All frames, or the 0-based ``indices`` in that order, as ``(frames, rows, cols)`` uint8
+    luminance; raises :class:`InputError`. JPEG frames not asked for are not decoded."""
     if "PixelData" not in ds:
         raise InputError("dataset has no pixel data")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
@@ -58,13 +60,20 @@ def decode_frames(ds: pydicom.Dataset) -> np.ndarray:
     meta = getattr(ds, "file_meta", None)
     syntax = (meta.get("TransferSyntaxUID") if meta is not None else None) or ExplicitVRLittleEndian
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if indices is not None and any(not 0 <= i < n for i in indices):
+        raise InputError(f"frame index outside 0..{n - 1}")
     try:
         if syntax in _PILLOW_SYNTAXES and int(ds.get("BitsAllocated", 8)) == 8:
-            frames = _decode_jpeg_pillow(ds, n, rows, cols)
-        elif syntax in _RAW_SYNTAXES:
-            frames = _decode_raw(ds, n, rows, cols, photometric)
+            frames = _decode_jpeg_pillow(ds, n, rows, cols, indices)
         else:
-            frames = _decode_pydicom(ds, n, photometric)
+            if syntax in _RAW_SYNTAXES:
+                frames = _decode_raw(ds, n, rows, cols, photometric)
+            else:
+                frames = _decode_pydicom(ds, n, photometric)
+            if frames.shape != (n, rows, cols):
+                raise InputError(f"decoded {frames.shape} does not match {n}x{rows}x{cols}")
+            if indices is not None:
+                frames = frames[list(indices)]
     except InputError:
         raise
     except Exception as exc:  # any codec failure means the input is unusable
@@ -72,23 +81,34 @@ def decode_frames(ds: pydicom.Dataset) -> np.ndarray:
         raise InputError(f"pixel data could not be decoded ({type(exc).__name__})") from exc
     if photometric == "MONOCHROME1":
         frames = 255 - frames
-    if frames.shape != (n, rows, cols):
+    expected = (n if indices is None else len(indices), rows, cols)
+    if frames.shape != expected:
         raise InputError(f"decoded {frames.shape} does not match {n}x{rows}x{cols}")
     return np.ascontiguousarray(frames)
 
 
-def _decode_jpeg_pillow(ds: pydicom.Dataset, n: int, rows: int, cols: int) -> np.ndarray:
-    out = np.empty((n, rows, cols), dtype=np.uint8)
+def _decode_jpeg_pillow(
+    ds: pydicom.Dataset, n: int, rows: int, cols: int, indices: Sequence[int] | None = None
+) -> np.ndarray:
+    """Every fragment is walked (the count must match NumberOfFrames); only the frames asked for
+    are decoded, into their place in ``indices``."""
+    slots: dict[int, list[int]] = {}
+    for k, f in enumerate(range(n) if indices is None else indices):
+        slots.setdefault(int(f), []).append(k)
+    out = np.empty((n if indices is None else len(indices), rows, cols), dtype=np.uint8)
     i = -1
     for i, fragment in enumerate(generate_frames(ds.PixelData, number_of_frames=n)):
         if i >= n:
             raise InputError("more encapsulated frames than NumberOfFrames")
+        if i not in slots:
+            continue
         img = Image.open(io.BytesIO(fragment))
         img.draft("L", (cols, rows))  # luminance only: skips chroma upsampling and colour conversion
         gray = img if img.mode == "L" else img.convert("L")
         if gray.size != (cols, rows):
             raise InputError("frame size differs from Rows/Columns")
-        out[i] = np.asarray(gray)
+        for k in slots[i]:
+            out[k] = np.asarray(gray)
     if i + 1 != n:
         raise InputError(f"{i + 1} encapsulated frames for NumberOfFrames {n}")
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -20,6 +21,7 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array
 
 from service.core.logs import ctx
 from service.core.segments import SEGMENTS
@@ -69,47 +71,69 @@ def _referenced_frame(item: Dataset) -> int | None:
     return None
 
 
-def class_maps_from_seg(seg: Dataset, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (frames, rows, cols) uint8, has_map (frames,) bool) from a SEG (BINARY or LABELMAP);
+def class_maps_from_seg(
+    seg: Dataset, shape: tuple[int, int, int], frames: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, has_map (n,) bool) from a SEG (BINARY or LABELMAP). ``labels`` holds the class
+    maps of the 0-based source ``frames`` (all n by default), in that order; only the SEG frames
+    that refer to them are decoded, so a long cine's previews never unpack the whole SEG.
     ``has_map`` marks the source frames the SEG segmented (all, or every n-th with ``max_frames``)."""
-    try:
-        pix = np.asarray(seg.pixel_array)
-    except Exception as exc:
-        raise PreviewUnavailable("segmentation unreadable") from exc
     n, rows, cols = shape
-    if pix.ndim == 2:
-        pix = pix[None]
-    if pix.shape[1:] != (rows, cols):
+    if (int(seg.get("Rows", 0) or 0), int(seg.get("Columns", 0) or 0)) != (rows, cols):
         raise PreviewUnavailable("segmentation does not match the source size")
-    labels = np.zeros(shape, dtype=np.uint8)
+    wanted = list(range(n)) if frames is None else [int(f) for f in frames]
+    slot = {f: i for i, f in enumerate(wanted)}
+    labels = np.zeros((len(wanted), rows, cols), dtype=np.uint8)
     has = np.zeros(n, dtype=bool)
     labelmap = str(seg.get("SegmentationType", "BINARY")) == "LABELMAP"
     groups = seg.get("PerFrameFunctionalGroupsSequence", [])
+    count = min(len(groups), int(seg.get("NumberOfFrames", 1) or 1))
     steps: set[int] = set()  # source frames per temporal position: the writer's subsampling
-    for i in range(min(len(groups), pix.shape[0])):
-        item = groups[i]
-        ref = _referenced_frame(item)
-        if ref is None and n == 1:
-            ref = 1
-        if ref is None or not 1 <= ref <= n:
-            continue
-        f = ref - 1
-        has[f] = True
-        content = item.get("FrameContentSequence", [None])[0]
-        if content is not None and int(content.get("TemporalPositionIndex", 1) or 1) > 1:
-            steps.add(f // (int(content.TemporalPositionIndex) - 1))
-        if labelmap:
-            labels[f] = np.where(pix[i] > 0, pix[i], labels[f]).astype(np.uint8)
-        else:
-            ids = item.get("SegmentIdentificationSequence", [])
-            if not ids:
+    try:
+        for i in range(count):
+            item = groups[i]
+            ref = _referenced_frame(item)
+            if ref is None and n == 1:
+                ref = 1
+            if ref is None or not 1 <= ref <= n:
                 continue
-            labels[f][pix[i] > 0] = int(ids[0].ReferencedSegmentNumber)
+            f = ref - 1
+            has[f] = True
+            content = item.get("FrameContentSequence", [None])[0]
+            if content is not None and int(content.get("TemporalPositionIndex", 1) or 1) > 1:
+                steps.add(f // (int(content.TemporalPositionIndex) - 1))
+            if f not in slot:
+                continue
+            plane = _seg_frame(seg, i, rows, cols)
+            if labelmap:
+                labels[slot[f]] = np.where(plane > 0, plane, labels[slot[f]]).astype(np.uint8)
+            elif ids := item.get("SegmentIdentificationSequence", []):
+                labels[slot[f]][plane > 0] = int(ids[0].ReferencedSegmentNumber)
+    except PreviewUnavailable:
+        raise
+    except Exception as exc:
+        raise PreviewUnavailable("segmentation unreadable") from exc
     if not labelmap and has.any():
         # A BINARY SEG has no frame where a segment is empty; a source frame the writer selected
         # (every ``step``-th) and found empty is still segmented.
         has[:: steps.pop() if len(steps) == 1 else 1] = True
     return labels, has
+
+
+def _seg_frame(seg: Dataset, index: int, rows: int, cols: int) -> np.ndarray:
+    """Frame ``index`` (0-based) of the SEG: bit-packed BINARY frames are cut from the pixel data
+    directly (they are packed back to back, PS3.5 8.1.1), anything else through pydicom."""
+    meta = getattr(seg, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if int(seg.get("BitsAllocated", 8)) == 1 and (syntax is None or not syntax.is_compressed):
+        size = rows * cols
+        first = index * size
+        chunk = np.frombuffer(seg.PixelData, np.uint8, count=(first % 8 + size + 7) // 8, offset=first // 8)
+        bits = np.unpackbits(chunk, bitorder="little")[first % 8 : first % 8 + size]
+        if bits.size != size:
+            raise PreviewUnavailable("segmentation pixel data is too short")
+        return bits.reshape(rows, cols)
+    return np.asarray(pixel_array(seg, index=index)).reshape(rows, cols)
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -226,23 +250,23 @@ def render_previews(
     Only the frames the previews show (the key frame and at most ``max_frames`` more) are blended
     and scaled: a long cine costs its decoding, not a colour copy of every frame.
     """
-    try:
-        frames = decode_frames(source)
-    except InputError as exc:
-        raise PreviewUnavailable("source pixels could not be decoded") from exc
-    n = frames.shape[0]
-    labels = has = None
-    if seg is not None:
-        labels, has = class_maps_from_seg(seg, frames.shape)
+    n = int(source.get("NumberOfFrames", 1) or 1)
+    shape = (n, int(source.get("Rows", 0) or 0), int(source.get("Columns", 0) or 0))
+    has = class_maps_from_seg(seg, shape, [])[1] if seg is not None else None
     animated, step = animation_frames(n, has, max_frames)
     picked = np.array(sorted({min(max(key_frame, 0), n - 1), *animated.tolist()}))
+    try:  # only the frames shown: a long cine's previews never hold the whole cine
+        frames = decode_frames(source, picked.tolist())
+    except InputError as exc:
+        raise PreviewUnavailable("source pixels could not be decoded") from exc
     # Scale first, then colour: the grey frames bilinear, the class maps nearest (a class is never
     # averaged into another), so only the shown pixels of the shown frames are blended.
     size = _target_size(frames.shape[1], frames.shape[2], max_width)
-    grey = _resized(frames[picked], size, Image.Resampling.BILINEAR)
+    grey = _resized(frames, size, Image.Resampling.BILINEAR)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
-    if labels is not None:
-        rgb = blend(rgb, _resized(labels[picked], size, Image.Resampling.NEAREST), ALPHA)
+    if seg is not None:
+        labels, _ = class_maps_from_seg(seg, shape, picked.tolist())
+        rgb = blend(rgb, _resized(labels, size, Image.Resampling.NEAREST), ALPHA)
     shown = {int(f): Image.fromarray(rgb[i], "RGB") for i, f in enumerate(picked)}
     rate = frame_rate(source)
     frame_ms = 1000.0 / rate if rate else DEFAULT_FRAME_MS

@@ -142,3 +142,19 @@ def test_frame_rate_from_the_cine_timing_attributes() -> None:
     assert frame_rate(ds) == pytest.approx(25.0)
     ds.FrameTime = 0.0  # nonsense: the next attribute is used
     assert frame_rate(ds) == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize("syntax", ["raw", "jpeg", "rle"])
+def test_some_frames_decode_as_the_same_frames_of_the_whole_cine(syntax: str) -> None:
+    """Previews decode only the frames they show: the same pixels, in the order asked."""
+    g = _gray(n=5)
+    ds = frames_to_dataset(g)
+    if syntax == "jpeg":
+        ds = _jpeg_ybr422(g)
+    elif syntax == "rle":
+        ds.compress(RLELossless, g, encoding_plugin="pydicom")
+    whole = decode_frames(ds)
+    for indices in ([4, 0, 2], [3], [1, 1]):
+        np.testing.assert_array_equal(decode_frames(ds, indices), whole[indices])
+    with pytest.raises(InputError, match="outside"):
+        decode_frames(ds, [5])

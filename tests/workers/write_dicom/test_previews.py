@@ -135,3 +135,23 @@ def test_store_previews_writes_images_or_says_why_not(tmp_path: Path) -> None:
     seg = _worker_seg(small, _labels()[:, : ROWS // 2])
     mismatch = store_previews(store, good, seg, CAPTION, key_frame=0, settings=settings)
     assert mismatch.error == "segmentation does not match the source size"
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"deflate": True}, {"segmentation_type": "LABELMAP", "compress": True}]
+)
+def test_class_maps_of_some_frames_are_those_of_the_whole_seg(
+    tmp_path: Path, options: dict[str, Any]
+) -> None:
+    """Only the SEG frames of the frames asked for are decoded (a long cine's SEG is never
+    unpacked whole); they equal the same frames read from the whole SEG."""
+    src = us_cine(np.zeros((FRAMES, ROWS, COLS), dtype=np.uint8))
+    labels = _labels()
+    path = tmp_path / "seg.dcm"
+    _worker_seg(src, labels, **options).save_as(path, enforce_file_format=True)
+    seg = pydicom.dcmread(path)
+    whole, has = class_maps_from_seg(seg, labels.shape)
+    some, has_too = class_maps_from_seg(seg, labels.shape, [3, 0])
+    np.testing.assert_array_equal(some, whole[[3, 0]])
+    np.testing.assert_array_equal(has, has_too)
+    assert class_maps_from_seg(seg, labels.shape, [])[0].shape == (0, ROWS, COLS)
