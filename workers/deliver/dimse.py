@@ -51,7 +51,10 @@ def c_echo(destination: Destination, settings: Settings) -> None:
 
 
 def c_store(path: Path, destination: Destination, settings: Settings) -> None:
-    ds = pydicom.dcmread(path)
+    """Send the file at ``path``. When the peer accepts its transfer syntax, the file's own bytes
+    go out as stored (pynetdicom reads them from the file: nothing is decoded or encoded again);
+    otherwise its dataset, re-encoded in a syntax the peer accepted."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
     ts = str(ds.file_meta.TransferSyntaxUID)
     ae = AE(ae_title=settings.ae_title)
     ae.acse_timeout = settings.acse_timeout
@@ -63,7 +66,11 @@ def c_store(path: Path, destination: Destination, settings: Settings) -> None:
     if not assoc.is_established:
         raise DeliveryError(f"association with {destination} not established")
     try:
-        status = assoc.send_c_store(ds)
+        as_stored = any(
+            cx.abstract_syntax == ds.SOPClassUID and cx.transfer_syntax[0] == ts
+            for cx in assoc.accepted_contexts
+        )
+        status = assoc.send_c_store(path if as_stored else pydicom.dcmread(path))
     finally:
         assoc.release()
     if not status or "Status" not in status:
