@@ -4,9 +4,10 @@ The long-running commands turn SIGTERM into ``KeyboardInterrupt`` in the main th
 how a blocking ``serve_forever`` or ``wait`` is left. Python runs a signal handler wherever the
 main thread happens to be, and an exception raised inside a ``__del__`` or a weakref callback
 (SQLAlchemy registers some) is printed as "Exception ignored" and dropped: the stop was lost and
-``lusai serve`` went on serving with its worker gone (seen in CI, one start in a few dozen). So the
-first SIGTERM also starts a thread that sends it again every ``RESEND_S`` until the command says
-it is stopping (:func:`acknowledge`).
+``lusai serve`` went on serving with its worker gone (seen in CI; one start in about twelve when
+stopped just after its worker starts on a loaded machine). So the first SIGTERM also starts a
+thread that sends it again every ``RESEND_S`` until the command says it is stopping
+(:func:`acknowledge`).
 """
 
 from __future__ import annotations
