@@ -43,7 +43,7 @@ PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
     "PatientWeight",
 )
 #: Type 2 attributes that must be present even when the source lacks them.
-_TYPE2 = (
+PATIENT_STUDY_TYPE2 = (
     "PatientName",
     "PatientID",
     "PatientBirthDate",
@@ -71,7 +71,7 @@ def copy_patient_study(source: Dataset, ds: Dataset) -> None:
     for kw in PATIENT_STUDY_KEYWORDS:
         if kw in source:
             ds[kw] = copy.deepcopy(source[kw])  # never share elements: edits must not leak back
-    for kw in _TYPE2:
+    for kw in PATIENT_STUDY_TYPE2:
         if kw not in ds:
             setattr(ds, kw, None)
 

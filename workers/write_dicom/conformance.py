@@ -37,21 +37,11 @@ from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 from pydicom.valuerep import validate_value
 
 from service.core.dicom import LABEL_MAP_SEGMENTATION_STORAGE
+from workers.write_dicom.common import PATIENT_STUDY_KEYWORDS, PATIENT_STUDY_TYPE2
 
 #: (Type 1, Type 2) top-level attributes of each output IOD (PS3.3 module tables).
 _COMMON_1 = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
-_COMMON_2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-    "Manufacturer",
-)
+_COMMON_2 = (*PATIENT_STUDY_TYPE2, "Manufacturer")
 _IMAGE_1 = (
     "SamplesPerPixel",
     "PhotometricInterpretation",
@@ -99,18 +89,6 @@ _SR_1 = (
 )
 _SR_2 = ("ReferencedPerformedProcedureStepSequence", "PerformedProcedureCodeSequence")
 _SC_1 = (*_IMAGE_1, "ConversionType", "FrameIncrementPointer", "BurnedInAnnotation")
-_ENTITY_KEYWORDS = (  # Patient (C.7.1.1) and General Study (C.7.2.1) attributes lusai copies
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
 _ENUMERATED = {
     "SegmentationType": {"BINARY", "LABELMAP"},
     "SegmentsOverlap": {"YES", "UNDEFINED", "NO"},
@@ -244,7 +222,7 @@ def _check_enumerated(ds: Dataset, p: _Problems) -> None:
 
 
 def _check_entities(ds: Dataset, source: Dataset, p: _Problems) -> None:
-    for kw in _ENTITY_KEYWORDS:
+    for kw in PATIENT_STUDY_KEYWORDS:  # what the writers copy from the source, verbatim
         if (ds.get(kw) or None) != (source.get(kw) or None):  # absent and empty are the same entity
             p.add(f"<{kw}> differs from the source (same patient and study expected)")
     if ds.get("SeriesInstanceUID") == source.get("SeriesInstanceUID"):
