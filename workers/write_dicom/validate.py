@@ -148,7 +148,9 @@ def encode(ds: Dataset) -> bytes:
 
 
 def _deflated(data: bytes) -> bool:
-    return DeflatedExplicitVRLittleEndian.encode() in data[:1024]  # the meta group's syntax UID
+    buf = io.BytesIO(data)
+    buf.seek(128 + 4)  # preamble and "DICM"
+    return _read_file_meta_info(buf).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
 
 
 def write_inflated(path: Path, data: bytes) -> None:
