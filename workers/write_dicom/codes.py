@@ -24,6 +24,13 @@ Assessment" = DCM 111235 "Unusable - Quality renders image unusable", and DCM 11
 Finding" = the reason. The standard findings (CID 6135) are radiographic (exposure, grid,
 detector); ultrasound reasons such as "pleural line not visible" have no code, so each reason code
 of the pipeline has a private 99LUSAI concept (:data:`NOT_GRADABLE_REASONS`).
+
+The SR's layout (``sr.py``) adds: the TID 1500 containers "Derived Imaging Measurements" (DCM
+126011) and "Qualitative Evaluations" (UMLS C0034375), where the findings OHIF cannot draw go;
+DCM 121106 "Comment" (the text OHIF prints beside the key-frame region), DCM 121140 "Number of
+Frames" (the NUM of a cine that has no score), DCM 121191 "Referenced Segment"; and the private
+KEYREGION (what the key-frame region is drawn around: a segment type, USREGION or WHOLEIMAGE) and
+SEGMENTED (a SEG segment with pixels, referenced by number).
 """
 
 from __future__ import annotations
@@ -55,6 +62,13 @@ AREA = Code("42798000", "SCT", "Area")
 QUALITY_ASSESSMENT: Code = codes.DCM.QualityAssessment
 QUALITY_FINDING: Code = codes.DCM.QualityFinding
 UNUSABLE: Code = codes.DCM.UnusableQualityRendersImageUnusable
+FINDING: Code = codes.DCM.Finding
+COMMENT: Code = codes.DCM.Comment  # the TEXT OHIF shows beside a measurement (sr.py)
+NUMBER_OF_FRAMES: Code = codes.DCM.NumberOfFrames
+REFERENCED_SEGMENT: Code = codes.DCM.ReferencedSegment
+#: TID 1500 row 10 and row 12 containers (sr.py): places OHIF does not turn into measurements.
+DERIVED_IMAGING_MEASUREMENTS: Code = codes.DCM.DerivedImagingMeasurements
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 
 # --- private concepts (99LUSAI) ----------------------------------------------------------------
 LUS_SCORE = _private("LUSSCORE", "Lung ultrasound score")
@@ -66,6 +80,12 @@ PLEURAL_LINE_IRREGULARITY = _private("PLIRREG", "Pleural line irregularity")
 LUS_VIDEO_FINDINGS = _private("LUSVIDEO", "Lung ultrasound cine findings")
 LUS_FRAME_SCORES = _private("LUSFRAMES", "Lung ultrasound per-frame scores")
 LUS_KEY_FRAME = _private("LUSKEY", "Lung ultrasound key frame")
+#: What the key-frame region of the SR is drawn around: the pleura or B-line segment type, or:
+KEY_FRAME_REGION = _private("KEYREGION", "Key frame region drawn around")
+ULTRASOUND_REGION = _private("USREGION", "Ultrasound region")
+WHOLE_IMAGE = _private("WHOLEIMAGE", "Whole image")
+#: A SEG segment with pixels, named by its segment type and referenced by segment number.
+SEGMENTED = _private("SEGMENTED", "Segmented in the cine")
 #: Reason code of workers/score/gradability.py -> its Quality Finding concept.
 NOT_GRADABLE_REASONS: dict[str, Code] = {
     reason: _private(value, REASONS[reason])
@@ -83,6 +103,7 @@ UNIT_SCORE = Code("{score}", "UCUM", "score")
 UNIT_PERCENT = Code("%", "UCUM", "percent")
 UNIT_COUNT = Code("{count}", "UCUM", "count")
 UNIT_MM2 = Code("mm2", "UCUM", "square millimeter")
+UNIT_FRAMES = Code("{frames}", "UCUM", "frames")
 UNIT_NONE = Code("1", "UCUM", "no units")
 
 

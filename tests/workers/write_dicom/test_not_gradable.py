@@ -10,10 +10,12 @@ import pytest
 from pydicom.dataset import Dataset
 
 from tests.factories import make_analysis, make_source
-from tests.workers.write_dicom.conftest import outputs_for
+from tests.workers.write_dicom.conftest import NOW, outputs_for
 from workers.domain import Analysis
 from workers.write_dicom import codes as c
+from workers.write_dicom.common import SeriesInfo
 from workers.write_dicom.overlay import legend_title
+from workers.write_dicom.sr import build_sr
 from workers.write_dicom.validate import validate_outputs
 
 
@@ -43,7 +45,7 @@ def built() -> tuple[Dataset, Analysis, dict[str, Dataset]]:
 
 
 def test_sr_has_no_score_but_the_coded_reason(built: tuple[Dataset, Analysis, dict[str, Dataset]]) -> None:
-    _, _, out = built
+    source, analysis, out = built
     sr = hd.sr.Comprehensive3DSR.from_dataset(out["SR"])
     report = sr.content
     assert isinstance(report, hd.sr.MeasurementReport)
@@ -51,17 +53,43 @@ def test_sr_has_no_score_but_the_coded_reason(built: tuple[Dataset, Analysis, di
     assert c.LUS_SCORE.value not in {name for name, _ in pairs}
     assert c.FRAME_LUS_SCORE.value not in {name for name, _ in pairs}
     assert c.B_LINE_PLEURA_PERCENT.value not in {name for name, _ in pairs}
-    # The key-frame ROI (what OHIF shows) and the cine group both say "unusable" and why.
+    # The key-frame group (what OHIF shows) and the report's Qualitative Evaluations both say
+    # "unusable" and why.
     assert pairs.count((c.QUALITY_ASSESSMENT.value, c.UNUSABLE.value)) == 2
     assert pairs.count((c.QUALITY_FINDING.value, "NOPLEURA")) == 2
-    (key,) = report.get_planar_roi_measurement_groups()
-    assert key.get_measurements() == []
+    (key,) = report.get_image_measurement_groups()
+    assert key.finding_type is not None and key.finding_type.value == c.LUS_KEY_FRAME.value
+    # Its region hangs from the Number of Frames analysed (OHIF draws a region only from a NUM's
+    # SCOORD or the group's own), and the Comment OHIF prints states the reason.
+    (num,) = key.get_measurements()
+    assert num.name == c.NUMBER_OF_FRAMES and num.value == analysis.frames == 5
+    assert len(num.referenced_coordinates) == 1
+    comments = [i.value for i in key[0].ContentSequence if i.name == c.COMMENT]
+    assert comments == ["LUS not gradable: Pleural line not visible"]
     evaluations = {
         (e.name.value, e.value.value, e.value.scheme_designator) for e in key.get_qualitative_evaluations()
     }
-    assert evaluations == {("111050", "111235", "DCM"), ("111052", "NOPLEURA", "99LUSAI")}
-    # Segment groups still reference the SEG, which is still written.
-    assert out["SEG"].SegmentationType == "BINARY" and len(report.get_volumetric_roi_measurement_groups()) > 0
+    assert evaluations == {
+        ("111050", "111235", "DCM"),
+        ("111052", "NOPLEURA", "99LUSAI"),
+        (c.KEY_FRAME_REGION.value, "3120008", "SCT"),
+    }
+    # The segments are still referenced, and the SEG still written.
+    assert out["SEG"].SegmentationType == "BINARY"
+    assert pairs.count((c.SEGMENTED.value, "3120008")) == 1
+    full = build_sr(
+        source,
+        analysis,
+        SeriesInfo("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2", 9102, "LUSAI SR"),
+        seg=out["SEG"],
+        uid_root="1.2.826.0.1.3680043.8.498.",
+        now=NOW,
+        shape="full",
+    )
+    full_report = hd.sr.Comprehensive3DSR.from_dataset(full).content
+    assert len(full_report.get_volumetric_roi_measurement_groups()) > 0
+    assert _codes(full).count((c.QUALITY_FINDING.value, "NOPLEURA")) == 2
+    assert c.LUS_SCORE.value not in {name for name, _ in _codes(full)}
 
 
 def test_every_reason_has_a_private_code() -> None:
