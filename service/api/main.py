@@ -24,7 +24,7 @@ from service.api.auth import ApiKeyVerifier, OidcVerifier, Principal, RateLimite
 from service.api.deps import SECURITY_SCHEMES, ApiState
 from service.api.metrics import HTTP_LATENCY, HTTP_REQUESTS, database_registry
 from service.api.routes import audit as audit_routes
-from service.api.routes import deliveries, health, instances, jobs, results, reviews, studies
+from service.api.routes import deliveries, dicomweb, health, instances, jobs, results, reviews, studies
 from service.core.logs import ctx
 from service.core.runtime import Runtime
 from service.core.settings import Settings
@@ -32,6 +32,8 @@ from service.core.study import ZoneRule
 
 log = logging.getLogger("lusai.api")
 _RID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+#: Paths that need credentials: each access is audited and documented with the security schemes.
+AUTHENTICATED_PREFIXES = ("/api/", "/dicom-web/")
 
 DESCRIPTION = """\
 Lung-ultrasound inference service: studies, jobs, results, previews, deliveries.
@@ -80,7 +82,7 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 principal: Principal | None = st.get("principal")
-                if principal is not None and scope["path"].startswith("/api/"):
+                if principal is not None and scope["path"].startswith(AUTHENTICATED_PREFIXES):
                     ok = await self.state.audit.write(event_row(scope, principal, status, rid))
                     if not ok:
                         suppress = True
@@ -171,6 +173,10 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
             {"name": "reviews", "description": "Readers' own scores of results, and model-reader agreement."},
             {"name": "jobs", "description": "Analysis jobs."},
             {"name": "deliveries", "description": "Results sent back to PACS."},
+            {
+                "name": "dicomweb",
+                "description": "DICOMweb STOW-RS: store instances as a PACS would (PS3.18).",
+            },
             {"name": "audit", "description": "Access log (admin)."},
             {"name": "health", "description": "Liveness, readiness and metrics (no authentication)."},
         ],
@@ -190,14 +196,15 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "RateLimit-Limit", "RateLimit-Remaining", "Retry-After", "ETag"],
         )
     app.include_router(health.router)
-    for module in (studies, instances, results, reviews, jobs, deliveries, audit_routes):
+    for module in (studies, instances, results, reviews, jobs, deliveries, audit_routes, dicomweb):
         app.include_router(module.router)
     _document_security(app)
     return app
 
 
 def _document_security(app: FastAPI) -> None:
-    """Declare the API key and bearer schemes on every /api/ operation of the OpenAPI document."""
+    """Declare the API key and bearer schemes on every /api/ and /dicom-web/ operation of the
+    OpenAPI document."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -205,7 +212,7 @@ def _document_security(app: FastAPI) -> None:
             spec = build()
             spec.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
             for path, ops in spec.get("paths", {}).items():
-                if path.startswith("/api/"):
+                if path.startswith(AUTHENTICATED_PREFIXES):
                     for op in ops.values():
                         op["security"] = [{name: []} for name in SECURITY_SCHEMES]
             app.openapi_schema = spec

@@ -9,11 +9,21 @@ object down inside its :class:`service.core.runtime.Runtime`.
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -30,21 +40,137 @@ def _check_ae(value: str) -> str:
 
 
 class Destination(BaseModel):
-    """A DICOM peer written ``AET@host:port``."""
+    """Where results go: a DICOM peer written ``AET@host:port`` (C-STORE, transport ``dimse``), or
+    the service root URL of a DICOMweb server, ``https://pacs.example.org/dicom-web`` (STOW-RS,
+    transport ``stowrs``).
 
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    ``ae_title``, ``host`` and ``port`` mean something for ``dimse`` only, ``url`` for ``stowrs``
+    only. ``str()`` is what the outbox stores in its Delivery rows and parses back: ``AET@host:port``,
+    or the URL. A URL never carries credentials (they are refused: ``LUSAI_DICOMWEB_AUTH`` holds
+    them), so neither the rows nor the logs ever do.
+    """
+
+    transport: Literal["dimse", "stowrs"] = "dimse"
+    ae_title: str = ""
+    host: str = ""
+    port: int = Field(0, ge=0, le=65535)
+    url: str = ""
 
     @classmethod
     def parse(cls, text: str) -> Destination:
-        m = re.fullmatch(r"\s*([^@]+)@([^:@\s]+|\[[0-9a-fA-F:]+\]):(\d+)\s*", text)
-        if not m:
-            raise ValueError(f"destination must look like AET@host:port, got {text!r}")
-        return cls(ae_title=_check_ae(m.group(1)), host=m.group(2).strip("[]"), port=int(m.group(3)))
+        """``AET@host:port`` or an ``http(s)://`` DICOMweb service root; ValueError otherwise (the
+        message never repeats credentials found in a URL)."""
+        return cls(**_destination_fields(text))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: object) -> object:
+        return _destination_fields(data) if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _complete(self) -> Destination:
+        if self.transport == "dimse":
+            _check_ae(self.ae_title)
+            if not self.host or not self.port:
+                raise ValueError("a DIMSE destination needs a host and a port (AET@host:port)")
+        elif not self.url:
+            raise ValueError("a DICOMweb destination needs its service root URL")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The key of per-destination options: the AE title (DIMSE) or the URL (DICOMweb)."""
+        return self.url if self.transport == "stowrs" else self.ae_title
 
     def __str__(self) -> str:
+        if self.transport == "stowrs":
+            return self.url
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+#: Longest destination text: the Delivery rows store it (``deliveries.destination`` is 128 wide).
+MAX_DESTINATION_CHARS = 128
+_USERINFO_RE = re.compile(r"(?i)(https?://)[^@\s,]*@")
+
+
+def _redact_userinfo(text: str) -> str:
+    """``text`` with the ``user:password@`` of any URL in it replaced by ``***@``."""
+    return _USERINFO_RE.sub(r"\1***@", text)
+
+
+def dicomweb_url(text: str) -> str:
+    """The normal form of a DICOMweb service root: scheme and host in lower case, no trailing
+    slash. Refuses credentials in the URL, queries, fragments and over-long URLs."""
+    text = text.strip()
+    if "@" in text:  # user:password@ (a password may hold '/', so anywhere): said without echoing it
+        raise ValueError(
+            "a DICOMweb destination URL must not contain user:password; put credentials in"
+            " LUSAI_DICOMWEB_AUTH ('URL=Basic user:password' or 'URL=Bearer TOKEN')"
+        )
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"not a valid DICOMweb URL ({exc})") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"a DICOMweb destination must be an http:// or https:// URL, got {text!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"a DICOMweb service root has no query or fragment, got {text!r}")
+    host = parts.hostname.lower()
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
+    url = f"{parts.scheme.lower()}://{netloc}{parts.path.rstrip('/')}"
+    if len(url) > MAX_DESTINATION_CHARS:
+        raise ValueError(f"a destination URL may have at most {MAX_DESTINATION_CHARS} characters")
+    return url
+
+
+def _destination_fields(text: str) -> dict[str, object]:
+    text = text.strip()
+    if re.match(r"(?i)https?://", text):
+        return {"transport": "stowrs", "url": dicomweb_url(text)}
+    m = re.fullmatch(r"([^@]+)@([^:@\s]+|\[[0-9a-fA-F:]+\]):(\d+)", text)
+    if not m:
+        raise ValueError(
+            f"destination must look like AET@host:port or http(s)://host/dicom-web, got {text!r}"
+        )
+    return {"ae_title": _check_ae(m.group(1)), "host": m.group(2).strip("[]"), "port": int(m.group(3))}
+
+
+def dicomweb_credentials(text: str) -> dict[str, tuple[str, str]]:
+    """Parse ``LUSAI_DICOMWEB_AUTH``: ``{"URL": "Bearer TOKEN", ...}`` (JSON) or
+    ``URL=Bearer TOKEN,URL=Basic user:password``, to {normal URL: (scheme, credentials)}.
+    Error messages name the URL at most, never the credentials."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            raw = json.loads(text)
+        except ValueError:
+            raise ValueError("LUSAI_DICOMWEB_AUTH is not valid JSON") from None
+        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+            raise ValueError('LUSAI_DICOMWEB_AUTH JSON must map URLs to strings: {"URL": "Bearer TOKEN"}')
+        items = list(raw.items())
+    else:
+        items = []
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            url, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(
+                    "LUSAI_DICOMWEB_AUTH entries must be URL=Bearer TOKEN or URL=Basic user:password"
+                )
+            items.append((url, value))
+    out: dict[str, tuple[str, str]] = {}
+    for url, value in items:
+        key = dicomweb_url(url)
+        scheme, _, credentials = value.strip().partition(" ")
+        scheme, credentials = scheme.capitalize(), credentials.strip()
+        if scheme not in ("Bearer", "Basic") or not credentials:
+            raise ValueError(f"credentials of {key} must be 'Bearer TOKEN' or 'Basic user:password'")
+        if scheme == "Basic" and ":" not in credentials:
+            raise ValueError(f"Basic credentials of {key} must be user:password")
+        out[key] = (scheme, credentials)
+    return out
 
 
 class Settings(BaseSettings):
@@ -70,11 +196,14 @@ class Settings(BaseSettings):
         ),
     )
     default_destination: Destination | None = Field(
-        None, description="AET@host:port where results go when no routing rule matches."
+        None,
+        description=(
+            "AET@host:port (C-STORE) or DICOMweb URL (STOW-RS) where results go when no routing rule matches."
+        ),
     )
     destinations: Annotated[dict[str, Destination], NoDecode] = Field(
         default_factory=dict,
-        description="Per calling AE result destinations: 'CALLING=AET@host:port,...'.",
+        description="Per calling AE result destinations: 'CALLING=AET@host:port,CALLING=https://host/dicom-web,...'.",
     )
     route_body_part: str = Field(
         "", description="Regex on BodyPartExamined an object must match to be analysed (empty: any)."
@@ -108,6 +237,50 @@ class Settings(BaseSettings):
         None,
         description="PEM CA bundle; when set, senders must present a certificate it signed (mutual TLS).",
     )
+
+    # --- DICOMweb delivery -------------------------------------------------------------
+    dicomweb_auth: SecretStr | None = Field(
+        None,
+        description=(
+            "Credentials of DICOMweb destinations, keyed by their URL: JSON"
+            ' {"URL": "Bearer TOKEN"} or \'URL=Bearer TOKEN,URL=Basic user:password\'. Sent only to'
+            " that URL; never logged, never stored in the outbox."
+        ),
+    )
+    dicomweb_ca: Path | None = Field(
+        None,
+        description=(
+            "PEM CA bundle that verifies DICOMweb destinations' TLS certificates (default: the system's)."
+        ),
+    )
+    dicomweb_timeout: float = Field(
+        60.0, gt=0, description="DICOMweb request timeout (s): to connect, and for each read or write."
+    )
+
+    @field_validator("dicomweb_auth")
+    @classmethod
+    def _check_dicomweb_auth(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            dicomweb_credentials(v.get_secret_value())  # ValueError names URLs, never secrets
+        return v
+
+    @field_validator("dicomweb_auth", mode="wrap")
+    @classmethod
+    def _auth_hidden(cls, v: object, handler: ValidatorFunctionWrapHandler) -> object:
+        """Wrapped in SecretStr first: pydantic's error then shows the input as '**********'."""
+        return handler(SecretStr(v) if isinstance(v, str) else v)
+
+    def dicomweb_authorization(self, destination: Destination) -> str | None:
+        """The Authorization header value for ``destination`` (None: send none)."""
+        if self.dicomweb_auth is None or destination.transport != "stowrs":
+            return None
+        found = dicomweb_credentials(self.dicomweb_auth.get_secret_value()).get(destination.url)
+        if found is None:
+            return None
+        scheme, credentials = found
+        if scheme == "Basic":
+            credentials = base64.b64encode(credentials.encode()).decode("ascii")
+        return f"{scheme} {credentials}"
 
     # --- API ---------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Address the REST API binds.")
@@ -279,10 +452,21 @@ class Settings(BaseSettings):
             for item in filter(None, (p.strip() for p in v.split(","))):
                 calling, sep, dest = item.partition("=")
                 if not sep:
-                    raise ValueError(f"destination mapping must be CALLING=AET@host:port, got {item!r}")
+                    raise ValueError(
+                        f"destination mapping must be CALLING=AET@host:port or CALLING=URL, got {item!r}"
+                    )
                 out[_check_ae(calling)] = Destination.parse(dest)
             return out
         return v
+
+    @field_validator("default_destination", "destinations", mode="wrap")
+    @classmethod
+    def _without_credentials(cls, v: object, handler: ValidatorFunctionWrapHandler) -> object:
+        """Runs before the parsers above: a URL's ``user:password@`` is replaced by ``***@`` first,
+        so the error that refuses it (and pydantic's echo of the input) never shows the password."""
+        if isinstance(v, str):
+            return handler(_redact_userinfo(v))
+        return handler(v)
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:

@@ -6,11 +6,16 @@ MONAI gateway's single export loop). Within one destination the outputs of a stu
 order: a delivery behind an older one of its study waits, and each delivery that ends releases
 the next (:func:`service.core.lifecycle.wait_in_line`). A peer that takes an object is back:
 its other retrying deliveries are sent at once instead of when their backoff runs out.
+
+Each destination has its transport: C-STORE (:mod:`workers.deliver.dimse`) for ``AET@host:port``,
+STOW-RS (:mod:`workers.deliver.stow`) for a DICOMweb URL. Both raise the same
+:class:`~workers.deliver.dimse.DeliveryError`, so everything above holds for both.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -19,26 +24,45 @@ from service.core import lifecycle
 from service.core.logs import ctx
 from service.core.models import Delivery, DeliveryState
 from service.core.runtime import Runtime
-from service.core.settings import Destination
+from service.core.settings import Destination, Settings
 from workers.deliver.dimse import DeliveryError, c_echo, c_store
+from workers.deliver.stow import RetryLater, stow_rs, web_echo
 
 log = logging.getLogger(__name__)
 
 
+def _send(path: Path, destination: Destination, settings: Settings) -> None:
+    """One attempt over the destination's transport; raises :class:`DeliveryError` on failure."""
+    if destination.transport == "stowrs":
+        stow_rs(path, destination, settings)
+    else:
+        c_store(path, destination, settings)
+
+
+def _echo(destination: Destination, settings: Settings) -> None:
+    """Whether the destination answers: C-ECHO, or for DICOMweb a cheap QIDO-RS GET."""
+    if destination.transport == "stowrs":
+        web_echo(destination, settings)
+    else:
+        c_echo(destination, settings)
+
+
 def probe_destinations(runtime: Runtime) -> int:
-    """A recovery-sweep step: C-ECHO each destination whose deliveries wait for a retry; one that
-    answers is back, and its retries are sent now. Returns how many were woken.
+    """A recovery-sweep step: C-ECHO each destination whose deliveries wait for a retry (a GET of
+    a DICOMweb one); one that answers is back, and its retries are sent now. Returns how many were
+    woken.
 
     Without it, a destination that comes back while nothing else is sent to it gets each
     delivery only when that delivery's backoff runs out (up to an hour after the outage).
-    A destination that refuses C-ECHO is left to the backoff, as before.
+    A destination that refuses C-ECHO (a DICOMweb one that answers 5xx, 408 or 429) is left to
+    the backoff, as before.
     """
     with runtime.db.session() as session:
         sleeping = lifecycle.sleeping_destinations(session)
     woken = 0
     for destination in sleeping:
         try:
-            c_echo(Destination.parse(destination), runtime.settings)
+            _echo(Destination.parse(destination), runtime.settings)
         except (DeliveryError, OSError, ValueError, RuntimeError):
             continue
         with runtime.db.session() as session:
@@ -66,7 +90,7 @@ def send_delivery(delivery_id: int, *, runtime: Runtime) -> tuple[str, float | N
         attempts, destination, key, uid = d.attempts, d.destination, d.storage_key, d.sop_instance_uid
     error: DeliveryError | None = None
     try:
-        c_store(runtime.store.path(key), Destination.parse(destination), runtime.settings)
+        _send(runtime.store.path(key), Destination.parse(destination), runtime.settings)
     except DeliveryError as exc:
         error = exc
     except (OSError, ValueError, RuntimeError) as exc:
@@ -100,6 +124,10 @@ def _record(
         )
         return "delivered", None, follow
     delay = lifecycle.fail_or_retry_delivery(session, delivery_id, str(error), permanent=error.permanent)
+    if delay is not None and isinstance(error, RetryLater):
+        # The server said when to come back: the countdown waits at least that long. The row's
+        # next_attempt_at keeps the backoff's; start_sending takes the message whenever it comes.
+        delay = max(delay, error.retry_after)
     if delay is not None:
         log.warning(
             "delivery failed, will retry",
