@@ -19,6 +19,7 @@ from service.core import lifecycle
 from service.core.dicom import OutputKind
 from service.core.logs import ctx
 from service.core.models import Job, Result
+from service.core.profiles import ViewerProfile
 from service.core.runtime import Runtime
 from service.core.settings import Settings
 from workers.domain import Analysis, timed
@@ -44,22 +45,30 @@ SOURCE_VALUE_ERRORS = (
 
 
 def build_result_outputs(
-    source: Dataset, analysis: Analysis, settings: Settings, timings: dict[str, float] | None = None
+    source: Dataset,
+    analysis: Analysis,
+    settings: Settings,
+    timings: dict[str, float] | None = None,
+    profile: ViewerProfile | None = None,
 ) -> list[tuple[Output, bytes]]:
-    """SEG and SR always; the burned-in overlay SC when enabled (it needs the frames decoded again);
-    each with its Part 10 file, encoded once: the bytes validated are the bytes stored and sent.
+    """SEG and SR always, in the encoding and shape of ``profile`` (the destination's; default:
+    the global settings'); the burned-in overlay SC when the profile asks for it (it needs the
+    frames decoded again); each with its Part 10 file, encoded once: the bytes validated are the
+    bytes stored and sent.
 
     ``timings`` gets the milliseconds of ``build`` and ``validate`` (the job records them: they
     cost more than the analysis on small cines).
     """
     from workers.preprocess import InputError
-    from workers.write_dicom.build import SEG_ENCODINGS, OutputOptions, build_outputs
+    from workers.write_dicom.build import OutputOptions, build_outputs, seg_options
     from workers.write_dicom.validate import OutputValidationError, encode, validate_outputs
 
     timings = {} if timings is None else timings
+    profile = profile or settings.profile_for(None)
+    seg = seg_options(profile.seg_encoding, int(source.Rows), int(source.Columns))
 
     frames = None
-    if settings.overlay_sc:
+    if profile.overlay_sc:
         from workers.preprocess import decode_frames
 
         frames = decode_frames(source)
@@ -70,7 +79,7 @@ def build_result_outputs(
                 analysis,
                 frames_rgb=frames,
                 options=OutputOptions(
-                    uid_root=settings.uid_root, seg=SEG_ENCODINGS[settings.seg_encoding], validate=False
+                    uid_root=settings.uid_root, seg=seg, sr_shape=profile.sr_shape, validate=False
                 ),
             )
             encoded = [encode(o.dataset) for o in outputs]
@@ -103,7 +112,10 @@ def save_result(job_id: int, analysis: Analysis, source: Dataset, *, runtime: Ru
     was kept. Previews come after, with :func:`save_previews`, once the deliveries are on their way."""
     settings, store = runtime.settings, runtime.store
     timings = dict(analysis.timings_ms)
-    built = build_result_outputs(source, analysis, settings, timings)
+    with runtime.db.session() as session:
+        job = session.get(Job, job_id)
+        destination = settings.destination_for(job.instance.calling_ae) if job is not None else None
+    built = build_result_outputs(source, analysis, settings, timings, settings.profile_for(destination))
     with timed(timings, "store"):
         stored = [(o, store.put_bytes([data])[0]) for o, data in built]
     f = analysis.findings
@@ -137,12 +149,9 @@ def save_result(job_id: int, analysis: Analysis, source: Dataset, *, runtime: Ru
             _record(result, output, key)
         session.add(result)
         session.flush()
-        destination = settings.destination_for(job.instance.calling_ae)
         delivery_ids: list[int] = []
         if destination is not None:
             for output, key in stored:
-                if not settings.wants(output.kind, destination):
-                    continue
                 delivery_id = lifecycle.upsert_delivery(
                     session,
                     result_id=result.id,

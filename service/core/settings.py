@@ -13,7 +13,7 @@ import base64
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -26,8 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-if TYPE_CHECKING:
-    from service.core.dicom import OutputKind
+from service.core.profiles import PROFILES, SegEncoding, SrShape, ViewerProfile
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: 16 chars, no backslash
 
@@ -371,13 +370,30 @@ class Settings(BaseSettings):
         ),
     )
 
-    seg_encoding: Literal["binary-deflated", "binary", "labelmap-rle", "labelmap"] = Field(
-        "binary-deflated",
+    seg_encoding: SegEncoding = Field(
+        "auto",
         description=(
-            "How the SEG is written: BINARY (one 1-bit frame per segment and source frame with pixels)"
-            " or LABELMAP (Label Map Segmentation, one 8-bit frame per source frame), deflated (Deflated"
-            " Explicit VR Little Endian; re-encoded for a PACS that does not accept it), RLE Lossless"
-            " or uncompressed. See docs/dicom-outputs.md for what each viewer reads."
+            "How the SEG is written for destinations without a profile: BINARY (one 1-bit frame per"
+            " segment and source frame with pixels) or LABELMAP (Label Map Segmentation, one 8-bit frame"
+            " per source frame), deflated, RLE Lossless or uncompressed. 'auto': BINARY deflated when"
+            " rows x columns is a multiple of 16, else LABELMAP deflated (OHIF <= 3.13 misreads BINARY"
+            " frames that do not start on a byte boundary). See docs/dicom-outputs.md, Viewers."
+        ),
+    )
+    sr_shape: SrShape = Field(
+        "viewer",
+        description=(
+            "SR for destinations without a profile: 'viewer' (every measurement group carries an image"
+            " region, so OHIF opens it; same content) or 'full' (plain TID 1500)."
+        ),
+    )
+    destination_profiles: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description=(
+            "Viewer profile per destination: 'NAME=PROFILE,...', NAME the destination's AE title (or"
+            " its DICOMweb URL), PROFILE one of ohif, archive, weasis, slicer, burned-in (see"
+            " docs/dicom-outputs.md). Other destinations get LUSAI_SEG_ENCODING, LUSAI_SR_SHAPE and"
+            " LUSAI_OVERLAY_SC."
         ),
     )
     output_validation: Literal["background", "inline"] = Field(
@@ -390,11 +406,15 @@ class Settings(BaseSettings):
         ),
     )
     overlay_sc: bool = Field(
-        False, description="Also write a burned-in overlay Secondary Capture for viewers without SEG support."
+        False,
+        description="Also write a burned-in overlay Secondary Capture (destinations without a profile).",
     )
     overlay_sc_destinations: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Destination AE titles that get the overlay SC (empty: every destination).",
+        description=(
+            "With LUSAI_OVERLAY_SC: the destinations (AE titles) that get the overlay SC (empty: every"
+            " destination without a profile)."
+        ),
     )
     uid_root: str = Field(
         "1.2.826.0.1.3680043.8.498.",
@@ -468,6 +488,30 @@ class Settings(BaseSettings):
             return handler(_redact_userinfo(v))
         return handler(v)
 
+    @field_validator("destination_profiles", mode="before")
+    @classmethod
+    def _parse_profiles(cls, v: object) -> object:
+        if isinstance(v, str):
+            out: dict[str, str] = {}
+            for item in filter(None, (p.strip() for p in v.split(","))):
+                name, sep, profile = item.rpartition("=")
+                if not sep or not name.strip():
+                    raise ValueError(f"destination profile must be NAME=PROFILE, got {item!r}")
+                out[name.strip()] = profile.strip()
+            v = out
+        return v
+
+    @field_validator("destination_profiles")
+    @classmethod
+    def _check_profiles(cls, v: dict[str, str]) -> dict[str, str]:
+        # a DICOMweb destination is named by its URL in the normal form Destination.name has
+        v = {dicomweb_url(k) if k.lower().startswith(("http://", "https://")) else k: p for k, p in v.items()}
+        for name, profile in v.items():
+            if profile not in PROFILES:
+                known = ", ".join(PROFILES)
+                raise ValueError(f"unknown viewer profile {profile!r} for {name} (known: {known})")
+        return v
+
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
@@ -509,12 +553,13 @@ class Settings(BaseSettings):
             return self.destinations[calling_ae.strip()]
         return self.default_destination
 
-    def wants(self, kind: OutputKind, destination: Destination) -> bool:
-        """Whether ``destination`` is sent outputs of ``kind``. SEG and SR go everywhere; the
-        overlay SC, a burned-in copy for viewers without SEG support, only to the AE titles in
-        ``overlay_sc_destinations`` when that list is set."""
-        from service.core.dicom import OutputKind  # pydicom and pynetdicom only where it is asked
-
-        if kind != OutputKind.SC or not self.overlay_sc_destinations:
-            return True
-        return destination.ae_title in self.overlay_sc_destinations
+    def profile_for(self, destination: Destination | None) -> ViewerProfile:
+        """What to write for a job whose results go to ``destination`` (None: kept, not sent): its
+        named profile, or the one the global SEG, SR and overlay settings make."""
+        name = destination.name if destination is not None else None
+        if name is not None and name in self.destination_profiles:
+            return PROFILES[self.destination_profiles[name]]
+        overlay = self.overlay_sc and (
+            name is None or not self.overlay_sc_destinations or name in self.overlay_sc_destinations
+        )
+        return ViewerProfile(self.seg_encoding, self.sr_shape, overlay)

@@ -13,6 +13,7 @@ from service.core.ingest import index_object
 from service.core.model_package import DEFAULT_PACKAGE, load_package, write_package
 from service.core.models import Delivery, Result
 from service.core.runtime import Runtime
+from service.core.settings import Destination
 from tests.factories import phantom_cine_file
 from workers.pipeline import Analyzer
 from workers.results import save_result
@@ -34,7 +35,7 @@ def _uids(runtime: Runtime, job_id: int) -> tuple[str, str, str]:
 
 
 def test_output_uids_follow_the_package(runtime: Runtime, tmp_path: Path) -> None:
-    pacs = runtime.settings.model_copy(update={"default_destination": "PACS@127.0.0.1:1"})
+    pacs = runtime.settings.model_copy(update={"default_destination": Destination.parse("PACS@127.0.0.1:1")})
     runtime = replace(runtime, settings=pacs)  # same database and queue, other settings
     job_id, f = _indexed_job(runtime, tmp_path)
     store = runtime.store

@@ -13,6 +13,7 @@ from service.core.header import read_header
 from service.core.ingest import index_object
 from service.core.models import Delivery, Job, JobState, Result
 from service.core.runtime import Runtime
+from service.core.settings import Destination
 from tests.factories import phantom_cine_file
 from workers.pipeline import Analyzer
 from workers.results import save_result
@@ -20,7 +21,7 @@ from workers.results import save_result
 
 @pytest.mark.parametrize("cancelled", [False, True])
 def test_cancelled_while_running_keeps_nothing(runtime: Runtime, tmp_path: Path, cancelled: bool) -> None:
-    pacs = runtime.settings.model_copy(update={"default_destination": "PACS@127.0.0.1:1"})
+    pacs = runtime.settings.model_copy(update={"default_destination": Destination.parse("PACS@127.0.0.1:1")})
     runtime = replace(runtime, settings=pacs)  # same database and queue, other settings
     store = runtime.store
     f = phantom_cine_file(tmp_path / "cine.dcm", frames=4)
@@ -98,3 +99,62 @@ def test_inline_validation_is_recorded_and_not_audited_again(runtime: Runtime, t
         r = s.get(Result, result_id)
         assert r is not None and r.output_audit == "inline"
     assert audit_outputs_of(result_id, runtime=runtime) is None
+
+
+@pytest.mark.parametrize(
+    ("profiles", "size", "seg_type", "deflated", "sr_groups", "with_sc"),
+    [
+        ("", (350, 350), "LABELMAP", True, 1, False),  # default (ohif): BINARY would start mid-byte
+        ("", (320, 300), "BINARY", True, 1, False),  # 96,000 pixels: a multiple of 16
+        ("PACS=archive", (350, 350), "BINARY", True, None, False),
+        ("PACS=slicer", (350, 350), "BINARY", False, None, True),
+    ],
+)
+def test_the_destination_s_profile_decides_what_is_written(
+    runtime: Runtime,
+    tmp_path: Path,
+    profiles: str,
+    size: tuple[int, int],
+    seg_type: str,
+    deflated: bool,
+    sr_groups: int | None,
+    with_sc: bool,
+) -> None:
+    """The SEG encoding, the SR shape and the overlay SC follow LUSAI_DESTINATION_PROFILES for the
+    job's destination, and every object written is queued for it."""
+    import numpy as np
+
+    from service.core.settings import Settings
+    from tests.factories import save, us_cine
+    from workers.training.phantom import make_cine
+
+    settings = Settings(
+        data_dir=runtime.settings.data_dir,
+        database_url=runtime.settings.database_url,
+        default_destination="PACS@127.0.0.1:1",  # type: ignore[arg-type]
+        destination_profiles=profiles,  # type: ignore[arg-type]
+    )
+    runtime = replace(runtime, settings=settings)
+    c = make_cine(np.random.default_rng(1), n_frames=3, src=size, kind="convex")
+    f = save(us_cine(c.frames), tmp_path / "cine.dcm")
+    key, sha, size_bytes = runtime.store.put_file(f)
+    header, _ = read_header(f)
+    outcome = index_object(header, key, sha, size_bytes, calling_ae=None, ignore_reason=None, db=runtime.db)
+    assert outcome.job_id is not None
+    analysis = Analyzer(device="cpu").analyze(pydicom.dcmread(f))
+    saved = save_result(outcome.job_id, analysis, pydicom.dcmread(f), runtime=runtime)
+    assert saved is not None
+    with runtime.db.session() as s:
+        r = s.get(Result, saved.result_id)
+        assert r is not None
+        seg_key, sr_key, sc_key = r.seg_storage_key, r.sr_storage_key, r.sc_storage_key
+        queued = s.scalar(select(func.count()).select_from(Delivery))
+    seg = pydicom.dcmread(runtime.store.path(seg_key), stop_before_pixels=True)
+    assert seg.SegmentationType == seg_type
+    assert (seg.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99") == deflated
+    sr = pydicom.dcmread(runtime.store.path(sr_key))
+    (measurements,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    groups = len(measurements.ContentSequence)
+    assert groups == sr_groups if sr_groups is not None else groups > 1  # full: a group per finding
+    assert (sc_key is not None) == with_sc
+    assert queued == 2 + with_sc == len(saved.delivery_ids)  # SEG, SR (and SC): all to PACS

@@ -26,6 +26,7 @@ from service.core.model_package import DEFAULT_PACKAGE, load_package
 from service.core.models import Delivery, DeliveryState, Job, JobState, Result
 from service.core.queue import DELIVER_TASK, PREVIEWS_TASK
 from service.core.runtime import Runtime
+from service.core.settings import Destination
 from tests.conftest import broker_messages, free_port
 from tests.factories import phantom_cine_file, save, us_cine
 from tests.rows import get_row, stored_delivery
@@ -103,7 +104,7 @@ def test_a_job_runs_once_and_a_finished_one_is_skipped(worker: WorkerRuntime, tm
 
 
 def test_a_result_with_a_destination_queues_its_deliveries(runtime: Runtime, tmp_path: Path) -> None:
-    pacs = runtime.settings.model_copy(update={"default_destination": "PACS@127.0.0.1:1"})
+    pacs = runtime.settings.model_copy(update={"default_destination": Destination.parse("PACS@127.0.0.1:1")})
     worker = LusaiTask.use(WorkerRuntime.from_settings(pacs))
     try:
         job_id = _phantom_job(worker, tmp_path)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from service.core.dicom import permanent_failure, stored
@@ -64,6 +65,12 @@ def c_store(path: Path, destination: Destination, settings: Settings) -> None:
         ae.add_requested_context(ds.SOPClassUID, syntax)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
+        if _sop_class_refused(assoc, ds.SOPClassUID):
+            raise DeliveryError(
+                f"{destination} does not accept SOP class {ds.SOPClassUID}:"
+                " give it a viewer profile whose outputs it stores (LUSAI_DESTINATION_PROFILES)",
+                permanent=True,
+            )
         raise DeliveryError(f"association with {destination} not established")
     try:
         as_stored = any(
@@ -79,3 +86,11 @@ def c_store(path: Path, destination: Destination, settings: Settings) -> None:
     if stored(code):
         return
     raise DeliveryError(f"C-STORE refused with status 0x{code:04X}", permanent=permanent_failure(code))
+
+
+def _sop_class_refused(assoc: Association, sop_class: str) -> bool:
+    """The peer answered and refused every context of the SOP class as an abstract syntax it does
+    not support (PS3.8 9.3.3.2 result 3); retrying cannot change that (e.g. Orthanc 1.10 and the
+    Label Map Segmentation class unless UnknownSopClassAccepted is set)."""
+    refused = [cx for cx in assoc.rejected_contexts if cx.abstract_syntax == sop_class]
+    return bool(refused) and all(cx.result == 0x03 for cx in refused)

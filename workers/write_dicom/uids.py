@@ -31,10 +31,17 @@ def derive_uid(root: str, *parts: str) -> str:
 
 
 def output_uids(
-    source_sop_instance_uid: str, model: ModelInfo, kind: OutputKind, root: str = PYDICOM_ROOT_UID
+    source_sop_instance_uid: str,
+    model: ModelInfo,
+    kind: OutputKind,
+    root: str = PYDICOM_ROOT_UID,
+    variant: str = "",
 ) -> OutputUIDs:
-    """Series and instance UIDs of one output object."""
+    """Series and instance UIDs of one output object. ``variant`` names a form of the object other
+    than the first one lusai wrote (a LABELMAP SEG, the viewer-shaped SR): two destinations'
+    profiles may ask for both forms of one analysis, and they are different objects."""
     base = (source_sop_instance_uid, model.name, model.version, *_package(model), kind.value)
+    base += (variant,) if variant else ()
     return OutputUIDs(
         series_instance_uid=derive_uid(root, *base, "series"),
         sop_instance_uid=derive_uid(root, *base, "instance"),
