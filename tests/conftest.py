@@ -316,35 +316,39 @@ class OrthancServer:
             self.proc = None
 
 
+def new_orthanc(folder: Path, plugins: list[str] | None = None, **config: Any) -> OrthancServer:
+    """An Orthanc (Debian package) configured in ``folder`` with ``config`` over the test defaults
+    (free HTTP and DICOM ports, storage in ``folder``, no authentication, local access only), not
+    started. A missing Orthanc or plugin skips (fails in CI)."""
+    exe = which("Orthanc")
+    for plugin in plugins or []:
+        if not Path(plugin).is_file():
+            missing(f"Orthanc plugin {plugin}")
+    folder.mkdir(parents=True, exist_ok=True)
+    defaults: dict[str, Any] = {
+        "Name": "lusai-test-pacs",
+        "StorageDirectory": str(folder / "db"),
+        "IndexDirectory": str(folder / "db"),
+        "HttpPort": free_port(),
+        "DicomPort": free_port(),
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "Plugins": list(plugins or []),
+    }
+    return OrthancServer(exe=exe, config=defaults | config, folder=folder)
+
+
 @pytest.fixture
 def orthanc_server(tmp_path: Path) -> Iterator[Any]:
     """Factory: ``orthanc_server(plugins=[ORTHANC_DICOMWEB_PLUGIN], **config)`` starts a real
-    Orthanc (Debian package) with ``config`` over the test defaults (free HTTP and DICOM ports,
-    storage in tmp_path, no authentication, local access only) and returns its
-    :class:`OrthancServer`; every one started is stopped at teardown. A missing Orthanc or plugin
-    skips (fails in CI). ``start=False`` returns it configured but not running."""
-    exe = which("Orthanc")
+    Orthanc (:func:`new_orthanc`) and returns its :class:`OrthancServer`; every one started is
+    stopped at teardown. ``start=False`` returns it configured but not running."""
     servers: list[OrthancServer] = []
 
     def start(plugins: list[str] | None = None, *, start: bool = True, **config: Any) -> OrthancServer:
-        for plugin in plugins or []:
-            if not Path(plugin).is_file():
-                missing(f"Orthanc plugin {plugin}")
-        folder = tmp_path / f"orthanc{len(servers)}"
-        folder.mkdir()
-        defaults: dict[str, Any] = {
-            "Name": "lusai-test-pacs",
-            "StorageDirectory": str(folder / "db"),
-            "IndexDirectory": str(folder / "db"),
-            "HttpPort": free_port(),
-            "DicomPort": free_port(),
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
-            "Plugins": list(plugins or []),
-        }
-        server = OrthancServer(exe=exe, config=defaults | config, folder=folder)
+        server = new_orthanc(tmp_path / f"orthanc{len(servers)}", plugins, **config)
         servers.append(server)
         if start:
             server.start()

@@ -19,7 +19,7 @@ import httpx
 import pydicom
 import pytest
 
-from tests.conftest import REPO, free_port, stop, storescu, which
+from tests.conftest import REPO, free_port, new_orthanc, stop, storescu
 from tests.factories import phantom_cine_file
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -27,42 +27,15 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    exe = which("Orthanc")
-    http_port, dicom_port, lusai_port = free_port(), free_port(), free_port()
-    db = tmp_path / "orthanc-db"
-    config = {
-        "Name": "lusai-test-pacs",
-        "StorageDirectory": str(db),
-        "IndexDirectory": str(db),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": "ORTHANC",
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "DicomModalities": {"lusai": ["LUSAI", "127.0.0.1", lusai_port]},
-        "LuaScripts": [str(REPO / "deploy" / "orthanc" / "route-to-lusai.lua")],
-        "Plugins": [],
-    }
-    cfg = tmp_path / "orthanc.json"
-    cfg.write_text(json.dumps(config))
-    log = open(tmp_path / "orthanc.log", "wb")  # noqa: SIM115  (the child keeps writing to it)
-    proc = subprocess.Popen([exe, str(cfg)], stdout=log, stderr=log)
-    base = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/system", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("Orthanc did not start: " + (tmp_path / "orthanc.log").read_text()[-2000:])
-    yield {"base": base, "dicom_port": dicom_port, "lusai_port": lusai_port, "log": tmp_path / "orthanc.log"}
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
+    lusai_port = free_port()
+    server = new_orthanc(
+        tmp_path / "orthanc",
+        DicomModalities={"lusai": ["LUSAI", "127.0.0.1", lusai_port]},
+        LuaScripts=[str(REPO / "deploy" / "orthanc" / "route-to-lusai.lua")],
+    )
+    server.start()
+    yield {"base": server.base, "dicom_port": server.dicom_port, "lusai_port": lusai_port, "log": server.log}
+    server.stop()
 
 
 @pytest.fixture
