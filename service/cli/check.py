@@ -66,11 +66,29 @@ def check(role: Annotated[Role, typer.Argument(help="Which part to check.")]) ->
 
 
 @app.command()
-def echo(to: Annotated[str, typer.Option("--to", help="Peer AET@host:port.")]) -> None:
-    """C-ECHO a DICOM peer (to test a route or a destination)."""
+def echo(
+    to: Annotated[str, typer.Option("--to", help="Peer AET@host:port, or a DICOMweb service root URL.")],
+) -> None:
+    """C-ECHO a DICOM peer, or probe a DICOMweb destination the way the delivery sweep does
+    (to test a route or a destination)."""
     from service.core.settings import Destination
 
-    dest = Destination.parse(to)
-    ok = c_echo(dest.host, dest.port, dest.ae_title, calling_ae=Settings().ae_title)
+    try:
+        dest = Destination.parse(to)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--to") from exc
+    settings = Settings()
+    if dest.transport == "stowrs":
+        from workers.deliver.dimse import DeliveryError
+        from workers.deliver.stow import web_echo
+
+        try:
+            web_echo(dest, settings)
+            ok, how = True, "success"
+        except DeliveryError as exc:
+            ok, how = False, f"failed ({exc})"
+        typer.echo(f"DICOMweb {dest}: {how}")
+        raise typer.Exit(0 if ok else 1)
+    ok = c_echo(dest.host, dest.port, dest.ae_title, calling_ae=settings.ae_title)
     typer.echo(f"C-ECHO {dest}: {'success' if ok else 'failed'}")
     raise typer.Exit(0 if ok else 1)

@@ -186,6 +186,8 @@ def send(
         dest = Destination.parse(to)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--to") from exc
+    if dest.transport != "dimse":
+        raise typer.BadParameter("send speaks C-STORE: give the peer as AET@host:port", param_hint="--to")
     items, skipped, errors = _scan(_files(paths))
     total = len(items) + len(errors)
     if not total:

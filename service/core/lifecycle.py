@@ -591,17 +591,24 @@ def delivered(session: Session, delivery_id: int, *, now: datetime | None = None
 
 
 def fail_or_retry_delivery(
-    session: Session, delivery_id: int, error: str, *, permanent: bool = False, now: datetime | None = None
+    session: Session,
+    delivery_id: int,
+    error: str,
+    *,
+    permanent: bool = False,
+    not_before: float = 0.0,
+    now: datetime | None = None,
 ) -> float | None:
-    """SENDING -> RETRYING, returning seconds until the next try (:data:`DELIVERY_BACKOFF`); or
-    -> DEAD when the error is permanent or this was attempt :data:`DELIVERY_MAX_ATTEMPTS`,
-    returning None. None too when another sender took the row over meanwhile."""
+    """SENDING -> RETRYING, returning seconds until the next try (:data:`DELIVERY_BACKOFF`, or
+    ``not_before`` when the peer asked to wait longer: an HTTP Retry-After); or -> DEAD when the
+    error is permanent or this was attempt :data:`DELIVERY_MAX_ATTEMPTS`, returning None. None
+    too when another sender took the row over meanwhile."""
     attempts = session.scalar(select(Delivery.attempts).where(Delivery.id == delivery_id))
     if attempts is None:
         return None
     now = _now(session, now)
     dead = permanent or attempts >= DELIVERY_MAX_ATTEMPTS
-    delay = None if dead else DELIVERY_BACKOFF.delay(attempts)
+    delay = None if dead else max(DELIVERY_BACKOFF.delay(attempts), not_before)
     values: dict[str, Any] = {"last_error": error[:MAX_ERROR_CHARS]}
     if delay is None:
         values |= {"state": DeliveryState.DEAD, "next_attempt_at": None}

@@ -123,11 +123,11 @@ def _record(
             "delivered", extra=ctx(delivery_id=delivery_id, sop_instance_uid=uid, destination=destination)
         )
         return "delivered", None, follow
-    delay = lifecycle.fail_or_retry_delivery(session, delivery_id, str(error), permanent=error.permanent)
-    if delay is not None and isinstance(error, RetryLater):
-        # The server said when to come back: the countdown waits at least that long. The row's
-        # next_attempt_at keeps the backoff's; start_sending takes the message whenever it comes.
-        delay = max(delay, error.retry_after)
+    # A server that said when to come back (Retry-After) is not asked again before.
+    wait = error.retry_after if isinstance(error, RetryLater) else 0.0
+    delay = lifecycle.fail_or_retry_delivery(
+        session, delivery_id, str(error), permanent=error.permanent, not_before=wait
+    )
     if delay is not None:
         log.warning(
             "delivery failed, will retry",

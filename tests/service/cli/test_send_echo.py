@@ -18,7 +18,7 @@ from pynetdicom.association import Association
 from typer.testing import CliRunner
 
 from service.cli import app
-from tests.conftest import free_port, run_storescp
+from tests.conftest import ORTHANC_DICOMWEB_PLUGIN, free_port, run_storescp
 from tests.factories import noise_cine_file, phantom_cine_file
 
 send_cli = importlib.import_module("service.cli.send")
@@ -157,3 +157,20 @@ def test_send_more_than_128_contexts_in_batches(tmp_path: Path) -> None:
     assert "sent 130/130" in result.output
     assert sorted(associations) == [2, 128]
     assert len(set(stored)) == 130
+
+
+def test_send_refuses_a_dicomweb_destination(tmp_path: Path) -> None:
+    f = noise_cine_file(tmp_path / "a.dcm")
+    result = CliRunner().invoke(app, ["send", str(f), "--to", "https://pacs.example.org/dicom-web"])
+    assert result.exit_code == 2 and "AET@host:port" in result.output
+
+
+def test_echo_probes_a_dicomweb_destination(orthanc_server: Any, tmp_path: Path) -> None:
+    """`lusai echo --to URL` asks what the delivery sweep asks (QIDO-RS): up, then down."""
+    server = orthanc_server(plugins=[ORTHANC_DICOMWEB_PLUGIN])
+    url = f"{server.base}/dicom-web"
+    result = CliRunner().invoke(app, ["echo", "--to", url])
+    assert result.exit_code == 0 and "success" in result.output, result.output
+    server.stop()
+    result = CliRunner().invoke(app, ["echo", "--to", url])
+    assert result.exit_code == 1 and "failed" in result.output, result.output

@@ -411,6 +411,12 @@ def test_a_retry_after_longer_than_the_backoff_sets_the_countdown(runtime: Runti
         httpd.shutdown()
     d = get_row(runtime, Delivery, did)
     assert d.state == DeliveryState.RETRYING and "HTTP 429" in (d.last_error or "")
+    # the row agrees: the recovery sweep does not send it again before the server's time
+    from datetime import UTC, datetime
+
+    assert d.next_attempt_at is not None
+    due_in = d.next_attempt_at.replace(tzinfo=None) - datetime.now(UTC).replace(tzinfo=None)
+    assert 280 < due_in.total_seconds() <= 300
 
 
 def test_store_answer_reads_dicom_json() -> None:
