@@ -16,7 +16,7 @@ from typing import Self
 from service.core.db import Database
 from service.core.queue import TaskQueue
 from service.core.settings import Settings
-from service.core.storage import ObjectStore
+from service.core.storage import FilesystemStore, ObjectStore
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Runtime:
     @cached_property
     def store(self) -> ObjectStore:
         """Made on first use: a command that only reads the database creates no storage folders."""
-        return ObjectStore(self.settings.storage)
+        return FilesystemStore(self.settings.storage)
 
     def close(self) -> None:
         """Release the broker and database connections (the runtime is not used afterwards)."""

@@ -3,26 +3,28 @@ durable way in (file and directory entries fsynced), with or without a digest co
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
 
 from service.core import storage
-from service.core.storage import MEDIA_TYPES, ObjectStore, suffix_of
+from service.core.storage import MEDIA_TYPES, FilesystemStore, ObjectStore, StorageFull, key_for, suffix_of
 
 SHA = hashlib.sha256(b"x").hexdigest()
 
 
 def test_keys_name_the_bytes_and_the_kind(tmp_path: Path) -> None:
-    store = ObjectStore(tmp_path)
-    assert store.key_for(SHA) == f"objects/{SHA[:2]}/{SHA[2:4]}/{SHA}.dcm"
+    store = FilesystemStore(tmp_path)
+    assert key_for(SHA) == f"objects/{SHA[:2]}/{SHA[2:4]}/{SHA}.dcm"
     for suffix in MEDIA_TYPES:
-        key = store.key_for(SHA, suffix)
+        key = key_for(SHA, suffix)
         assert suffix_of(key) == suffix and store.path(key) == tmp_path / key
     for sha, suffix in ((SHA, "txt"), (SHA, "dcm/../x"), ("../" + SHA[3:], "dcm"), (SHA.upper(), "dcm")):
         with pytest.raises(ValueError):
-            store.key_for(sha, suffix)
+            key_for(sha, suffix)
 
 
 @pytest.mark.parametrize(
@@ -39,11 +41,11 @@ def test_keys_name_the_bytes_and_the_kind(tmp_path: Path) -> None:
 )
 def test_path_refuses_anything_but_a_key(tmp_path: Path, key: str) -> None:
     with pytest.raises(ValueError):
-        ObjectStore(tmp_path).path(key)
+        FilesystemStore(tmp_path).path(key)
 
 
 def test_blobs_of_each_kind_are_content_addressed(tmp_path: Path) -> None:
-    store = ObjectStore(tmp_path)
+    store = FilesystemStore(tmp_path)
     dcm, sha, size = store.put_bytes([b"same ", b"bytes"])
     png, png_sha, _ = store.put_bytes([b"same bytes"], suffix="png")
     assert (sha, size) == (hashlib.sha256(b"same bytes").hexdigest(), 10) and png_sha == sha
@@ -67,7 +69,7 @@ def _record_dir_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
 
 def test_adopt_makes_the_rename_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = ObjectStore(tmp_path)
+    store = FilesystemStore(tmp_path)
     synced = _record_dir_fsyncs(monkeypatch)
     tmp = store.new_temp()
     tmp.write_bytes(b"x")
@@ -91,7 +93,7 @@ def test_adopt_trusts_a_digest_computed_while_receiving(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The SCP hashes (and fsyncs) while the bytes arrive, so adopt must not read the file again."""
-    store = ObjectStore(tmp_path)
+    store = FilesystemStore(tmp_path)
     synced = _record_dir_fsyncs(monkeypatch)
 
     def no_rehash(path: Path) -> tuple[str, int]:
@@ -110,12 +112,11 @@ def test_adopt_trusts_a_digest_computed_while_receiving(
 
 
 def test_storage_full_recognises_a_full_disk_wherever_it_surfaces() -> None:
-    import errno
     import sqlite3
 
     from sqlalchemy.exc import OperationalError
 
-    from service.core.storage import StorageFull, storage_full
+    from service.core.storage import storage_full
 
     enospc = OSError(errno.ENOSPC, "No space left on device")
     try:
@@ -130,3 +131,71 @@ def test_storage_full_recognises_a_full_disk_wherever_it_surfaces() -> None:
     assert not storage_full(OSError(errno.EIO, "I/O error"))
     assert not storage_full(ValueError("no"))
     assert not storage_full(OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked")))
+
+
+def test_temporary_files_say_which_host_made_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hosts sharing the storage write into one tmp/: names are unique across them (and the sweep's
+    log and an operator can tell whose a leftover is)."""
+    monkeypatch.setattr(storage.socket, "gethostname", lambda: "worker-7.example.org")
+    store = FilesystemStore(tmp_path)
+    tmp = store.new_temp()
+    assert tmp.parent == store.tmp_dir and tmp.name.startswith("worker-7.example.org.")
+    assert tmp.suffix == ".part" and tmp.stat().st_size == 0
+    monkeypatch.setattr(storage.socket, "gethostname", lambda: "odd/host name")
+    assert FilesystemStore(tmp_path).new_temp().name.startswith("odd_host_name.")
+
+
+@pytest.mark.parametrize(
+    ("failure", "raised"),
+    [
+        (OSError(errno.EIO, "Input/output error"), OSError),  # the shared mount failing
+        (OSError(errno.ESTALE, "Stale file handle"), OSError),
+        (OSError(errno.ENOSPC, "No space left on device"), StorageFull),  # delayed allocation at fsync
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), StorageFull),
+    ],
+    ids=["eio", "estale", "enospc", "edquot"],
+)
+def test_a_put_that_fails_at_fsync_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: OSError, raised: type[OSError]
+) -> None:
+    store = FilesystemStore(tmp_path)
+
+    def fsync_fails(path: Path) -> tuple[str, int]:
+        raise failure
+
+    monkeypatch.setattr(storage, "_hash_and_fsync", fsync_fails)
+    src = tmp_path / "src.dcm"
+    src.write_bytes(b"x")
+    for put in (lambda: store.put_bytes([b"x"]), lambda: store.put_file(src)):
+        with pytest.raises(raised) as info:
+            put()
+        assert info.value.errno == failure.errno
+        assert not list(store.tmp_dir.iterdir()) and not list((tmp_path / "objects").iterdir())
+
+
+def test_adopt_never_recreates_the_storage_under_a_mount_point_gone(tmp_path: Path) -> None:
+    """A shared mount that disappeared leaves its bare mount point: adopt must fail there, not
+    start a second, private storage on the host's own disk."""
+    store = FilesystemStore(tmp_path / "mnt")
+    tmp = store.new_temp()
+    tmp.write_bytes(b"x")
+    outside = tmp_path / "kept.part"
+    tmp.rename(outside)
+    shutil.rmtree(tmp_path / "mnt")  # what a host sees below the mount point once it is gone
+    (tmp_path / "mnt").mkdir()
+    with pytest.raises(FileNotFoundError):
+        store.adopt(outside, (SHA, 1))
+    assert not any((tmp_path / "mnt").iterdir()) and outside.exists()
+    with pytest.raises(FileNotFoundError):
+        store.put_bytes([b"x"])
+    assert not store.writable() and not any((tmp_path / "mnt").iterdir())
+
+
+def test_the_filesystem_store_is_an_object_store(tmp_path: Path) -> None:
+    """Everything the interface names is implemented (mypy checks the signatures)."""
+    members = {n for n in vars(ObjectStore) if not n.startswith("_")} | set(ObjectStore.__annotations__)
+    assert members == {"tmp_dir", "path", "exists", "new_temp", "adopt", "put_bytes", "put_file", "writable"}
+    for name in members - {"tmp_dir"}:
+        assert getattr(FilesystemStore, name) is not getattr(ObjectStore, name)  # not the stub
+    store: ObjectStore = FilesystemStore(tmp_path)
+    assert store.tmp_dir.is_dir()

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from service.core.segments import SEGMENTS
 from service.core.settings import Settings
-from service.core.storage import ObjectStore
+from service.core.storage import FilesystemStore
 from tests.factories import us_cine
 from workers.domain import Analysis, ModelInfo, VideoFindings
 from workers.write_dicom.common import SeriesInfo
@@ -118,7 +118,7 @@ def test_every_kind_the_api_serves(tmp_path: Path) -> None:
 
 
 def test_store_previews_writes_images_or_says_why_not(tmp_path: Path) -> None:
-    store = ObjectStore(tmp_path / "storage")
+    store = FilesystemStore(tmp_path / "storage")
     settings = Settings(data_dir=tmp_path)
     src = us_cine(np.full((FRAMES, ROWS, COLS), 90, dtype=np.uint8))
     stored = store_previews(store, src, _worker_seg(src, _labels()), CAPTION, key_frame=0, settings=settings)
