@@ -280,13 +280,14 @@ def test_a_broker_restart_sends_the_messages_it_lost_at_the_next_sweep(runtime: 
     with _own_redis(port):
         assert watch() == 0  # the first look only learns who the broker is
         lost_job = _job(rt, instance_id, JobState.QUEUED, enqueued_at=_ago(seconds=30))
+        just_before = _job(rt, instance_id, JobState.QUEUED, enqueued_at=_ago(seconds=1))
         unsent = _job(rt, instance_id, JobState.QUEUED)
         retrying = _job(rt, instance_id, JobState.RETRYING, attempts=1, enqueued_at=_ago(seconds=30))
         with rt.db.session() as s:
             lost_delivery = add_delivery(s, DeliveryState.PENDING, created_at=_ago(seconds=30))
         rt.queue.close()
     with _own_redis(port):  # restarted: empty
-        assert watch() == 0 + 3  # the job sent before, the one never sent, the pending delivery
+        assert watch() == 0 + 4  # the jobs sent before (even just before), the one never sent, the delivery
         assert watch() == 0  # once
         with rt.db.session() as s:
             fresh = add_job(s, instance_id, JobState.QUEUED, enqueued_at=datetime.now(UTC))
@@ -298,7 +299,7 @@ def test_a_broker_restart_sends_the_messages_it_lost_at_the_next_sweep(runtime: 
         ]
         client.close()
         rt.queue.close()
-    assert sorted(bodies) == sorted([[lost_job], [unsent], [lost_delivery]])
+    assert sorted(bodies) == sorted([[lost_job], [just_before], [unsent], [lost_delivery]])
     assert retrying not in {b[0] for b in bodies} and fresh not in {b[0] for b in bodies}
     assert _jobs(rt)[lost_job].enqueued_at is not None  # stamped again when sent
 
