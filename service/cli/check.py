@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from enum import StrEnum
 from typing import Annotated
 
@@ -17,18 +18,41 @@ class Role(StrEnum):
     worker = "worker"
 
 
-def c_echo(host: str, port: int, called_ae: str, calling_ae: str = "LUSAI-CHECK") -> bool:
+def c_echo(
+    host: str, port: int, called_ae: str, calling_ae: str = "LUSAI-CHECK", tls: ssl.SSLContext | None = None
+) -> bool:
     from pynetdicom import AE
 
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context("1.2.840.10008.1.1")  # Verification SOP Class
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    tls_args = (tls, None) if tls is not None else None
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
     if not assoc.is_established:
         return False
     status = assoc.send_c_echo()
     assoc.release()
     return bool(status) and int(status.Status) == 0
+
+
+def _probe_ae(s: Settings) -> str:
+    """A calling AE title the SCP admits: the first of its allow-list (an empty list admits any
+    loopback caller; '*' any caller), so the check does not fail on the SCP's own policy."""
+    allowed = [ae for ae in s.allowed_calling_aes if ae != "*"]
+    return allowed[0] if allowed else s.ae_title
+
+
+def _probe_tls(s: Settings) -> ssl.SSLContext | None:
+    """TLS when the SCP speaks it: our own certificate as the client's (mutual TLS admits it when
+    the site's CA signed it); the server is this host's, reached on loopback, so its name is not
+    checked."""
+    if s.dicom_tls_cert is None or s.dicom_tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.load_cert_chain(str(s.dicom_tls_cert), str(s.dicom_tls_key))
+    return context
 
 
 @app.command()
@@ -44,7 +68,7 @@ def check(role: Annotated[Role, typer.Argument(help="Which part to check.")]) ->
         except httpx.HTTPError:
             ok = False
     elif role is Role.scp:
-        ok = c_echo("127.0.0.1", s.dicom_port, s.ae_title, calling_ae=s.ae_title)
+        ok = c_echo("127.0.0.1", s.dicom_port, s.ae_title, calling_ae=_probe_ae(s), tls=_probe_tls(s))
     else:
         from service.core.model_package import DEFAULT_PACKAGE, PackageError, load_package
         from service.core.runtime import Runtime

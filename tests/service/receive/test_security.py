@@ -14,7 +14,7 @@ from pynetdicom import AE
 
 from service.core.settings import Settings
 from service.receive.scp import ReusePortServer
-from tests.conftest import which
+from tests.conftest import free_port, which
 from tests.factories import cine, save
 from tests.service.receive.conftest import Running, echo, send, storescu
 
@@ -159,3 +159,25 @@ def test_no_patient_data_or_uids_in_logs(
             ds.AccessionNumber,
         ):
             assert value not in text
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_the_health_check_passes_the_scp_s_own_policy(  # type: ignore[no-untyped-def]
+    scp_factory, certs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tls: bool
+) -> None:
+    """`lusai check scp` (compose and Kubernetes probes) with an allow-list that does not name
+    lusai's own AE title, and on a TLS-only port: found failing while writing deploy/k8s."""
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    env = {"LUSAI_ALLOWED_CALLING_AES": "ORTHANC"}
+    if tls:
+        env |= {"LUSAI_DICOM_TLS_CERT": str(certs["server"]), "LUSAI_DICOM_TLS_KEY": str(certs["server_key"])}
+    scp: Running = scp_factory(**env)
+    for key, value in (env | {"LUSAI_DICOM_PORT": str(scp.port)}).items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(app, ["check", "scp"])
+    assert result.exit_code == 0, result.output
+    monkeypatch.setenv("LUSAI_DICOM_PORT", str(free_port()))  # nothing listens: unhealthy
+    assert CliRunner().invoke(app, ["check", "scp"]).exit_code == 1
