@@ -241,7 +241,9 @@ def test_probes_use_lusai_check_where_it_works() -> None:
     assert api["readinessProbe"]["httpGet"]["path"] == "/health"
     assert api["livenessProbe"]["httpGet"]["path"] == "/health/live"
     (scp,) = containers(named(docs, "Deployment", "lusai-scp"))
-    assert all(scp[p]["tcpSocket"]["port"] == "dicom" for p in ("readinessProbe", "livenessProbe"))
+    assert scp["readinessProbe"]["exec"]["command"] == ["lusai", "check", "scp"]  # a real C-ECHO
+    assert scp["readinessProbe"]["periodSeconds"] >= 30 and scp["readinessProbe"]["timeoutSeconds"] >= 10
+    assert scp["livenessProbe"]["tcpSocket"]["port"] == "dicom"
 
 
 def test_gpu_overlay_puts_analysis_on_one_gpu_per_pod() -> None:
