@@ -215,6 +215,8 @@ def _store_part(part: _Part, study: str | None, runtime: Runtime) -> _Stored:
         return _Stored(sop_class, sop_instance, exc.dimse_status)
     except StorageFull:
         return _Stored(sop_class, sop_instance, STATUS_OUT_OF_RESOURCES)
+    except OSError:  # the store's mount gone (EIO, ESTALE): nothing indexed, the client may resend
+        return _Stored(sop_class, sop_instance, STATUS_PROCESSING_FAILURE)
     finally:
         tmp.unlink(missing_ok=True)
     return _Stored(sop_class, outcome.sop_instance_uid)

@@ -33,7 +33,7 @@ from service.core import lifecycle
 from service.core.header import RejectedObject
 from service.core.ingest import ingest_file
 from service.core.models import InstanceState
-from service.core.storage import StorageFull
+from service.core.storage import StorageFull, storage_full
 
 router = APIRouter(prefix="/api/v1", tags=["instances"])
 
@@ -184,19 +184,22 @@ async def _spool(request: Request, limit: int, tmp: Any) -> None:
     openapi_extra=_UPLOAD_BODY,
     responses={
         200: {"model": UploadOut, "description": "Stored, not queued"},
-        **responses(400, 413, 415, 507),
+        **responses(400, 413, 415, 503, 507),
     },
 )
 async def upload(request: Request, response: Response, principal: Any = Depends(write_scope)) -> UploadOut:
     runtime = api_state(request).runtime
-    tmp = runtime.store.new_temp()
+    try:
+        tmp = runtime.store.new_temp()
+    except OSError as exc:
+        raise _storage_problem(exc) from exc
     try:
         await _spool(request, runtime.settings.max_object_bytes, tmp)
         outcome = await asyncio.to_thread(ingest_file, tmp, calling_ae=None, runtime=runtime)
     except RejectedObject as exc:
         raise ProblemError(exc.http_status, "rejected-object", exc.reason) from exc
-    except StorageFull as exc:
-        raise ProblemError(507, "storage-full", "no space left to store the object") from exc
+    except OSError as exc:  # StorageFull, or the store's mount gone (EIO, ESTALE): nothing indexed
+        raise _storage_problem(exc) from exc
     finally:
         tmp.unlink(missing_ok=True)
     if outcome.outcome != "queued":
@@ -208,4 +211,14 @@ async def upload(request: Request, response: Response, principal: Any = Depends(
         version=outcome.version,
         job_id=outcome.job_id,
         reason=outcome.reason,
+    )
+
+
+def _storage_problem(exc: OSError) -> ProblemError:
+    """507 for a full store (the client should not retry soon), 503 for one that cannot be
+    written now (a shared mount gone: EIO, ESTALE), never a bare 500: nothing was indexed."""
+    if isinstance(exc, StorageFull) or storage_full(exc):
+        return ProblemError(507, "storage-full", "no space left to store the object")
+    return ProblemError(
+        503, "storage-unavailable", "the object store cannot be written now; send again later"
     )

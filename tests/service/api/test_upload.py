@@ -93,3 +93,25 @@ def test_upload_of_a_header_pydicom_cannot_parse_is_422(sqlite_api: Api, case: s
     r = sqlite_api.post("/api/v1/instances", content=data, headers={"Content-Type": "application/dicom"})
     assert r.status_code == 422 and "unreadable" in r.json()["detail"], r.text
     assert not list(sqlite_api.store.tmp_dir.iterdir())
+
+
+@pytest.mark.parametrize(("errno_", "status"), [(5, 503), (116, 503), (28, 507)])  # EIO, ESTALE, ENOSPC
+def test_a_store_that_cannot_be_written_is_a_clear_problem(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch, errno_: int, status: int
+) -> None:
+    """The shared mount gone (EIO, ESTALE) is a 503 to send again, a full store a 507; never a bare
+    500, and nothing is indexed (bench: tests/service/core/test_storage_shared.py)."""
+    import os
+
+    api = sqlite_api
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr(api.store, "adopt", broken)
+    r = api.post("/api/v1/instances", content=_cine_bytes(3), headers={"Content-Type": "application/dicom"})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    with api.session() as s:
+        assert s.scalar(select(Instance)) is None
+    assert not list(api.store.tmp_dir.iterdir())
