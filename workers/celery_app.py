@@ -5,20 +5,35 @@ The tasks (:mod:`workers.tasks`) import this module, never the reverse: Celery l
 ``include`` when the worker starts. A pool process builds its :class:`WorkerRuntime` in
 ``worker_process_init``, after the fork, so no database or broker connection is shared between
 processes, and its tasks read it as ``self.runtime`` (:class:`LusaiTask`).
+
+The main process finds the device the worker analyses on, adds that device's queue
+(``analyze.gpu`` or ``analyze.cpu``) to a worker that consumes ``analyze``, registers the worker
+in the registry and heartbeats from a thread until a clean shutdown marks it stopped
+(:mod:`service.core.registry`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Celery, Task
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    celeryd_after_setup,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
+from service.core.db import Database
 from service.core.libraries import configure_libraries
-from service.core.logs import configure_logging
-from service.core.queue import ANALYZE_QUEUE, celery_config
+from service.core.logs import configure_logging, ctx
+from service.core.queue import ANALYZE_QUEUES, celery_config, worker_queues
+from service.core.registry import Heartbeat, Identity
 from service.core.runtime import Runtime
 from service.core.settings import Settings
 
@@ -84,12 +99,75 @@ app = create_app()
 
 
 def consumes_analyze(celery: Celery) -> bool:
-    """Whether this worker consumes the analyze queue (``--queues``); a deliver-only one needs no model.
+    """Whether this worker consumes an analysis queue (``--queues``: analyze, analyze.gpu,
+    analyze.cpu); a deliver-only one needs no model.
 
     Set in the main process before the pool forks, so pool processes read the same answer.
     """
+    return any(q in ANALYZE_QUEUES for q in consumed(celery))
+
+
+def consumed(celery: Celery) -> list[str]:
+    """The names of the queues this worker consumes."""
     queues = celery.amqp.queues
-    return ANALYZE_QUEUE in (getattr(queues, "consume_from", None) or queues)
+    return list(getattr(queues, "consume_from", None) or queues)
+
+
+#: The main process's heartbeat (None before the worker is set up, and in pool processes' use).
+_heartbeat: Heartbeat | None = None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lusai")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@celeryd_after_setup.connect
+def _register(sender: str, instance: Any, **_: Any) -> None:
+    """Main process, after ``--queues`` and before the pool starts: find the device (the pool
+    processes then load the model on it: ``LUSAI_DEVICE`` set), consume its analysis queue too,
+    and register in the worker registry with a heartbeat thread."""
+    global _heartbeat
+    from workers.infer.device import detect_device
+
+    settings = Settings()
+    device, gpu_name = "cpu", None
+    if consumes_analyze(instance.app):
+        device, gpu_name = detect_device(settings.device)
+        os.environ["LUSAI_DEVICE"] = device
+        have = consumed(instance.app)
+        for queue in worker_queues(have, device):
+            if queue not in have:
+                instance.app.amqp.queues.select_add(queue)
+    me = Identity(
+        name=sender,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        queues=tuple(consumed(instance.app)),
+        device=device,
+        gpu_name=gpu_name,
+        concurrency=int(getattr(instance, "concurrency", 1) or 1),
+        version=_version(),
+    )
+    log.info(
+        "worker device", extra=ctx(worker=sender, device=device, gpu=gpu_name, queues=",".join(me.queues))
+    )
+    _heartbeat = Heartbeat(Database(settings.db_url, pooled=False), me, settings.heartbeat_interval)
+    _heartbeat.start()
+
+
+@worker_shutdown.connect
+def _unregister(**_: Any) -> None:
+    """A clean shutdown (its jobs finished): the registry marks the worker stopped."""
+    global _heartbeat
+    heartbeat, _heartbeat = _heartbeat, None
+    if heartbeat is not None:
+        heartbeat.stop()
+        heartbeat.db.dispose()
 
 
 @worker_init.connect

@@ -107,9 +107,18 @@ class Saved:
     delivery_ids: list[int]
 
 
-def save_result(job_id: int, analysis: Analysis, source: Dataset, *, runtime: Runtime) -> Saved | None:
+def save_result(
+    job_id: int,
+    analysis: Analysis,
+    source: Dataset,
+    *,
+    runtime: Runtime,
+    attempt: lifecycle.Attempt | None = None,
+) -> Saved | None:
     """Write outputs and rows; None if the job was cancelled (or deleted) while it ran and nothing
-    was kept. Previews come after, with :func:`save_previews`, once the deliveries are on their way."""
+    was kept, or, with ``attempt`` (the task's claim), if the job is no longer under that claim (its
+    worker was declared lost and the job went to another). Previews come after, with
+    :func:`save_previews`, once the deliveries are on their way."""
     settings, store = runtime.settings, runtime.store
     timings = dict(analysis.timings_ms)
     with runtime.db.session() as session:
@@ -120,10 +129,12 @@ def save_result(job_id: int, analysis: Analysis, source: Dataset, *, runtime: Ru
         stored = [(o, store.put_bytes([data])[0]) for o, data in built]
     f = analysis.findings
     with runtime.db.session() as session:
-        won = lifecycle.succeed(session, job_id, model_version=analysis.model.version, timings_ms=timings)
+        won = lifecycle.succeed(
+            session, job_id, model_version=analysis.model.version, timings_ms=timings, attempt=attempt
+        )
         job = session.get(Job, job_id)
         if not won or job is None:
-            return None  # cancelled while running: keep nothing, send nothing
+            return None  # cancelled or taken over while running: keep nothing, send nothing
         session.execute(delete(Result).where(Result.job_id == job_id))
         session.flush()
         result = Result(

@@ -16,7 +16,7 @@ import time
 import pydicom
 from celery.exceptions import SoftTimeLimitExceeded
 
-from service.core import lifecycle
+from service.core import lifecycle, registry
 from service.core.logs import ctx
 from service.core.models import Job, JobState
 from service.core.queue import ANALYZE_TASK, DELIVER_TASK, PREVIEWS_TASK
@@ -28,15 +28,19 @@ from workers.results import SOURCE_VALUE_ERRORS, audit_outputs_of, save_previews
 log = logging.getLogger(__name__)
 
 
-def _claim(runtime: Runtime, job_id: int) -> tuple[str, str | None] | None:
+def _claim(
+    runtime: Runtime, job_id: int, worker_name: str | None = None
+) -> tuple[str, str | None, lifecycle.Attempt] | None:
     """Mark the job running; None when there is nothing to do (done, cancelled, vanished, or
     another live worker holds it).
 
-    Returns the storage key and the model version the job asked for (None: whatever is loaded).
+    Returns the storage key, the model version the job asked for (None: whatever is loaded) and
+    the claim, which the transitions that end the attempt check. ``worker_name`` is the registry's
+    name of this worker (Celery's node name), recorded on the job.
     """
     me = f"{socket.gethostname()}:{os.getpid()}"
     with runtime.db.session() as session:
-        won = lifecycle.claim(session, job_id, me)
+        won = lifecycle.claim(session, job_id, me, worker_name=worker_name)
         if not won:
             job = session.get(Job, job_id)
             lost = (
@@ -48,12 +52,13 @@ def _claim(runtime: Runtime, job_id: int) -> tuple[str, str | None] | None:
                 lifecycle.fail(session, job_id, "worker lost on the last attempt")
                 log.warning("job failed: worker lost on every attempt", extra=ctx(job_id=job_id))
                 return None
-            if not lifecycle.claim(session, job_id, me, lost_worker=lost):
+            if not lifecycle.claim(session, job_id, me, lost_worker=lost, worker_name=worker_name):
                 return None
             log.info("job taken over from a dead worker process", extra=ctx(job_id=job_id))
         job = session.get(Job, job_id)
-        assert job is not None
-        return job.instance.storage_key, job.model_version
+        attempt = lifecycle.attempt_of(session, job_id)
+        assert job is not None and attempt is not None
+        return job.instance.storage_key, job.model_version, attempt
 
 
 def _dead_local_holder(worker: str | None) -> str | None:
@@ -77,11 +82,27 @@ def _dead_local_holder(worker: str | None) -> str | None:
 
 @app.task(name=ANALYZE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def analyze(self: LusaiTask, job_id: int) -> str:
+    worker_name = self.request.hostname  # Celery's node name (None when called directly)
+    outcome = _analyze(self, job_id, worker_name)
+    if worker_name and outcome in _COUNTED:
+        try:
+            with self.runtime.db.session() as session:
+                registry.count_job(session, worker_name, failed=outcome != "succeeded")
+        except Exception as exc:  # bookkeeping: never the job's outcome
+            log.debug("worker counters not updated", extra=ctx(error=type(exc).__name__))
+    return outcome
+
+
+#: Outcomes the worker registry counts (``jobs_done`` for "succeeded", ``jobs_failed`` else).
+_COUNTED = frozenset({"succeeded", "failed", "error", "timeout"})
+
+
+def _analyze(self: LusaiTask, job_id: int, worker_name: str | None) -> str:
     runtime = self.runtime
-    claimed = _claim(runtime, job_id)
+    claimed = _claim(runtime, job_id, worker_name)
     if claimed is None:
         return "skipped"
-    storage_key, wanted_version = claimed
+    storage_key, wanted_version, attempt = claimed
     t0 = time.perf_counter()
     try:
         from workers.pipeline import InputError
@@ -104,27 +125,30 @@ def analyze(self: LusaiTask, job_id: int) -> str:
             # A header value of the source pydicom cannot convert (a length that does not fit its
             # VR, an unknown VR): the same on every attempt (found by bench/chaos/fuzz.py).
             raise InputError(f"a header value of the source cannot be read ({error})") from exc
-        saved = save_result(job_id, analysis, source, runtime=runtime)
+        saved = save_result(job_id, analysis, source, runtime=runtime, attempt=attempt)
     except SoftTimeLimitExceeded:
-        _fail_or_retry(self, job_id, "time limit exceeded")
+        _fail_or_retry(self, job_id, "time limit exceeded", attempt)
         return "timeout"
     except InputError as exc:
-        _finish_failed(runtime, job_id, f"input rejected: {exc}")
+        _finish_failed(runtime, job_id, f"input rejected: {exc}", attempt)
         log.warning("job failed: unusable input", extra=ctx(job_id=job_id, reason=str(exc)))
         return "failed"
     except Exception as exc:
         if storage_full(exc):
-            _retry_when_space(self, job_id)
+            _retry_when_space(self, job_id, attempt)
             return "waiting for space"
         error, quotes_data = _describe(exc)
         if quotes_data:  # no traceback: its last line would quote the value
             log.error("job error", extra=ctx(job_id=job_id, error=error))
         else:
             log.exception("job error", extra=ctx(job_id=job_id))
-        _fail_or_retry(self, job_id, error)
+        _fail_or_retry(self, job_id, error, attempt)
         return "error"
     if saved is None:
-        log.info("job cancelled while running: result discarded", extra=ctx(job_id=job_id))
+        log.info(
+            "result discarded: the job was cancelled, or re-queued as its worker was lost",
+            extra=ctx(job_id=job_id, attempt=attempt.number),
+        )
         return "cancelled"
     for delivery_id in saved.delivery_ids:
         runtime.queue.enqueue_delivery(delivery_id)
@@ -172,27 +196,30 @@ def _describe(exc: BaseException) -> tuple[str, bool]:
     return f"{type(exc).__name__}: {exc}", False
 
 
-def _finish_failed(runtime: Runtime, job_id: int, error: str) -> None:
+def _finish_failed(runtime: Runtime, job_id: int, error: str, attempt: lifecycle.Attempt) -> None:
     with runtime.db.session() as session:
-        lifecycle.fail(session, job_id, error)
+        lifecycle.fail(session, job_id, error, attempt=attempt)
 
 
-def _retry_when_space(task: LusaiTask, job_id: int) -> None:
-    with task.runtime.db.session() as session:
-        countdown = lifecycle.retry_when_space(session, job_id, "storage full: waiting for space")
+def _retry_when_space(task: LusaiTask, job_id: int, attempt: lifecycle.Attempt) -> None:
+    runtime = task.runtime
+    with runtime.db.session() as session:
+        countdown = lifecycle.retry_when_space(
+            session, job_id, "storage full: waiting for space", attempt=attempt
+        )
     log.warning("job waits for storage space", extra=ctx(job_id=job_id, retry_in_s=countdown))
-    if countdown is not None:
-        task.apply_async(args=[job_id], countdown=countdown)
+    if countdown is not None:  # routed as a new job (LUSAI_ANALYZE_ROUTING)
+        runtime.queue.enqueue_analysis(job_id, countdown=countdown)
 
 
-def _fail_or_retry(task: LusaiTask, job_id: int, error: str) -> None:
+def _fail_or_retry(task: LusaiTask, job_id: int, error: str, attempt: lifecycle.Attempt) -> None:
     runtime = task.runtime
     with runtime.db.session() as session:
         countdown = lifecycle.fail_or_retry(
-            session, job_id, error, max_attempts=runtime.settings.job_max_attempts
+            session, job_id, error, max_attempts=runtime.settings.job_max_attempts, attempt=attempt
         )
-    if countdown is not None:
-        task.apply_async(args=[job_id], countdown=countdown)
+    if countdown is not None:  # routed as a new job (LUSAI_ANALYZE_ROUTING)
+        runtime.queue.enqueue_analysis(job_id, countdown=countdown)
 
 
 @app.task(name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)

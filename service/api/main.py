@@ -152,7 +152,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         keys=ApiKeyVerifier(rt.db.sessions, settings.api_key_cache_seconds),
         oidc=OidcVerifier.from_settings(settings),
         limiter=RateLimiter(settings.api_rate_limit, settings.api_rate_burst),
-        gauges=database_registry(rt.db),
+        gauges=database_registry(rt),
     )
 
     @asynccontextmanager

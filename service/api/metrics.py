@@ -1,9 +1,9 @@
-"""Prometheus metrics: request counters here, queue and delivery gauges read from the database.
+"""Prometheus metrics: request counters here, queue, delivery and worker gauges read at scrape time.
 
-The gauges come from the database at scrape time, so they are right whichever process (SCP,
-worker, API) did the work, with no multiprocess registry to keep in sync. The counters are the
-process's (:data:`REGISTRY`); the gauges read the app's own database (:func:`database_registry`),
-and ``/metrics`` serves both.
+The gauges come from the database (and the broker's queue lengths) at scrape time, so they are
+right whichever process (SCP, worker, API) did the work, with no multiprocess registry to keep in
+sync. The counters are the process's (:data:`REGISTRY`); the gauges read the app's own database
+and broker (:func:`database_registry`), and ``/metrics`` serves both.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from service.core import registry
 from service.core.db import Database
 from service.core.models import Delivery, Instance, Job
+from service.core.runtime import Runtime
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 HTTP_REQUESTS = Counter(
@@ -57,8 +59,64 @@ AUDIT_FAILURES = Counter(
 )
 
 
-def database_registry(db: Database) -> CollectorRegistry:
-    """The gauges of one app, read from its database at scrape time."""
-    registry = CollectorRegistry()
-    registry.register(DatabaseCollector(db))
-    return registry
+class WorkersCollector(Collector):
+    """Queue depths (the broker), the worker registry and the oldest queued job (the database)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._queues()
+        yield from self._workers()
+
+    def _queues(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "lusai_queue_depth",
+            "Messages waiting in each broker queue (Redis LLEN; the embedded queue's message files)",
+            labels=["queue"],
+        )
+        try:
+            depths = self.runtime.queue.depths()
+        except Exception:  # broker down: /health says so
+            return
+        for queue, count in depths.items():
+            depth.add_metric([queue], count)
+        yield depth
+
+    def _workers(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "lusai_worker_up",
+            "1: a worker heartbeating within LUSAI_WORKER_LOST_AFTER; 0: a lost one (stopped: left out)",
+            labels=["worker", "host", "device"],
+        )
+        in_flight = GaugeMetricFamily(
+            "lusai_worker_jobs_in_flight", "Analysis jobs running under each worker", labels=["worker"]
+        )
+        last_seen = GaugeMetricFamily(
+            "lusai_worker_last_seen_seconds", "Seconds since each worker's last heartbeat", labels=["worker"]
+        )
+        oldest = GaugeMetricFamily(
+            "lusai_oldest_queued_job_age_seconds", "Age of the oldest queued analysis job (0: none queued)"
+        )
+        try:
+            with self.runtime.db.session() as s:
+                found = registry.workers(s, lost_after=self.runtime.settings.lost_after)
+                oldest.add_metric([], registry.oldest_queued_age(s))
+        except Exception:  # a scrape must not fail because the database is down; /health says so
+            return
+        for w in found:
+            up.add_metric([w.name, w.host, w.device], 1 if w.alive else 0)
+            in_flight.add_metric([w.name], len(w.jobs))
+            last_seen.add_metric([w.name], w.last_seen_s)
+        yield up
+        yield in_flight
+        yield last_seen
+        yield oldest
+
+
+def database_registry(runtime: Runtime) -> CollectorRegistry:
+    """The gauges of one app, read from its database and broker at scrape time."""
+    gauges = CollectorRegistry()
+    gauges.register(DatabaseCollector(runtime.db))
+    gauges.register(WorkersCollector(runtime))
+    return gauges

@@ -23,6 +23,7 @@ from service.cli import stopping
 from service.cli.app import app
 from service.core.libraries import configure_libraries
 from service.core.logs import configure_logging, ctx
+from service.core.queue import ANALYZE_QUEUES
 from service.core.recovery import requeue_jobs_of
 from service.core.runtime import Runtime
 from service.core.settings import Settings
@@ -180,7 +181,7 @@ def worker_argv(s: Settings, queues: str) -> list[str]:
         "--loglevel",
         s.log_level,
         "--concurrency",
-        str(s.deliver_concurrency if queues == "deliver" else s.worker_concurrency),
+        str(s.worker_concurrency if _analyses(queues) else s.deliver_concurrency),
         "--queues",
         queues,
         "--prefetch-multiplier",
@@ -195,16 +196,26 @@ def worker_argv(s: Settings, queues: str) -> list[str]:
     return argv
 
 
+def _analyses(queues: str) -> bool:
+    """Whether a worker on these queues runs the model (analyze, analyze.gpu, analyze.cpu)."""
+    return any(q.strip() in ANALYZE_QUEUES for q in queues.split(","))
+
+
 @app.command()
 def worker(
     queues: Annotated[
-        str, typer.Option(help="Comma list of queues: analyze (GPU/CPU), deliver (network, then previews).")
+        str,
+        typer.Option(
+            help="Comma list of queues: analyze (plus analyze.gpu or analyze.cpu, after the device found),"
+            " deliver (network, then previews). Name analyze.gpu or analyze.cpu to choose yourself."
+        ),
     ] = ("analyze,deliver"),
 ) -> None:
-    """Run a Celery worker (prefetch 1, late acks) on the configured broker."""
+    """Run a Celery worker (prefetch 1, late acks) on the configured broker; it registers in the
+    worker registry and heartbeats every LUSAI_HEARTBEAT_INTERVAL."""
     stopping.install()  # first: a SIGTERM at any moment takes the way out below
     s = _settings()
-    if "analyze" in queues.split(","):
+    if _analyses(queues):
         require_model_package(s)
     _upgrade_embedded(s)
     with Runtime.from_settings(s) as runtime:  # the recovery sweep's; the Celery worker builds its own

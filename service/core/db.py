@@ -12,11 +12,16 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 
-def make_engine(url: str) -> Engine:
-    """SQLite gets WAL and a busy timeout so the SCP, API and worker can share one file."""
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+def make_engine(url: str, *, pooled: bool = True) -> Engine:
+    """SQLite gets WAL and a busy timeout so the SCP, API and worker can share one file.
+
+    ``pooled=False``: every session opens its own connection and closes it (a thread that writes
+    now and then in a process that forks, such as the worker registry's heartbeat).
+    """
+    kwargs: dict[str, Any] = {"pool_pre_ping": True} if pooled else {"poolclass": NullPool}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     engine = create_engine(url, **kwargs)
@@ -41,9 +46,9 @@ class Database:
     SQLite file can be removed and a PostgreSQL database dropped.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, pooled: bool = True) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, pooled=pooled)
         #: Sessions whose objects stay readable after commit (rows are handed to callers).
         self.sessions: sessionmaker[Session] = sessionmaker(bind=self.engine, expire_on_commit=False)
 

@@ -15,6 +15,12 @@ Jobs (``new_job`` and ``rerun`` create QUEUED ones)::
     retry_when_space RUNNING                   -> RETRYING     attempt given back (FAILED after a day)
     cancel           QUEUED, RUNNING, RETRYING -> CANCELLED
     requeue_stale    RUNNING for too long      -> QUEUED       (FAILED on the last attempt)
+    requeue_lost_workers RUNNING, its worker lost -> QUEUED    (FAILED on the last attempt)
+
+A worker that ends its attempt passes the :class:`Attempt` its claim made: succeed, fail,
+fail_or_retry and retry_when_space then win only while the job is still RUNNING under that very
+claim, so a worker that was declared lost and comes back (a network restored) finds its job
+re-queued or claimed again and its outcome is discarded: one result per job, whoever finishes.
 
 Deliveries (``upsert_delivery`` creates PENDING ones)::
 
@@ -45,7 +51,7 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.util import identity_key
 
 from service.core.logs import ctx
-from service.core.models import Delivery, DeliveryState, Job, JobState
+from service.core.models import Delivery, DeliveryState, Job, JobState, Worker
 
 log = logging.getLogger(__name__)
 
@@ -181,16 +187,49 @@ def enqueue(session: Session, job_id: int, send: Callable[[int], object]) -> boo
     return True
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One claim of a job: the claiming process (``host:pid``) and the attempt number it made.
+
+    The transitions that end an attempt take it and win only while the job is RUNNING under
+    exactly this claim (:func:`attempt_of` reads it after :func:`claim` won).
+    """
+
+    worker: str
+    number: int
+
+    def holds(self) -> ColumnElement[bool]:
+        return cast(
+            ColumnElement[bool],
+            (Job.state == JobState.RUNNING) & (Job.worker == self.worker) & (Job.attempts == self.number),
+        )
+
+
+def attempt_of(session: Session, job_id: int) -> Attempt | None:
+    """The claim a RUNNING job is under now (call right after :func:`claim` won, same transaction)."""
+    row = session.execute(
+        select(Job.worker, Job.attempts).where(Job.id == job_id, Job.state == JobState.RUNNING)
+    ).one_or_none()
+    if row is None or row.worker is None:
+        return None
+    return Attempt(row.worker, row.attempts)
+
+
 def claim(
     session: Session,
     job_id: int,
     worker: str,
     *,
     lost_worker: str | None = None,
+    worker_name: str | None = None,
     now: datetime | None = None,
 ) -> bool:
     """QUEUED or RETRYING -> RUNNING, one attempt more; False: finished, cancelled, or another
     worker holds it.
+
+    ``worker`` is the claiming process (``host:pid``), ``worker_name`` the registry's name of its
+    worker (:mod:`service.core.registry`): should that worker be lost, :func:`requeue_lost_workers`
+    puts the job back at once.
 
     ``lost_worker`` names a holder known to be dead (its process is gone: Celery redelivers the
     message of a killed pool process at once); a RUNNING job held by exactly that worker is taken
@@ -208,6 +247,7 @@ def claim(
             "attempts": Job.attempts + 1,
             "started_at": _now(session, now),
             "worker": worker[:128],
+            "worker_name": worker_name[:200] if worker_name else None,
             "error": None,
         },
         *((held_by_lost,) if lost_worker else ()),
@@ -220,41 +260,64 @@ def succeed(
     *,
     model_version: str,
     timings_ms: Mapping[str, float],
+    attempt: Attempt | None = None,
     now: datetime | None = None,
 ) -> bool:
     """-> SUCCEEDED; False when the job was cancelled (or failed) meanwhile: keep nothing then.
 
-    A job that already succeeded may succeed again: its outputs are deterministic, so a re-save
-    rewrites the same objects.
+    With ``attempt`` (a worker's), RUNNING under that claim only: False too when the job was
+    re-queued or claimed again since (its worker was declared lost). Without, a job that already
+    succeeded may succeed again: its outputs are deterministic, so a re-save rewrites the same objects.
     """
+    allowed = (JobState.RUNNING,) if attempt else (*ACTIVE_JOB_STATES, JobState.SUCCEEDED)
     return _move(
         session,
         Job,
         job_id,
-        (*ACTIVE_JOB_STATES, JobState.SUCCEEDED),
+        allowed,
         {
             "state": JobState.SUCCEEDED,
             "finished_at": _now(session, now),
             "model_version": model_version,
             "timings_ms": {k: round(v, 1) for k, v in timings_ms.items()},
         },
+        *_under(attempt),
     )
 
 
-def fail(session: Session, job_id: int, error: str, *, now: datetime | None = None) -> bool:
-    """RUNNING -> FAILED for good (unusable input, a model version this worker does not have)."""
+def _under(attempt: Attempt | None) -> tuple[ColumnElement[bool], ...]:
+    return (attempt.holds(),) if attempt is not None else ()
+
+
+def fail(
+    session: Session,
+    job_id: int,
+    error: str,
+    *,
+    attempt: Attempt | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """RUNNING -> FAILED for good (unusable input, a model version this worker does not have);
+    with ``attempt``, only while the job is under that claim."""
     values = {"state": JobState.FAILED, "error": error[:MAX_ERROR_CHARS], "finished_at": _now(session, now)}
-    return _move(session, Job, job_id, (JobState.RUNNING,), values)
+    return _move(session, Job, job_id, (JobState.RUNNING,), values, *_under(attempt))
 
 
 def fail_or_retry(
-    session: Session, job_id: int, error: str, *, max_attempts: int, now: datetime | None = None
+    session: Session,
+    job_id: int,
+    error: str,
+    *,
+    max_attempts: int,
+    attempt: Attempt | None = None,
+    now: datetime | None = None,
 ) -> float | None:
     """RUNNING -> RETRYING, returning the countdown (:data:`JOB_BACKOFF`) for the next attempt;
     or -> FAILED on the last attempt, returning None. None too when the job is no longer running
-    (cancelled, or taken back by the recovery sweep): then there is nothing to schedule."""
+    (cancelled, or taken back by the recovery sweep) or, with ``attempt``, no longer under that
+    claim: then there is nothing to schedule."""
     attempts = session.scalar(select(Job.attempts).where(Job.id == job_id))
-    if attempts is None:
+    if attempts is None or (attempt is not None and attempt.number != attempts):
         return None
     now = _now(session, now)
     retry = attempts < max_attempts
@@ -263,12 +326,17 @@ def fail_or_retry(
         values |= {"state": JobState.RETRYING, "enqueued_at": now}
     else:
         values |= {"state": JobState.FAILED, "finished_at": now}
-    won = _move(session, Job, job_id, (JobState.RUNNING,), values, Job.attempts == attempts)
+    won = _move(session, Job, job_id, (JobState.RUNNING,), values, Job.attempts == attempts, *_under(attempt))
     return JOB_BACKOFF.delay(attempts) if won and retry else None
 
 
 def retry_when_space(
-    session: Session, job_id: int, error: str, *, now: datetime | None = None
+    session: Session,
+    job_id: int,
+    error: str,
+    *,
+    attempt: Attempt | None = None,
+    now: datetime | None = None,
 ) -> float | None:
     """RUNNING -> RETRYING with its attempt given back, returning the countdown: the disk was full,
     which is the host's failure, not the job's, and an administrator freeing space should find
@@ -276,16 +344,17 @@ def retry_when_space(
 
     The countdown grows with the job's age (a quarter of it, 30 s to :data:`JOB_BACKOFF`'s cap),
     so a long outage costs one attempt per job every few minutes; a job older than
-    :data:`STORAGE_FULL_RETRY_FOR` goes FAILED (None). None too when it is no longer running.
+    :data:`STORAGE_FULL_RETRY_FOR` goes FAILED (None). None too when it is no longer running (with
+    ``attempt``: no longer under that claim).
     """
     row = session.execute(select(Job.attempts, Job.created_at).where(Job.id == job_id)).one_or_none()
-    if row is None:
+    if row is None or (attempt is not None and attempt.number != row.attempts):
         return None
     now = _now(session, now)
     created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
     age = now - created
     if age > STORAGE_FULL_RETRY_FOR:
-        fail(session, job_id, f"{error} (waited {STORAGE_FULL_RETRY_FOR} for room)", now=now)
+        fail(session, job_id, f"{error} (waited {STORAGE_FULL_RETRY_FOR} for room)", attempt=attempt, now=now)
         return None
     values = {
         "state": JobState.RETRYING,
@@ -293,7 +362,9 @@ def retry_when_space(
         "enqueued_at": now,
         "error": error[:MAX_ERROR_CHARS],
     }
-    won = _move(session, Job, job_id, (JobState.RUNNING,), values, Job.attempts == row.attempts)
+    won = _move(
+        session, Job, job_id, (JobState.RUNNING,), values, Job.attempts == row.attempts, *_under(attempt)
+    )
     return min(JOB_BACKOFF.cap_s, max(30.0, age.total_seconds() / 4)) if won else None
 
 
@@ -407,6 +478,45 @@ def requeue_abandoned(session: Session, holders: Collection[str], *, max_attempt
         job_id
         for job_id, attempts in candidates
         if _requeue_lost(session, job_id, attempts, max_attempts, held, now)
+    ]
+
+
+def requeue_lost_workers(
+    session: Session,
+    *,
+    lost_after: timedelta,
+    max_attempts: int,
+    now: datetime | None = None,
+) -> list[int]:
+    """RUNNING jobs whose worker (``Job.worker_name``, a :class:`Worker` row) is gone back to
+    QUEUED now rather than after ``stale_after``, or to FAILED when that was their last attempt
+    (as :func:`requeue_stale`); returns the IDs to send again (:func:`enqueue`).
+
+    Gone: no heartbeat for ``lost_after`` (a host powered off or cut from the network), stopped
+    (a cold shutdown left the job), or started again since it claimed the job (a restart under the
+    same name). The test is part of each UPDATE, so a heartbeat that arrives meanwhile keeps the
+    job where it is; should the worker come back later, its outcome loses (:class:`Attempt`).
+    """
+    now = _now(session, now)
+    gone = (
+        select(Worker.id)
+        .where(
+            Worker.name == Job.worker_name,
+            or_(
+                Worker.last_seen < now - lost_after,
+                Worker.stopped_at.is_not(None),
+                Worker.started_at > Job.started_at,
+            ),
+        )
+        .exists()
+    )
+    candidates = session.execute(
+        select(Job.id, Job.attempts).where(Job.state == JobState.RUNNING, Job.worker_name.is_not(None), gone)
+    ).all()
+    return [
+        job_id
+        for job_id, attempts in candidates
+        if _requeue_lost(session, job_id, attempts, max_attempts, gone, now)
     ]
 
 

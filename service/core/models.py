@@ -144,7 +144,10 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     model_version: Mapped[str | None] = mapped_column(String(64))
     timings_ms: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    worker: Mapped[str | None] = mapped_column(String(128))
+    worker: Mapped[str | None] = mapped_column(String(128))  # host:pid of the process that claimed it
+    # The registry's name of the worker that claimed it (Celery node name, ``Worker.name``): a job
+    # of a lost worker goes back on the queue at once (0009; None: claimed outside a worker).
+    worker_name: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -247,6 +250,33 @@ class Delivery(Base):
         UniqueConstraint("destination", "sop_instance_uid", name="uq_delivery_dest_uid"),
         Index("ix_deliveries_destination_study", "destination", "study_uid"),
     )
+
+
+class Worker(Base):
+    """A Celery worker of the deployment, as it registered itself and last said it was alive.
+
+    Written only by :mod:`service.core.registry`: the worker's main process registers at start,
+    heartbeats every ``LUSAI_HEARTBEAT_INTERVAL`` and marks itself stopped on a clean shutdown;
+    its pool processes count the jobs they finish. Its running jobs are the jobs whose
+    ``worker_name`` is its name.
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)  # Celery node name, name@host
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)  # the worker's main process
+    queues: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    device: Mapped[str] = mapped_column(String(16))  # cpu | cuda
+    gpu_name: Mapped[str | None] = mapped_column(String(128))
+    concurrency: Mapped[int] = mapped_column(Integer, default=1)
+    version: Mapped[str] = mapped_column(String(64))  # lusai's
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # clean shutdown
+    jobs_done: Mapped[int] = mapped_column(Integer, default=0)
+    jobs_failed: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class ApiKey(Base):

@@ -16,14 +16,18 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from functools import partial
 
-from service.core import lifecycle
+from service.core import lifecycle, registry
 from service.core.logs import ctx
+from service.core.queue import ANALYZE_CPU_QUEUE, ANALYZE_GPU_QUEUE
 from service.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 #: One step of a sweep; any exception ends that sweep, the next one tries again.
 Step = Callable[[], object]
+#: Seconds, beyond a heartbeat interval, a process waits after reaching the database again before
+#: it declares a worker lost (:class:`LostWorkers`): time for the live ones to beat once more.
+HEARTBEAT_SLACK_S = 2.0
 
 
 def requeue_stale_jobs(runtime: Runtime) -> int:
@@ -42,6 +46,92 @@ def requeue_stale_jobs(runtime: Runtime) -> int:
     if ids:
         log.info("re-queued jobs", extra=ctx(count=len(ids)))
     return len(ids)
+
+
+def requeue_jobs_of_lost_workers(runtime: Runtime) -> int:
+    """Running jobs of workers the registry has not heard from for ``LUSAI_WORKER_LOST_AFTER`` (a
+    host powered off or cut off), or that stopped or started again without finishing them, go
+    back on the queue now: the backstop, :func:`requeue_stale_jobs`, waits ``LUSAI_STALE_JOB_AFTER``.
+    Should the lost worker come back and finish, its outcome is discarded (``lifecycle.Attempt``)."""
+    settings = runtime.settings
+    with runtime.db.session() as session:
+        ids = lifecycle.requeue_lost_workers(
+            session,
+            lost_after=timedelta(seconds=settings.lost_after),
+            max_attempts=settings.job_max_attempts,
+        )
+    for job_id in ids:
+        with runtime.db.session() as session:
+            lifecycle.enqueue(session, job_id, runtime.queue.enqueue_analysis)
+    if ids:
+        log.warning("jobs of a lost worker re-queued", extra=ctx(count=len(ids), job_ids=ids))
+    return len(ids)
+
+
+class GpuWorkersGone:
+    """A sweep step for ``LUSAI_ANALYZE_ROUTING=prefer-gpu``: when the last live GPU worker is
+    lost, the jobs still queued were sent to ``analyze.gpu``, which nobody consumes now; they are
+    sent again at once (to ``analyze.cpu``) rather than after :func:`requeue_stale_jobs`'s
+    ``max(60 s, LUSAI_TASK_TIME_LIMIT)``. A message that waits on ``analyze.gpu`` for a GPU
+    worker's return is then harmless: :func:`lifecycle.claim` lets one of the two work."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.queue: str | None = None
+
+    def __call__(self) -> int:
+        if self.runtime.settings.analyze_routing != "prefer-gpu":
+            return 0
+        queue = self.runtime.queue.analyze_queue(fresh=True)
+        seen, self.queue = self.queue, queue
+        if seen != ANALYZE_GPU_QUEUE or queue != ANALYZE_CPU_QUEUE:
+            return 0
+        with self.runtime.db.session() as session:
+            job_ids, _ = lifecycle.lost_in_broker_restart(session, lifecycle.db_now(session))
+        for job_id in job_ids:
+            with self.runtime.db.session() as session:
+                lifecycle.enqueue(session, job_id, self.runtime.queue.enqueue_analysis)
+        log.warning("no GPU worker alive: queued jobs sent to the CPU workers", extra=ctx(jobs=len(job_ids)))
+        return len(job_ids)
+
+
+class LostWorkers:
+    """The sweep step of :func:`requeue_jobs_of_lost_workers`, once this process has reached the
+    database for a heartbeat interval (and :data:`HEARTBEAT_SLACK_S`) without a gap.
+
+    After an outage of the database (or of this host's link to it) every worker's last heartbeat
+    is old, live ones included, until each has beaten again: a sweep right then would take every
+    running job from its worker (each would be done twice, one result kept). A gap is a call
+    longer than ``LUSAI_RECOVERY_INTERVAL + LUSAI_HEARTBEAT_INTERVAL`` after the last good one (the
+    sweeps in between failed), or this process's first sweep.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.last_ok: float | None = None  # monotonic time of the last call that reached the database
+        self.since: float = 0.0  # start of the current run of calls without a gap
+
+    def __call__(self) -> int:
+        settings = self.runtime.settings
+        now = time.monotonic()
+        if (
+            self.last_ok is None
+            or now - self.last_ok > settings.recovery_interval + settings.heartbeat_interval
+        ):
+            self.since = now
+        if now - self.since < settings.heartbeat_interval + HEARTBEAT_SLACK_S:
+            self.runtime.db.ping()  # raises while the database is away: the gap goes on
+            self.last_ok = now
+            return 0
+        count = requeue_jobs_of_lost_workers(self.runtime)
+        self.last_ok = now
+        return count
+
+
+def forget_workers(runtime: Runtime) -> int:
+    """Drop registry rows of workers stopped or lost a day ago."""
+    with runtime.db.session() as session:
+        return registry.forget(session)
 
 
 def requeue_jobs_of(runtime: Runtime, pids: Iterable[int]) -> int:
@@ -136,13 +226,17 @@ def remove_stale_temp_files(runtime: Runtime, now: float | None = None) -> int:
 
 
 def steps(runtime: Runtime) -> list[Step]:
-    """The core's part of a sweep, in order: a broker restart, lost jobs, lost deliveries,
-    abandoned temp files."""
+    """The core's part of a sweep, in order: a broker restart, jobs of lost workers, jobs queued
+    for GPU workers that are gone, lost jobs, lost deliveries, abandoned temp files, forgotten
+    workers."""
     return [
         BrokerRestarts(runtime),
+        LostWorkers(runtime),
+        GpuWorkersGone(runtime),
         partial(requeue_stale_jobs, runtime),
         partial(requeue_lost_deliveries, runtime),
         partial(remove_stale_temp_files, runtime),
+        partial(forget_workers, runtime),
     ]
 
 

@@ -28,7 +28,8 @@ class Runtime:
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
         """Open nothing yet: the engine connects, the producer and the store are made on first use."""
-        return cls(settings=settings, db=Database(settings.db_url), queue=TaskQueue(settings))
+        db = Database(settings.db_url)
+        return cls(settings=settings, db=db, queue=TaskQueue(settings, db))  # db: the worker registry
 
     @cached_property
     def store(self) -> ObjectStore:

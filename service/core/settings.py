@@ -344,7 +344,13 @@ class Settings(BaseSettings):
         "and refuse to start on a bad or incomplete package.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device.")
-    worker_concurrency: int = Field(1, ge=1, le=64, description="Celery worker processes.")
+    worker_concurrency: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Analysis processes of one `lusai worker`: the jobs it runs at once on its host"
+        " (each process loads the model).",
+    )
     deliver_concurrency: int = Field(
         2,
         ge=1,
@@ -357,7 +363,26 @@ class Settings(BaseSettings):
     )
     task_time_limit: int = Field(900, ge=10, description="Hard time limit of one analysis job (s).")
     job_max_attempts: int = Field(3, ge=1, le=20, description="Attempts before a job is marked failed.")
-    stale_job_after: int = Field(1800, ge=5, description="Seconds after which a running job is re-queued.")
+    stale_job_after: int = Field(
+        1800,
+        ge=5,
+        description="Seconds after which a running job is re-queued whatever its worker says (the"
+        " backstop; a job of a lost worker goes back at once, see LUSAI_WORKER_LOST_AFTER).",
+    )
+    heartbeat_interval: float = Field(
+        10.0, gt=0, description="Seconds between a worker's heartbeats in the worker registry."
+    )
+    worker_lost_after: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds without a heartbeat after which a worker is lost and its running jobs are"
+        " re-queued (empty: 3 x LUSAI_HEARTBEAT_INTERVAL + 15 s). Must exceed the interval.",
+    )
+    analyze_routing: Literal["any", "prefer-gpu", "gpu-only"] = Field(
+        "any",
+        description="Where analysis jobs go: 'any' (one shared analyze queue), 'prefer-gpu' (analyze.gpu"
+        " while a GPU worker is alive, else analyze.cpu) or 'gpu-only' (analyze.gpu).",
+    )
     recovery_interval: float = Field(
         30.0, gt=0, description="Seconds between recovery sweeps (spooled objects, lost or stale jobs)."
     )
@@ -513,6 +538,15 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    def _check_lost_after(self) -> Settings:
+        if self.lost_after <= self.heartbeat_interval:
+            raise ValueError(
+                "LUSAI_WORKER_LOST_AFTER must be longer than LUSAI_HEARTBEAT_INTERVAL (a live worker"
+                " would look lost between two heartbeats)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
         if self.storage_root is None:
@@ -524,6 +558,13 @@ class Settings(BaseSettings):
         return self
 
     # Derived values -------------------------------------------------------------------
+    @property
+    def lost_after(self) -> float:
+        """Seconds without a heartbeat after which a worker counts as lost."""
+        if self.worker_lost_after is not None:
+            return self.worker_lost_after
+        return 3 * self.heartbeat_interval + 15.0
+
     @property
     def embedded_broker(self) -> bool:
         return str(self.broker_url).startswith("filesystem://")

@@ -89,3 +89,56 @@ def test_only_a_worker_on_the_analyze_queue_needs_the_model() -> None:
 
     assert celery_app.consumes_analyze(app({"analyze": None, "deliver": None}))
     assert not celery_app.consumes_analyze(app({"deliver": None}))
+
+
+def test_a_worker_on_a_device_queue_needs_the_model_too() -> None:
+    def app(consume_from: dict[str, object]) -> object:
+        return SimpleNamespace(amqp=SimpleNamespace(queues=SimpleNamespace(consume_from=consume_from)))
+
+    assert celery_app.consumes_analyze(app({"analyze.gpu": None}))
+    assert celery_app.consumes_analyze(app({"analyze.cpu": None, "deliver": None}))
+
+
+@pytest.mark.parametrize(
+    ("queues", "device_queue"), [(["analyze", "deliver"], "analyze.cpu"), (["deliver"], None)]
+)
+def test_the_worker_follows_its_device_registers_and_marks_itself_stopped(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, queues: list[str], device_queue: str | None
+) -> None:
+    """celeryd_after_setup in the main process: the device's queue added to a worker on analyze,
+    LUSAI_DEVICE fixed for the pool processes, a registry row heartbeating; worker_shutdown marks
+    it stopped."""
+    import os
+    import time
+
+    from celery import Celery
+    from sqlalchemy import select
+
+    from service.core.models import Worker
+    from service.core.queue import celery_config
+
+    monkeypatch.setenv("LUSAI_DEVICE", "auto")
+    monkeypatch.setenv("LUSAI_HEARTBEAT_INTERVAL", "0.2")
+    monkeypatch.setattr("workers.infer.device.nvidia_present", lambda: False)
+    app = Celery("test-worker")
+    app.conf.update(celery_config(runtime.settings))
+    app.amqp.queues.select(queues)
+    name = "lusai-9-test@testhost"
+    celery_app._register(sender=name, instance=SimpleNamespace(app=app, concurrency=3))
+    try:
+        expected = [*queues, *([device_queue] if device_queue else [])]
+        assert celery_app.consumed(app) == expected
+        assert os.environ["LUSAI_DEVICE"] == ("cpu" if device_queue else "auto")
+        deadline = time.monotonic() + 10
+        row = None
+        while row is None and time.monotonic() < deadline:
+            with runtime.db.session() as s:
+                row = s.scalars(select(Worker).where(Worker.name == name)).one_or_none()
+            time.sleep(0.05)
+        assert row is not None, "not registered"
+        assert (row.queues, row.device, row.concurrency, row.pid) == (expected, "cpu", 3, os.getpid())
+        assert row.stopped_at is None
+    finally:
+        celery_app._unregister()
+    with runtime.db.session() as s:
+        assert s.scalars(select(Worker.stopped_at).where(Worker.name == name)).one() is not None

@@ -18,7 +18,7 @@ import pydicom
 import pydicom.valuerep
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from service.core import lifecycle
 from service.core.ingest import ingest_file
@@ -189,14 +189,17 @@ def test_a_transient_failure_is_retried_with_backoff(
     def analyze(_source: pydicom.Dataset) -> Analysis:
         raise raised
 
-    retries: list[dict[str, Any]] = []
+    retries: list[tuple[int, float]] = []
     monkeypatch.setattr(worker.analyzer, "analyze", analyze)
-    monkeypatch.setattr(tasks.analyze, "apply_async", lambda **kw: retries.append(kw))
     job_id = _phantom_job(worker, tmp_path)
+    # the retry is sent as a new job is, through the routing (LUSAI_ANALYZE_ROUTING)
+    monkeypatch.setattr(
+        worker.queue, "enqueue_analysis", lambda j, countdown=0: retries.append((j, countdown))
+    )
     assert tasks.analyze(job_id) == outcome
     job = get_row(worker, Job, job_id)
     assert (job.state, job.error) == (JobState.RETRYING, error)
-    assert retries == [{"args": [job_id], "countdown": lifecycle.JOB_BACKOFF.delay(1)}]
+    assert retries == [(job_id, lifecycle.JOB_BACKOFF.delay(1))]
     # The last attempt fails the job instead.
     _set(worker, job_id, attempts=worker.settings.job_max_attempts - 1)
     assert tasks.analyze(job_id) == outcome
@@ -217,8 +220,8 @@ def test_an_error_raised_inside_pydicom_is_recorded_without_its_message(
         raise AssertionError("unreachable")
 
     monkeypatch.setattr(worker.analyzer, "analyze", analyze)
-    monkeypatch.setattr(tasks.analyze, "apply_async", lambda **kw: None)
     job_id = _phantom_job(worker, tmp_path)
+    monkeypatch.setattr(worker.queue, "enqueue_analysis", lambda *a, **kw: None)
     with caplog.at_level("INFO"):
         assert tasks.analyze(job_id) == "failed"
     job = get_row(worker, Job, job_id)
@@ -259,7 +262,6 @@ def test_a_full_disk_never_fails_a_job_it_waits_for_room(
     from service.core.storage import StorageFull
 
     scheduled: list[float] = []
-    monkeypatch.setattr(tasks.analyze, "apply_async", lambda **kw: scheduled.append(kw["countdown"]))
     real = worker.store.put_bytes
     full = [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))] * 2 + [StorageFull("no space")] * 3
 
@@ -270,6 +272,7 @@ def test_a_full_disk_never_fails_a_job_it_waits_for_room(
 
     monkeypatch.setattr(worker.store, "put_bytes", put_bytes)
     job_id = _phantom_job(worker, tmp_path)
+    monkeypatch.setattr(worker.queue, "enqueue_analysis", lambda _j, countdown=0: scheduled.append(countdown))
     for _ in range(5):  # more failures than LUSAI_JOB_MAX_ATTEMPTS
         assert tasks.analyze(job_id) == "waiting for space"
         job = get_row(worker, Job, job_id)
@@ -295,6 +298,42 @@ def test_a_job_cancelled_while_it_runs_keeps_nothing(
     monkeypatch.setattr(worker.analyzer, "analyze", analyze)
     assert tasks.analyze(job_id) == "cancelled"
     assert get_row(worker, Job, job_id).state == JobState.CANCELLED and _results(worker) == 0
+
+
+def test_a_job_taken_from_its_worker_while_it_runs_keeps_nothing(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry declared this worker lost mid-analysis (its host cut off): the sweep re-queued
+    the job and another worker claimed it. This one comes back and finishes: its result is
+    discarded, nothing stored, nothing sent; the other's claim stands."""
+    pacs = runtime.settings.model_copy(update={"default_destination": Destination.parse("PACS@127.0.0.1:1")})
+    worker = LusaiTask.use(WorkerRuntime.from_settings(pacs))
+    try:
+        _taken_while_running(worker, pacs, tmp_path, monkeypatch)
+    finally:
+        LusaiTask.release()
+
+
+def _taken_while_running(
+    runtime: WorkerRuntime, pacs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = _phantom_job(runtime, tmp_path)
+    real = runtime.analyzer.analyze
+
+    def analyze(source: pydicom.Dataset) -> Analysis:
+        with runtime.db.session() as s:  # what requeue_lost_workers and the other worker's claim do
+            s.execute(update(Job).where(Job.id == job_id).values(state=JobState.QUEUED))
+            assert lifecycle.claim(s, job_id, "elsewhere:7", worker_name="other@elsewhere")
+        return real(source)
+
+    monkeypatch.setattr(runtime.analyzer, "analyze", analyze)
+    assert tasks.analyze(job_id) == "cancelled"
+    job = get_row(runtime, Job, job_id)
+    assert (job.state, job.worker, job.attempts) == (JobState.RUNNING, "elsewhere:7", 2)
+    assert _results(runtime) == 0
+    with runtime.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Delivery)) == 0
+    assert [m for m in broker_messages(pacs) if m.task in (DELIVER_TASK, PREVIEWS_TASK)] == []
 
 
 def test_a_job_held_by_a_dead_process_of_this_host_is_taken_over(

@@ -23,6 +23,7 @@ from service.core.models import (
     Job,
     JobState,
     Result,
+    Worker,
 )
 from tests.rows import add_delivery, add_instance, add_job
 
@@ -439,6 +440,126 @@ def test_requeue_abandoned(sessions: sessionmaker[Session], instance_id: int) ->
     assert _get_job(sessions, finished).state == J.SUCCEEDED
     with sessions.begin() as s:
         assert lifecycle.requeue_abandoned(s, set(), max_attempts=3) == []
+
+
+def _worker_row(sessions: sessionmaker[Session], name: str, **values: Any) -> None:
+    """A worker registry row, written directly (seen at NOW, started an hour before, running)."""
+    row = {
+        "host": "h",
+        "pid": 1,
+        "queues": ["analyze"],
+        "device": "cpu",
+        "version": "0",
+        "started_at": NOW - timedelta(hours=1),
+        "last_seen": NOW,
+    } | values
+    with sessions.begin() as s:
+        s.add(Worker(name=name, **row))
+
+
+@BOTH
+def test_requeue_lost_workers(sessions: sessionmaker[Session], instance_id: int) -> None:
+    """A running job goes back at once when its worker is lost (no heartbeat for lost_after),
+    stopped, or started again since it claimed the job; a live worker's, an unnamed or an unknown
+    worker's job waits for requeue_stale; on its last attempt the job fails."""
+    lost_after = timedelta(seconds=45)
+    _worker_row(sessions, "alive@a")
+    _worker_row(sessions, "late@a", last_seen=NOW - timedelta(seconds=40))  # within lost_after: alive
+    _worker_row(sessions, "lost@b", last_seen=NOW - timedelta(seconds=46))
+    _worker_row(sessions, "stopped@c", stopped_at=NOW - timedelta(seconds=5))
+    _worker_row(sessions, "restarted@d", started_at=NOW - timedelta(seconds=10))
+    claimed = NOW - timedelta(minutes=1)
+
+    def running(name: str | None, attempts: int = 1) -> int:
+        return _job(sessions, instance_id, J.RUNNING, attempts=attempts, started_at=claimed, worker_name=name)
+
+    alive, late, lost, stopped, restarted = (
+        running(n) for n in ("alive@a", "late@a", "lost@b", "stopped@c", "restarted@d")
+    )
+    lost_last = running("lost@b", attempts=3)
+    unnamed, unknown = running(None), running("never-registered@x")
+    queued = _job(sessions, instance_id, J.QUEUED, worker_name="lost@b")
+    with sessions.begin() as s:
+        ids = lifecycle.requeue_lost_workers(s, lost_after=lost_after, max_attempts=3, now=NOW)
+    assert sorted(ids) == sorted([lost, stopped, restarted])
+    for job_id in ids:
+        job = _get_job(sessions, job_id)
+        assert job.state == J.QUEUED and job.enqueued_at is None and job.attempts == 1
+    for job_id in (alive, late, unnamed, unknown):
+        assert _get_job(sessions, job_id).state == J.RUNNING
+    assert _get_job(sessions, queued).state == J.QUEUED
+    failed = _get_job(sessions, lost_last)
+    assert (failed.state, failed.error) == (J.FAILED, "worker lost on the last attempt")
+    with sessions.begin() as s:  # nothing left to do: a second sweep (another process) finds nothing
+        assert lifecycle.requeue_lost_workers(s, lost_after=lost_after, max_attempts=3, now=NOW) == []
+
+
+@BOTH
+def test_a_worker_that_comes_back_cannot_end_the_attempt_it_lost(
+    sessions: sessionmaker[Session], instance_id: int
+) -> None:
+    """Worker A is declared lost mid-job: its job is re-queued and claimed by B. When A comes back
+    (its network restored) and finishes, every transition that ends an attempt loses for it; B's wins."""
+    job_id = _job(sessions, instance_id, J.QUEUED, attempts=0)
+    with sessions.begin() as s:
+        assert lifecycle.claim(s, job_id, "host-a:11", worker_name="a@host-a", now=NOW)
+        a = lifecycle.attempt_of(s, job_id)
+    assert a == lifecycle.Attempt("host-a:11", 1)
+    assert _get_job(sessions, job_id).worker_name == "a@host-a"
+    _worker_row(sessions, "a@host-a", last_seen=NOW - timedelta(minutes=5))
+    with sessions.begin() as s:
+        assert lifecycle.requeue_lost_workers(s, lost_after=timedelta(seconds=45), max_attempts=3) == [job_id]
+
+    def a_ends(s: Session) -> list[object]:
+        return [
+            lifecycle.succeed(s, job_id, model_version="1", timings_ms={}, attempt=a),
+            lifecycle.fail(s, job_id, "input rejected", attempt=a),
+            lifecycle.fail_or_retry(s, job_id, "boom", max_attempts=3, attempt=a),
+            lifecycle.retry_when_space(s, job_id, "full", attempt=a),
+        ]
+
+    with sessions.begin() as s:  # re-queued, not claimed yet
+        assert a_ends(s) == [False, False, None, None]
+    assert _get_job(sessions, job_id).state == J.QUEUED
+    with sessions.begin() as s:
+        assert lifecycle.claim(s, job_id, "host-b:22", worker_name="b@host-b")
+        b = lifecycle.attempt_of(s, job_id)
+    assert b == lifecycle.Attempt("host-b:22", 2)
+    with sessions.begin() as s:  # claimed by B: A still loses, and B's job is left as it was
+        assert a_ends(s) == [False, False, None, None]
+    job = _get_job(sessions, job_id)
+    assert (job.state, job.worker, job.worker_name, job.attempts, job.error) == (
+        J.RUNNING,
+        "host-b:22",
+        "b@host-b",
+        2,
+        None,
+    )
+    # the same process claiming the job again makes another attempt: the old one still loses
+    with sessions.begin() as s:
+        assert not lifecycle.succeed(s, job_id, model_version="1", timings_ms={}, attempt=a)
+        assert lifecycle.succeed(s, job_id, model_version="1", timings_ms={}, attempt=b)
+    assert _get_job(sessions, job_id).state == J.SUCCEEDED
+    with sessions.begin() as s:  # a late repeat of B's own outcome changes nothing either
+        assert not lifecycle.succeed(s, job_id, model_version="1", timings_ms={}, attempt=b)
+
+
+def test_an_attempt_ends_its_own_claim(sessions: sessionmaker[Session], instance_id: int) -> None:
+    """With the claim that holds the job, each ending transition wins as before."""
+    for end, state in [
+        (lambda s, j, a: lifecycle.fail(s, j, "input rejected", attempt=a), J.FAILED),
+        (
+            lambda s, j, a: lifecycle.fail_or_retry(s, j, "boom", max_attempts=3, attempt=a) == 10.0,
+            J.RETRYING,
+        ),
+        (lambda s, j, a: lifecycle.retry_when_space(s, j, "full", attempt=a) is not None, J.RETRYING),
+    ]:
+        job_id = _job(sessions, instance_id, J.QUEUED, attempts=0)
+        with sessions.begin() as s:
+            assert lifecycle.claim(s, job_id, "h:1")
+            attempt = lifecycle.attempt_of(s, job_id)
+            assert attempt is not None and end(s, job_id, attempt)
+        assert _get_job(sessions, job_id).state == state
 
 
 # Deliveries ---------------------------------------------------------------------------------------

@@ -185,15 +185,18 @@ def test_a_slow_network_keeps_temporary_files_longer(runtime: Runtime) -> None:
 
 
 def test_the_core_steps_in_order(runtime: Runtime) -> None:
-    watch, *steps = recovery.steps(runtime)
+    watch, lost_workers, gpu_gone, *steps = recovery.steps(runtime)
     assert isinstance(watch, recovery.BrokerRestarts) and watch.runtime is runtime
+    assert isinstance(lost_workers, recovery.LostWorkers) and lost_workers.runtime is runtime
+    assert isinstance(gpu_gone, recovery.GpuWorkersGone) and gpu_gone.runtime is runtime
     assert [s.func for s in steps] == [  # type: ignore[attr-defined]
         recovery.requeue_stale_jobs,
         recovery.requeue_lost_deliveries,
         recovery.remove_stale_temp_files,
+        recovery.forget_workers,
     ]
     assert all(s.args == (runtime,) for s in steps)  # type: ignore[attr-defined]
-    steps = [watch, *steps]
+    steps = [watch, lost_workers, gpu_gone, *steps]
     recovery.sweep(steps)  # an empty deployment: nothing to do, nothing raised
 
 
@@ -307,3 +310,91 @@ def test_a_broker_restart_sends_the_messages_it_lost_at_the_next_sweep(runtime: 
 def test_the_embedded_queue_has_no_restart_to_notice(runtime: Runtime) -> None:
     assert runtime.queue.broker_started() is None
     assert recovery.BrokerRestarts(runtime)() == 0
+
+
+def _lost_worker(runtime: Runtime, name: str, device: str = "cpu", seconds: float = 0.0) -> None:
+    """A registered worker whose last heartbeat is ``seconds`` old."""
+    from sqlalchemy import update
+
+    from service.core import lifecycle, registry
+    from service.core.models import Worker
+
+    queues = ("analyze", "analyze.gpu" if device == "cuda" else "analyze.cpu")
+    with runtime.db.session() as s:
+        registry.register(s, registry.Identity(name, "h", 1, queues, device, None, 1, "0"))
+        old = lifecycle.db_now(s) - timedelta(seconds=seconds)
+        s.execute(update(Worker).where(Worker.name == name).values(last_seen=old, started_at=old))
+
+
+def test_jobs_of_a_lost_worker_go_back_on_the_queue_at_the_next_sweep(runtime: Runtime) -> None:
+    """No heartbeat for LUSAI_WORKER_LOST_AFTER (a host off, a link cut): its running job is sent
+    again now, not after LUSAI_STALE_JOB_AFTER (30 min)."""
+    lost_after = runtime.settings.lost_after
+    _lost_worker(runtime, "lost@h", seconds=lost_after + 5)
+    _lost_worker(runtime, "alive@h", seconds=1)
+    inst, now = _instance(runtime), _ago()
+    lost = _job(runtime, inst, JobState.RUNNING, started_at=now, worker="h:1", worker_name="lost@h")
+    alive = _job(runtime, inst, JobState.RUNNING, started_at=now, worker="h:2", worker_name="alive@h")
+    assert recovery.requeue_jobs_of_lost_workers(runtime) == 1
+    assert [m.args[0] for m in broker_messages(runtime.settings) if m.task == ANALYZE_TASK] == [lost]
+    jobs = _jobs(runtime)
+    assert jobs[lost].state == JobState.QUEUED and jobs[lost].enqueued_at is not None
+    assert jobs[alive].state == JobState.RUNNING
+    assert recovery.requeue_jobs_of_lost_workers(runtime) == 0
+
+
+def test_queued_jobs_of_gpu_workers_that_are_gone_go_to_the_cpu_workers(runtime: Runtime) -> None:
+    """prefer-gpu: jobs sent to analyze.gpu while a GPU worker was alive are sent again to
+    analyze.cpu once the last one is lost, not after max(60 s, LUSAI_TASK_TIME_LIMIT)."""
+    from service.core import lifecycle
+
+    settings = runtime.settings.model_copy(update={"analyze_routing": "prefer-gpu"})
+    with Runtime.from_settings(settings) as rt:
+        _lost_worker(rt, "gpu@h", device="cuda", seconds=1)
+        inst = _instance(rt)
+        step = recovery.GpuWorkersGone(rt)
+        assert step() == 0  # first look: a GPU worker alive
+        job = _job(rt, inst, JobState.QUEUED)
+        with rt.db.session() as s:
+            assert lifecycle.enqueue(s, job, rt.queue.enqueue_analysis)
+        assert rt.queue.depths()["analyze.gpu"] == 1
+        assert step() == 0
+        _lost_worker(rt, "gpu@h", device="cuda", seconds=rt.settings.lost_after + 5)
+        assert step() == 1
+        assert (rt.queue.depths()["analyze.gpu"], rt.queue.depths()["analyze.cpu"]) == (1, 1)
+        assert step() == 0  # once per change
+    plain = recovery.GpuWorkersGone(runtime)  # LUSAI_ANALYZE_ROUTING=any: nothing to watch
+    assert plain() == 0 and plain.queue is None
+
+
+def test_no_worker_is_declared_lost_right_after_the_database_comes_back(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a database outage every heartbeat is old, live workers' too: this process waits a
+    heartbeat interval of good sweeps before it takes a running job from its worker."""
+    interval = runtime.settings.heartbeat_interval
+    _lost_worker(runtime, "w@h", seconds=runtime.settings.lost_after + 5)
+    job = _job(
+        runtime, _instance(runtime), JobState.RUNNING, started_at=_ago(), worker="h:1", worker_name="w@h"
+    )
+    clock = [1000.0]
+    monkeypatch.setattr(recovery.time, "monotonic", lambda: clock[0])
+    step = recovery.LostWorkers(runtime)
+    assert step() == 0  # this process's first sweep
+    clock[0] += interval
+    assert step() == 0 and _jobs(runtime)[job].state == JobState.RUNNING
+    clock[0] += recovery.HEARTBEAT_SLACK_S
+    assert step() == 1 and _jobs(runtime)[job].state == JobState.QUEUED
+    # a gap (the sweeps failed meanwhile: the database was away) starts the wait again
+    with runtime.db.session() as s:
+        assert lifecycle_claim(s, job)
+    clock[0] += runtime.settings.recovery_interval + interval + 1
+    assert step() == 0 and _jobs(runtime)[job].state == JobState.RUNNING
+    clock[0] += interval + recovery.HEARTBEAT_SLACK_S
+    assert step() == 1
+
+
+def lifecycle_claim(session: Any, job_id: int) -> bool:
+    from service.core import lifecycle
+
+    return lifecycle.claim(session, job_id, "h:2", worker_name="w@h")
