@@ -26,7 +26,7 @@ def c_echo(
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context("1.2.840.10008.1.1")  # Verification SOP Class
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
-    tls_args = (tls, None) if tls is not None else None
+    tls_args = (tls, "localhost") if tls is not None else None  # SNI only: the name is not checked
     assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
     if not assoc.is_established:
         return False
