@@ -366,7 +366,7 @@ def test_pdbs_select_existing_pods(site_variant: list[Doc]) -> None:
 
 
 def test_references_resolve(site_variant: list[Doc]) -> None:
-    from service.core.queue import ANALYZE_QUEUE, DELIVER_QUEUE
+    from service.core.queue import QUEUES
 
     for variant, docs in variants(site_variant):
         names = {(d["kind"], d["metadata"]["name"]) for d in docs}
@@ -408,12 +408,17 @@ def test_references_resolve(site_variant: list[Doc]) -> None:
             target = deployments[so["spec"]["scaleTargetRef"]["name"]]
             assert "replicas" not in target["spec"], "KEDA owns the replicas"
             args = containers(target)[0]["args"]
-            (trigger,) = so["spec"]["triggers"]
-            assert trigger["type"] == "redis" and trigger["authenticationRef"]["name"] in auths
-            meta = trigger["metadata"]
-            assert meta["listName"] in (ANALYZE_QUEUE, DELIVER_QUEUE)
-            assert args[args.index("--queues") + 1] == meta["listName"]  # scales the queue's consumers
-            assert int(meta["listLength"]) > 0 and int(meta["databaseIndex"]) == 0  # redis://.../0
+            consumed = _consumed_queues(target)
+            lists = set()
+            for trigger in so["spec"]["triggers"]:
+                assert trigger["type"] == "redis" and trigger["authenticationRef"]["name"] in auths
+                meta = trigger["metadata"]
+                assert meta["listName"] in QUEUES, meta
+                assert meta["listName"] in consumed, (meta["listName"], consumed)  # its consumers scale
+                assert int(meta["listLength"]) > 0 and int(meta["databaseIndex"]) == 0  # redis://.../0
+                lists.add(meta["listName"])
+            assert lists == consumed, (so["metadata"]["name"], lists, consumed)  # every backlog it serves
+            assert args[args.index("--queues") + 1] in lists
         analyze = named(docs, "ScaledObject", "lusai-worker-analyze")
         assert analyze["spec"]["minReplicaCount"] == 1
 
@@ -466,3 +471,17 @@ def test_the_documented_first_apply_step_selects_config_storage_and_migration() 
         assert picked == sorted(
             ["ConfigMap", "Secret", "Secret", "PersistentVolumeClaim", "Job", "TriggerAuthentication"]
         ), overlay
+
+
+def _consumed_queues(deployment: Doc) -> set[str]:
+    """The Redis lists a worker Deployment consumes: its --queues, and with ``analyze`` the queue of
+    its device (``LUSAI_DEVICE``, cpu when unset), as workers/celery_app.py adds it."""
+    from service.core.queue import ANALYZE_QUEUE, device_queue
+
+    container = containers(deployment)[0]
+    args = container["args"]
+    queues = set(args[args.index("--queues") + 1].split(","))
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    if ANALYZE_QUEUE in queues:
+        queues.add(device_queue(env.get("LUSAI_DEVICE") or "cpu"))
+    return queues
