@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck bench openapi clean
+.PHONY: serve test multihost lint typecheck bench openapi clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "lusai needs Python 3.11+"'
@@ -23,6 +23,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# lusai across hosts that fail (root: network namespaces; ~4 min): docs/deployment.md, "Across hosts"
+multihost: $(STAMP)
+	$(BIN)/python -m pytest -m multihost tests/multihost
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

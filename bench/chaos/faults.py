@@ -100,7 +100,7 @@ class Cines:
         return [self.make(uids[i % studies], frames) for i in range(n)]
 
 
-def c_store(port: int, path: Path, timeout: float = 60) -> int:
+def c_store(port: int, path: Path, timeout: float = 60, host: str = "127.0.0.1") -> int:
     """One association, one C-STORE of ``path``; the status, or -1 when none came back."""
     from pynetdicom import AE
     from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage  # type: ignore[attr-defined]
@@ -108,7 +108,7 @@ def c_store(port: int, path: Path, timeout: float = 60) -> int:
     ae = AE(ae_title="SCANNER")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(UltrasoundMultiFrameImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-    assoc = ae.associate("127.0.0.1", port, ae_title="LUSAI")
+    assoc = ae.associate(host, port, ae_title="LUSAI")
     if not assoc.is_established:
         return -1
     try:
