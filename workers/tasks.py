@@ -8,6 +8,7 @@ database, store, queue and model) as ``self.runtime`` (:class:`workers.celery_ap
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -21,7 +22,7 @@ from service.core.logs import ctx
 from service.core.models import Job, JobState
 from service.core.queue import ANALYZE_TASK, DELIVER_TASK, PREVIEWS_TASK
 from service.core.runtime import Runtime
-from service.core.storage import storage_full
+from service.core.storage import storage_full, storage_unavailable
 from workers.celery_app import LusaiTask, app
 from workers.results import SOURCE_VALUE_ERRORS, audit_outputs_of, save_previews, save_result
 
@@ -135,8 +136,13 @@ def _analyze(self: LusaiTask, job_id: int, worker_name: str | None) -> str:
         return "failed"
     except Exception as exc:
         if storage_full(exc):
-            _retry_when_space(self, job_id, attempt)
+            _retry_when_space(self, job_id, attempt, "storage full: waiting for space")
             return "waiting for space"
+        if storage_unavailable(exc):
+            _retry_when_space(
+                self, job_id, attempt, f"storage unavailable ({_errno_name(exc)}): waiting for it"
+            )
+            return "waiting for storage"
         error, quotes_data = _describe(exc)
         if quotes_data:  # no traceback: its last line would quote the value
             log.error("job error", extra=ctx(job_id=job_id, error=error))
@@ -201,13 +207,13 @@ def _finish_failed(runtime: Runtime, job_id: int, error: str, attempt: lifecycle
         lifecycle.fail(session, job_id, error, attempt=attempt)
 
 
-def _retry_when_space(task: LusaiTask, job_id: int, attempt: lifecycle.Attempt) -> None:
+def _retry_when_space(task: LusaiTask, job_id: int, attempt: lifecycle.Attempt, why: str) -> None:
+    """The storage failed the job, not the job itself (full, or its mount gone): retried without
+    spending an attempt, for as long as :data:`lifecycle.STORAGE_FULL_RETRY_FOR`."""
     runtime = task.runtime
     with runtime.db.session() as session:
-        countdown = lifecycle.retry_when_space(
-            session, job_id, "storage full: waiting for space", attempt=attempt
-        )
-    log.warning("job waits for storage space", extra=ctx(job_id=job_id, retry_in_s=countdown))
+        countdown = lifecycle.retry_when_space(session, job_id, why, attempt=attempt)
+    log.warning("job waits for the storage", extra=ctx(job_id=job_id, reason=why, retry_in_s=countdown))
     if countdown is not None:  # routed as a new job (LUSAI_ANALYZE_ROUTING)
         runtime.queue.enqueue_analysis(job_id, countdown=countdown)
 
@@ -232,3 +238,15 @@ def deliver(self: LusaiTask, delivery_id: int) -> str:
     if retry_in is not None:
         runtime.queue.enqueue_delivery(delivery_id, countdown=retry_in)
     return outcome
+
+
+def _errno_name(exc: BaseException) -> str:
+    """The symbolic errno of the storage error (EIO, ESTALE ...): no path, no message."""
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return errno.errorcode.get(current.errno, str(current.errno))
+        current = current.__cause__ or current.__context__
+    return "OSError"

@@ -54,6 +54,24 @@ class StorageFull(OSError):
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+STORAGE_DOWN = frozenset({errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.EROFS})
+"""What a shared mount that went away (or a disk remounted read-only after errors) answers."""
+
+
+def storage_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the storage cannot be used now: the NFS/RWX mount
+    gone or stale, the filesystem read-only. Like a full disk, the host's failure, not the job's
+    (:func:`service.core.lifecycle.retry_when_space`): a long NFS outage must not fail jobs for good."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in STORAGE_DOWN:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def storage_full(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) says a disk is full: the storage's, or SQLite's file's.
 

@@ -399,3 +399,31 @@ def test_deliver_skips_a_delivered_object(worker: WorkerRuntime, tmp_path: Path)
     delivery_id, _ = stored_delivery(worker, tmp_path, "PACS@127.0.0.1:1", state=DeliveryState.DELIVERED)
     assert tasks.deliver(delivery_id) == "skipped"
     assert broker_messages(worker.settings) == []
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ESTALE])
+def test_a_storage_mount_gone_does_not_spend_attempts(
+    worker: WorkerRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """The shared (NFS/RWX) storage gone mid-job (EIO, ESTALE): like a full disk, the host's
+    failure; without this a long NFS outage failed every job after LUSAI_JOB_MAX_ATTEMPTS."""
+    scheduled: list[float] = []
+    real = worker.store.put_bytes
+    down = [OSError(code, os.strerror(code))] * 5
+
+    def put_bytes(*args: Any, **kwargs: Any) -> tuple[str, str, int]:
+        if down:
+            raise down.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker.store, "put_bytes", put_bytes)
+    job_id = _phantom_job(worker, tmp_path)
+    monkeypatch.setattr(worker.queue, "enqueue_analysis", lambda _j, countdown=0: scheduled.append(countdown))
+    for _ in range(5):  # more failures than LUSAI_JOB_MAX_ATTEMPTS
+        assert tasks.analyze(job_id) == "waiting for storage"
+        job = get_row(worker, Job, job_id)
+        assert job.state == JobState.RETRYING and job.attempts == 0
+        assert job.error == f"storage unavailable ({errno.errorcode[code]}): waiting for it"
+    assert len(scheduled) == 5
+    assert tasks.analyze(job_id) == "succeeded"  # the mount is back
+    assert get_row(worker, Job, job_id).attempts == 1 and _results(worker) == 1
