@@ -357,3 +357,35 @@ def orthanc_server(tmp_path: Path) -> Iterator[Any]:
     yield start
     for server in servers:
         server.stop()
+
+
+@contextlib.contextmanager
+def serve_for_orthanc(folder: Path, lusai_port: int, orthanc_dicom_port: int) -> Iterator[Path]:
+    """``lusai serve`` on embedded defaults as Orthanc's analysis peer: it listens on
+    ``lusai_port`` for the Lua rule (calling AE ORTHANC) and sends results back to Orthanc's DICOM
+    port; yields its log once it answers C-ECHO (before Orthanc routes anything to it)."""
+    import sys
+    import time
+
+    from service.cli.check import c_echo
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUSAI_")}
+    env |= {
+        "LUSAI_DATA_DIR": str(folder / "data"),
+        "LUSAI_DICOM_PORT": str(lusai_port),
+        "LUSAI_API_PORT": str(free_port()),
+        "LUSAI_ALLOWED_CALLING_AES": "ORTHANC",
+        "LUSAI_DEFAULT_DESTINATION": f"ORTHANC@127.0.0.1:{orthanc_dicom_port}",
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "lusai.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 60
+            while not c_echo("127.0.0.1", lusai_port, "LUSAI", calling_ae="ORTHANC"):
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.3)
+            yield log_path
+        finally:
+            stop(proc)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import httpx
 import pydicom
 import pytest
 
-from tests.conftest import REPO, free_port, new_orthanc, stop, storescu
+from tests.conftest import REPO, free_port, new_orthanc, serve_for_orthanc, storescu
 from tests.factories import phantom_cine_file
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -40,28 +38,8 @@ def orthanc(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture
 def lusai(tmp_path: Path, orthanc: dict[str, Any]) -> Iterator[Path]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LUSAI_")}
-    env |= {
-        "LUSAI_DATA_DIR": str(tmp_path / "lusai"),
-        "LUSAI_DICOM_PORT": str(orthanc["lusai_port"]),
-        "LUSAI_API_PORT": str(free_port()),
-        "LUSAI_ALLOWED_CALLING_AES": "ORTHANC",
-        "LUSAI_DEFAULT_DESTINATION": f"ORTHANC@127.0.0.1:{orthanc['dicom_port']}",
-    }
-    log_path = tmp_path / "lusai.log"
-    log = open(log_path, "wb")  # noqa: SIM115  (the child keeps writing to it)
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=log, stderr=log)
-    from service.cli.check import c_echo
-
-    deadline = time.monotonic() + 30
-    while not c_echo(
-        "127.0.0.1", orthanc["lusai_port"], "LUSAI", calling_ae="ORTHANC"
-    ):  # ready before Orthanc routes to it
-        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-        time.sleep(0.3)
-    yield log_path
-    stop(proc)
-    log.close()
+    with serve_for_orthanc(tmp_path / "lusai", orthanc["lusai_port"], orthanc["dicom_port"]) as log:
+        yield log
 
 
 def _series_by_modality(base: str, study_uid: str) -> dict[str, list[str]]:

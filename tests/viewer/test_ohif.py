@@ -19,10 +19,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +33,15 @@ import pytest
 from pydicom.uid import generate_uid
 
 from service.core.segments import SEGMENTS, SegmentClass
-from tests.conftest import ORTHANC_DICOMWEB_PLUGIN, REPO, free_port, missing, new_orthanc, stop, storescu
+from tests.conftest import (
+    ORTHANC_DICOMWEB_PLUGIN,
+    REPO,
+    free_port,
+    missing,
+    new_orthanc,
+    serve_for_orthanc,
+    storescu,
+)
 from tests.factories import save, us_cine
 
 pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.browser]
@@ -89,27 +95,8 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def lusai(tmp_path_factory: pytest.TempPathFactory, pacs: dict[str, Any]) -> Iterator[Path]:
     """``lusai serve`` on embedded defaults: the default viewer profile, results back to Orthanc."""
-    tmp = tmp_path_factory.mktemp("lusai")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LUSAI_")}
-    env |= {
-        "LUSAI_DATA_DIR": str(tmp / "data"),
-        "LUSAI_DICOM_PORT": str(pacs["lusai_port"]),
-        "LUSAI_API_PORT": str(free_port()),
-        "LUSAI_ALLOWED_CALLING_AES": "ORTHANC",
-        "LUSAI_DEFAULT_DESTINATION": f"ORTHANC@127.0.0.1:{pacs['dicom_port']}",
-    }
-    log_path = tmp / "lusai.log"
-    log = open(log_path, "wb")  # noqa: SIM115  (the child keeps writing to it)
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=log, stderr=log)
-    from service.cli.check import c_echo
-
-    deadline = time.monotonic() + 60
-    while not c_echo("127.0.0.1", pacs["lusai_port"], "LUSAI", calling_ae="ORTHANC"):
-        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-        time.sleep(0.3)
-    yield log_path
-    stop(proc)
-    log.close()
+    with serve_for_orthanc(tmp_path_factory.mktemp("lusai"), pacs["lusai_port"], pacs["dicom_port"]) as log:
+        yield log
 
 
 def _cine(folder: Path, name: str, rows: int, cols: int, jpeg: bool, frames: int) -> Path:
