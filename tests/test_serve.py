@@ -66,7 +66,8 @@ def _wait_ready(served: dict[str, object], deadline_s: float) -> float:
         if echo_ok and health_ok:
             return time.monotonic() - t0
         time.sleep(0.25)
-    raise AssertionError(f"not ready in {deadline_s}s: echo={echo_ok} health={health_ok}")
+    log = Path(str(served["log"])).read_text()[-4000:]
+    raise AssertionError(f"not ready in {deadline_s}s: echo={echo_ok} health={health_ok}\n{log}")
 
 
 def test_serve_answers_echo_and_health_within_20s(served: dict[str, object]) -> None:
@@ -203,3 +204,32 @@ def test_serve_analyses_a_cine_end_to_end(served: dict[str, object], tmp_path: P
         assert (Path(str(served["data"])) / "storage" / key).is_file()
     log_text = Path(str(served["log"])).read_text()
     assert "PHANTOM-1" not in log_text and "TEST^PHANTOM" not in log_text  # no PHI in logs
+
+
+def test_an_scp_that_cannot_start_stops_serve_with_exit_1(tmp_path: Path) -> None:
+    """The DICOM port taken by another program: the SCP thread ends at start. `lusai serve` used
+    to go on serving the API with no SCP (a scanner's sends refused, /health green); it now stops
+    everything and exits 1, and the log says why."""
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUSAI_")}
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        env |= {
+            "LUSAI_DATA_DIR": str(tmp_path / "data"),
+            "LUSAI_DICOM_PORT": str(taken.getsockname()[1]),
+            "LUSAI_API_PORT": str(free_port()),
+            "LUSAI_LOG_FORMAT": "json",
+        }
+        with open(tmp_path / "serve.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve"], env=env, stdout=log, stderr=log
+            )
+            try:
+                code = proc.wait(timeout=90)
+            finally:
+                stop(proc)
+    text = (tmp_path / "serve.log").read_text()
+    assert code == 1, text[-3000:]
+    assert "the SCP thread ended" in text

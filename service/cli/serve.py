@@ -247,12 +247,13 @@ def serve() -> None:
         for queues in ("analyze", "deliver"):
             worker_procs.append(start_worker(s, queues))
         runtime = Runtime.from_settings(s)  # one for the SCP thread and the API (the workers build their own)
+        _import_both_sides()
         scp_thread = threading.Thread(
             target=run_scp, args=(runtime,), kwargs={"probe": True}, name="lusai-scp", daemon=True
         )
         scp_thread.start()
         threading.Thread(
-            target=_watch_workers, args=(worker_procs, died), name="lusai-watch", daemon=True
+            target=_watch_workers, args=(worker_procs, died, scp_thread), name="lusai-watch", daemon=True
         ).start()
         log.info(
             "lusai serving",
@@ -274,20 +275,42 @@ def serve() -> None:
         requeue = partial(requeue_jobs_of, runtime) if runtime is not None else None
         stop_workers(worker_procs, s.shutdown_grace, requeue=requeue)
     if died.is_set():  # fail, so the service manager restarts all of it
-        log.error("lusai stopped: a worker process exited")
+        log.error("lusai stopped: a worker process or the SCP thread ended")
         raise typer.Exit(code=1)
     log.info("lusai stopped")
 
 
-def _watch_workers(procs: list[subprocess.Popen[bytes]], died: threading.Event) -> None:
-    """A worker that exits on its own (killed, out of memory) leaves jobs that nobody takes: stop
-    the whole service (SIGTERM to ourselves, the way every stop goes) and exit 1."""
+def _import_both_sides() -> None:
+    """Import what the SCP thread and the API import, here, before either starts.
+
+    CPython 3.11.7's AST validator keeps its recursion depth in shared state: two threads
+    compiling at once (anyio compiles its own source when imported) can fail one of them with
+    "SystemError: AST constructor recursion depth mismatch" (gh-106905). Seen as `lusai serve`
+    exiting at start, or serving the API with its SCP thread dead, about once in 25 starts.
+    """
+    import uvicorn  # noqa: F401
+
+    from service.api.main import create_app  # noqa: F401
+    from service.receive.scp import make_server  # noqa: F401
+
+
+def _watch_workers(
+    procs: list[subprocess.Popen[bytes]], died: threading.Event, scp: threading.Thread | None = None
+) -> None:
+    """A worker that exits on its own (killed, out of memory) leaves jobs that nobody takes, and an
+    SCP thread that ended takes no more objects: stop the whole service (SIGTERM to ourselves, the
+    way every stop goes) and exit 1, so the service manager starts it again."""
     while not stopping.requested():
         if any(p.poll() is not None for p in procs):
             log.error(
                 "a worker process exited: stopping",
                 extra=ctx(exit_codes=[p.returncode for p in procs]),
             )
+            died.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if scp is not None and not scp.is_alive() and not stopping.requested():
+            log.error("the SCP thread ended: stopping")
             died.set()
             os.kill(os.getpid(), signal.SIGTERM)
             return
