@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@if command -v npm >/dev/null 2>&1 && [ -f tests/js/package-lock.json ]; then \
-	  (cd tests/js && npm ci --silent --no-audit --no-fund) && tests/js/fetch-ohif.sh; fi
+	  (cd tests/js && npm ci --silent --no-audit --no-fund) && \
+	  { tests/js/fetch-ohif.sh || echo "OHIF viewer not fetched: tests/viewer skips (fails in CI)"; }; fi
 	@touch $@
 
 serve: $(STAMP)
