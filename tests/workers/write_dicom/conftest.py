@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from tests.conftest import REPO, missing, which
 from tests.factories import frames_rgb, make_analysis, make_source
 from workers.domain import Analysis
 from workers.write_dicom import OutputOptions, build_outputs
@@ -42,3 +43,15 @@ def case(request: pytest.FixtureRequest) -> tuple[pydicom.Dataset, Analysis]:
     rows, cols, jpeg = request.param
     source = make_source(rows, cols, N_FRAMES, jpeg=jpeg)
     return source, make_analysis(source)
+
+
+JS_DIR = REPO / "tests" / "js"
+
+
+@pytest.fixture
+def node() -> str:
+    """Node.js with tests/js's packages (dcmjs): the readers OHIF uses."""
+    exe = which("node")
+    if not (JS_DIR / "node_modules" / "dcmjs").is_dir():
+        missing("tests/js/node_modules (run `npm ci` in tests/js)")
+    return exe

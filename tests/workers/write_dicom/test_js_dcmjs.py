@@ -12,22 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 
 from service.core.segments import SEGMENT_CLASSES
-from tests.conftest import REPO, missing, which
-from tests.workers.write_dicom.conftest import outputs_for
+from tests.workers.write_dicom.conftest import JS_DIR, outputs_for
 from workers.domain import Analysis
-
-JS_DIR = REPO / "tests" / "js"
-
-
-@pytest.fixture
-def node() -> str:
-    exe = which("node")
-    if not (JS_DIR / "node_modules" / "dcmjs").is_dir():
-        missing("tests/js/node_modules (run `npm ci` in tests/js)")
-    return exe
 
 
 def test_dcmjs_reads_seg(node: str, case: tuple[pydicom.Dataset, Analysis], tmp_path: Path) -> None:

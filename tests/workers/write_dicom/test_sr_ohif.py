@@ -22,23 +22,12 @@ import pytest
 from pydicom.dataset import Dataset
 
 from service.core.segments import SegmentClass
-from tests.conftest import REPO, missing, which
 from tests.factories import make_analysis, make_source
-from tests.workers.write_dicom.conftest import outputs_for
+from tests.workers.write_dicom.conftest import JS_DIR, outputs_for
 from tests.workers.write_dicom.test_sr import sr_with_shape
 from workers.domain import Analysis
 from workers.write_dicom.sr import SR_SHAPES
 from workers.write_dicom.validate import validate_outputs
-
-JS_DIR = REPO / "tests" / "js"
-
-
-@pytest.fixture
-def node() -> str:
-    exe = which("node")
-    if not (JS_DIR / "node_modules" / "dcmjs").is_dir():
-        missing("tests/js/node_modules (run `npm ci` in tests/js)")
-    return exe
 
 
 def _not_gradable(analysis: Analysis) -> Analysis:
