@@ -16,7 +16,7 @@ from service.core.runtime import Runtime
 from service.core.settings import Destination
 from tests.factories import phantom_cine_file
 from workers.pipeline import Analyzer
-from workers.results import save_result
+from workers.results import Saved, save_result
 
 
 @pytest.mark.parametrize("cancelled", [False, True])
@@ -49,9 +49,8 @@ def test_cancelled_while_running_keeps_nothing(runtime: Runtime, tmp_path: Path,
         assert ids and results == 1 and deliveries == len(ids)
 
 
-def _saved(runtime: Runtime, tmp_path: Path, validation: str) -> tuple[Runtime, int]:
-    runtime = replace(runtime, settings=runtime.settings.model_copy(update={"output_validation": validation}))
-    f = phantom_cine_file(tmp_path / "cine.dcm", frames=4)
+def _analysed_and_saved(runtime: Runtime, f: Path) -> Saved:
+    """``f`` received (stored, indexed with its job), analysed and saved, as a worker does."""
     key, sha, size = runtime.store.put_file(f)
     header, _ = read_header(f)
     outcome = index_object(header, key, sha, size, calling_ae=None, ignore_reason=None, db=runtime.db)
@@ -59,6 +58,12 @@ def _saved(runtime: Runtime, tmp_path: Path, validation: str) -> tuple[Runtime, 
     analysis = Analyzer(device="cpu").analyze(pydicom.dcmread(f))
     saved = save_result(outcome.job_id, analysis, pydicom.dcmread(f), runtime=runtime)
     assert saved is not None
+    return saved
+
+
+def _saved(runtime: Runtime, tmp_path: Path, validation: str) -> tuple[Runtime, int]:
+    runtime = replace(runtime, settings=runtime.settings.model_copy(update={"output_validation": validation}))
+    saved = _analysed_and_saved(runtime, phantom_cine_file(tmp_path / "cine.dcm", frames=4))
     return runtime, saved.result_id
 
 
@@ -136,14 +141,7 @@ def test_the_destination_s_profile_decides_what_is_written(
     )
     runtime = replace(runtime, settings=settings)
     c = make_cine(np.random.default_rng(1), n_frames=3, src=size, kind="convex")
-    f = save(us_cine(c.frames), tmp_path / "cine.dcm")
-    key, sha, size_bytes = runtime.store.put_file(f)
-    header, _ = read_header(f)
-    outcome = index_object(header, key, sha, size_bytes, calling_ae=None, ignore_reason=None, db=runtime.db)
-    assert outcome.job_id is not None
-    analysis = Analyzer(device="cpu").analyze(pydicom.dcmread(f))
-    saved = save_result(outcome.job_id, analysis, pydicom.dcmread(f), runtime=runtime)
-    assert saved is not None
+    saved = _analysed_and_saved(runtime, save(us_cine(c.frames), tmp_path / "cine.dcm"))
     with runtime.db.session() as s:
         r = s.get(Result, saved.result_id)
         assert r is not None
